@@ -1,0 +1,27 @@
+# `make demo`: set up .venv and run the main job on the built-in data.
+# `make test`: set up .venv and run the test suite.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py
+	bash .ci/install-system-deps.sh
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e ".[test]"
+	# foolbox only for its bundled real CIFAR/ImageNet PNGs (test data); its deps are not needed.
+	$(VENV)/bin/pip install -q --no-deps foolbox
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/scdd $(ARGS)
+
+test: setup
+	$(VENV)/bin/python -m pytest -q tests $(ARGS)
+
+clean:
+	rm -rf $(VENV) outputs multirun *.egg-info

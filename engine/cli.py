@@ -1,0 +1,89 @@
+"""The `scdd` entry point: compose Hydra config, turn it into typed dataclasses, run one stage.
+
+This is the only module that reads Hydra config. Stages live in their own packages and are
+imported lazily so `scdd --help` stays fast.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from engine.config import from_mapping
+from engine.context import RunConfig, RunContext
+from engine.data import DataConfig
+from engine.distributed import init_distributed
+from engine.errors import ConfigError
+from engine.models import ModelConfig, build_model
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+# stage name -> "module:function"; each function takes a RunContext and returns a result dict.
+STAGES = {
+    "squeeze": "engine.squeeze.stage:run",
+    "recover": "engine.recover.stage:run",
+    "relabel": "engine.evaluate.stage:run_relabel",
+    "evaluate": "engine.evaluate.stage:run",
+    "pipeline": "engine.pipeline:run",
+    "bench": "engine.bench.stage:run",
+}
+
+log = logging.getLogger("scdd")
+
+
+def resolve_stage(name: str):
+    if name not in STAGES:
+        raise ConfigError(f"unknown stage '{name}'; choose one of {sorted(STAGES)}")
+    module_name, func_name = STAGES[name].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith(module_name.rsplit(".", 1)[0]):
+            raise ConfigError(f"stage '{name}' is not available in this build") from exc
+        raise
+    return getattr(module, func_name)
+
+
+def build_context(cfg: DictConfig, run_dir: Path) -> RunContext:
+    container = OmegaConf.to_container(cfg, resolve=True)
+    data_cfg = from_mapping(DataConfig, container.pop("data"), "data")
+    model_cfg = from_mapping(ModelConfig, container.pop("model"), "model")
+    run_keys = {k: container.pop(k) for k in list(container) if k in RunConfig.__dataclass_fields__}
+    run_cfg = from_mapping(RunConfig, run_keys, "run")
+    dist = init_distributed(run_cfg.device)
+    return RunContext(run=run_cfg, data_cfg=data_cfg, model_cfg=model_cfg, run_dir=run_dir,
+                      dist=dist, sections=container)
+
+
+def execute(cfg: DictConfig, run_dir: Path) -> dict:
+    """Run the configured stage in ``run_dir``; raises ConfigError on bad input."""
+    ctx = build_context(cfg, run_dir)
+    if ctx.run.stage not in STAGES:
+        raise ConfigError(f"unknown stage '{ctx.run.stage}'; choose one of {sorted(STAGES)}")
+    # Validate data and model before any long work: a bad tree or size fails here, in seconds.
+    bundle = ctx.data
+    build_model(ctx.model_cfg, bundle.num_classes, bundle.channels, bundle.image_size)
+    stage = resolve_stage(ctx.run.stage)
+    return stage(ctx)
+
+
+@hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    run_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
+    try:
+        execute(cfg, run_dir)
+    except ConfigError as exc:
+        print(f"scdd: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""Data registry: ``data=<name>`` picks a loader that returns a DataBundle."""
+from __future__ import annotations
+
+from typing import Callable
+
+from engine.data.builtin import load_digits, load_mnist5k
+from engine.data.bundle import DataBundle, DataConfig
+from engine.data.cifar import load_cifar
+from engine.data.imagefolder import load_imagefolder
+from engine.errors import ConfigError
+
+DATASETS: dict[str, Callable[[DataConfig], DataBundle]] = {
+    "mnist5k": load_mnist5k,
+    "digits": load_digits,
+    "imagefolder": load_imagefolder,
+    "cifar10": lambda cfg: load_cifar(cfg, "cifar10"),
+    "cifar100": lambda cfg: load_cifar(cfg, "cifar100"),
+}
+
+
+def build_data(cfg: DataConfig) -> DataBundle:
+    if cfg.name not in DATASETS:
+        raise ConfigError(f"unknown data '{cfg.name}'; choose one of {sorted(DATASETS)}")
+    return DATASETS[cfg.name](cfg)
+
+
+__all__ = ["DATASETS", "DataBundle", "DataConfig", "build_data"]

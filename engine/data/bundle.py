@@ -1,0 +1,77 @@
+"""What every data entry provides: datasets of (image, label) plus their description."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch.utils.data import Dataset
+
+
+@dataclass
+class DataConfig:
+    """Config of the ``data=`` group (one YAML per entry under configs/data/)."""
+
+    name: str = "mnist5k"
+    root: Optional[str] = None
+    """Folder holding the data (image-folder tree or CIFAR pickle batches); unused by built-ins."""
+    image_size: Optional[int] = None
+    """Side length images are resized to; None keeps the entry's native size."""
+    channels: Optional[int] = None
+    """1 (gray) or 3 (RGB); None keeps the entry's native channel count."""
+    mean: Optional[list[float]] = None
+    """Normalization mean per channel; None computes it from the training split."""
+    std: Optional[list[float]] = None
+    test_per_class: Optional[int] = None
+    """Built-ins without an official split: test images held out per class (fixed, seeded)."""
+    split_seed: int = 0
+    verify: str = "header"
+    """Image-folder check before work starts: 'header' opens every file, 'full' decodes it, 'none'."""
+    stats_samples: int = 2000
+    """Images sampled from the training split to compute mean/std when none are given."""
+
+    def __post_init__(self) -> None:
+        from engine.errors import ConfigError
+
+        if self.verify not in ("header", "full", "none"):
+            raise ConfigError(f"data.verify={self.verify!r} is not one of header|full|none")
+        if self.channels not in (None, 1, 3):
+            raise ConfigError(f"data.channels={self.channels} must be 1 or 3")
+        if self.image_size is not None and self.image_size < 4:
+            raise ConfigError(f"data.image_size={self.image_size} is too small; use 4 or more")
+
+
+@dataclass
+class DataBundle:
+    """Train and test datasets of (float image [C,H,W] in [0,1], int label) and their facts."""
+
+    name: str
+    train: Dataset
+    test: Dataset
+    num_classes: int
+    image_size: int
+    channels: int
+    mean: list[float]
+    std: list[float]
+    class_names: list[str] = field(default_factory=list)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Map a batch [N,C,H,W] in [0,1] to the normalized space models see."""
+        mean = torch.tensor(self.mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+        return (images - mean) / std
+
+    def denormalize(self, images: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+        return images * std + mean
+
+    def pixel_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel (low, high) of valid pixels in normalized space, shapes [1,C,1,1]."""
+        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
+        std = torch.tensor(self.std).view(1, -1, 1, 1)
+        return (0 - mean) / std, (1 - mean) / std
+
+    def labels(self, split: str = "train") -> list[int]:
+        dataset = self.train if split == "train" else self.test
+        return list(dataset.labels)  # every entry's datasets expose .labels

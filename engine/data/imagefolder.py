@@ -1,0 +1,161 @@
+"""Class-per-folder trees (ImageNet-1K, Tiny-ImageNet, user data), streamed from disk."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from engine.data.bundle import DataBundle, DataConfig
+from engine.errors import ConfigError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+
+
+def _images_under(folder: Path) -> list[Path]:
+    # Recursive because Tiny-ImageNet keeps train images in <class>/images/.
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def scan_class_folders(split_dir: Path) -> dict[str, list[Path]]:
+    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+    return {c: _images_under(split_dir / c) for c in classes}
+
+
+def scan_tiny_imagenet_val(val_dir: Path) -> dict[str, list[Path]]:
+    """Tiny-ImageNet's val/images + val_annotations.txt (file<TAB>wnid<TAB>box...)."""
+    per_class: dict[str, list[Path]] = {}
+    annotations = val_dir / "val_annotations.txt"
+    for line_no, line in enumerate(annotations.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) < 2:
+            raise ConfigError(f"{annotations}:{line_no} is malformed (expected 'file<TAB>class'); "
+                              f"fix or regenerate the annotation file")
+        per_class.setdefault(parts[1], []).append(val_dir / "images" / parts[0])
+    return {c: sorted(v) for c, v in sorted(per_class.items())}
+
+
+def load_image(path: Path, channels: int, size: int) -> torch.Tensor:
+    """Decode, convert to gray/RGB, resize the shorter side and center-crop; float [C,S,S] in [0,1]."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB" if channels == 3 else "L")
+            w, h = img.size
+            scale = size / min(w, h)
+            if scale != 1.0:
+                img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))),
+                                 Image.BILINEAR)
+            w, h = img.size
+            left, top = (w - size) // 2, (h - size) // 2
+            img = img.crop((left, top, left + size, top + size))
+            array = np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ConfigError(f"image file {path} is corrupt or unreadable ({exc}); "
+                          f"remove or replace it") from exc
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+class ImageFolderDataset(Dataset):
+    """Lists files at construction, decodes one image per __getitem__ (never all in memory)."""
+
+    def __init__(self, files: list[Path], labels: list[int], channels: int, image_size: int) -> None:
+        self.files = files
+        self.labels = labels
+        self.channels = channels
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        return load_image(self.files[index], self.channels, self.image_size), self.labels[index]
+
+
+def _verify(files: list[Path], mode: str) -> None:
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                if mode == "full":
+                    img.load()
+        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            raise ConfigError(f"image file {path} is corrupt or unreadable ({type(exc).__name__}); "
+                              f"remove or replace it") from exc
+
+
+def _flatten(per_class: dict[str, list[Path]], class_index: dict[str, int]):
+    files, labels = [], []
+    for name, paths in per_class.items():
+        files.extend(paths)
+        labels.extend([class_index[name]] * len(paths))
+    return files, labels
+
+
+def _stats_from_sample(dataset: ImageFolderDataset, samples: int, seed: int):
+    rng = np.random.default_rng(seed)
+    picks = rng.permutation(len(dataset))[: min(samples, len(dataset))]
+    total = torch.zeros(dataset.channels, dtype=torch.float64)
+    total_sq = torch.zeros(dataset.channels, dtype=torch.float64)
+    count = 0
+    for i in picks:
+        x = dataset[int(i)][0].double()
+        total += x.sum(dim=(1, 2))
+        total_sq += (x * x).sum(dim=(1, 2))
+        count += x.shape[1] * x.shape[2]
+    mean = total / count
+    std = (total_sq / count - mean * mean).clamp_min(1e-12).sqrt()
+    return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
+
+
+def load_imagefolder(cfg: DataConfig) -> DataBundle:
+    if not cfg.root:
+        raise ConfigError("data=imagefolder needs data.root=DIR holding train/ and val/ class folders")
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise ConfigError(f"data.root={root} does not exist; point it at a folder with train/ and val/")
+    train_dir, val_dir = root / "train", root / "val"
+    for split_dir in (train_dir, val_dir):
+        if not split_dir.is_dir():
+            raise ConfigError(f"{split_dir} is missing; data.root needs train/ and val/ subfolders")
+    train_classes = scan_class_folders(train_dir)
+    if not train_classes:
+        raise ConfigError(f"{train_dir} has no class folders; put one folder of images per class there")
+    if (val_dir / "val_annotations.txt").is_file():
+        val_classes = scan_tiny_imagenet_val(val_dir)
+    else:
+        val_classes = scan_class_folders(val_dir)
+    for split_name, per_class in (("train", train_classes), ("val", val_classes)):
+        empty = [c for c, paths in per_class.items() if not paths]
+        if empty:
+            raise ConfigError(f"class folder(s) {empty[:5]} in {root / split_name} hold no images; "
+                              f"add images or remove the folder")
+    unknown = sorted(set(val_classes) - set(train_classes))
+    if unknown:
+        raise ConfigError(f"val class(es) {unknown[:5]} have no train folder in {train_dir}; "
+                          f"make val/ use the same class names as train/")
+    class_names = sorted(train_classes)
+    class_index = {c: i for i, c in enumerate(class_names)}
+    train_files, train_labels = _flatten(train_classes, class_index)
+    val_files, val_labels = _flatten(val_classes, class_index)
+    if cfg.verify != "none":
+        _verify(train_files + val_files, cfg.verify)
+    channels = cfg.channels or 3
+    if cfg.image_size is None:
+        with Image.open(train_files[0]) as first:
+            image_size = min(first.size)
+    else:
+        image_size = cfg.image_size
+    train = ImageFolderDataset(train_files, train_labels, channels, image_size)
+    val = ImageFolderDataset(val_files, val_labels, channels, image_size)
+    if cfg.mean is not None and cfg.std is not None:
+        mean, std = list(cfg.mean), list(cfg.std)
+    else:
+        mean, std = _stats_from_sample(train, cfg.stats_samples, cfg.split_seed)
+    return DataBundle(name="imagefolder", train=train, test=val, num_classes=len(class_names),
+                      image_size=image_size, channels=channels, mean=mean, std=std,
+                      class_names=class_names)

@@ -1,0 +1,107 @@
+"""All rank / world / device set-up in one place: torchrun env, SLURM env, or one process."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+import torch
+
+from engine.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits: its rank, the world size, and the device it computes on."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM nodelist such as 'gpu[03-05,09],cpu1' -> 'gpu03'."""
+    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist
+    if "[" not in head:
+        return head.strip()
+    prefix, rest = nodelist.split("[", 1)
+    first = rest.split("]", 1)[0].split(",")[0].split("-")[0]
+    return prefix.strip() + first
+
+
+def read_launch_env(env: Mapping[str, str]) -> dict:
+    """Rank facts from torchrun's variables, else SLURM's, else a single process."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        missing = [k for k in ("LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in env]
+        if missing:
+            raise ConfigError(f"torchrun environment is incomplete: {missing} unset; launch with "
+                              f"torchrun or launchers/torchrun.sh")
+        return dict(rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]),
+                    local_rank=int(env["LOCAL_RANK"]), master_addr=env["MASTER_ADDR"],
+                    master_port=int(env["MASTER_PORT"]))
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        missing = [k for k in ("SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST") if k not in env]
+        if missing:
+            raise ConfigError(f"SLURM environment is incomplete: {missing} unset; start the job with "
+                              f"srun (see launchers/slurm.sbatch)")
+        return dict(rank=int(env["SLURM_PROCID"]), world_size=int(env["SLURM_NTASKS"]),
+                    local_rank=int(env["SLURM_LOCALID"]),
+                    master_addr=env.get("MASTER_ADDR") or first_slurm_host(env["SLURM_JOB_NODELIST"]),
+                    master_port=int(env.get("MASTER_PORT", "29500")))
+    return dict(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=29500)
+
+
+def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
+    """'auto' -> CUDA when present else CPU; 'cpu' forces the CPU; 'cuda' requires a GPU."""
+    if preference not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device={preference!r} is not one of auto|cpu|cuda")
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA GPU is visible; use device=auto or device=cpu")
+    if preference != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+_CURRENT: Optional[DistEnv] = None
+
+
+def init_distributed(device: str = "auto", env: Optional[Mapping[str, str]] = None) -> DistEnv:
+    """Read the launch environment, pick the device, and join the process group when world > 1."""
+    global _CURRENT
+    facts = read_launch_env(os.environ if env is None else env)
+    dev = resolve_device(device, facts["local_rank"])
+    dist_env = DistEnv(device=dev, **facts)
+    if dist_env.distributed and not torch.distributed.is_initialized():
+        # DeepSpeed and torch.distributed read these; SLURM launches do not set them.
+        os.environ.setdefault("RANK", str(dist_env.rank))
+        os.environ.setdefault("WORLD_SIZE", str(dist_env.world_size))
+        os.environ.setdefault("LOCAL_RANK", str(dist_env.local_rank))
+        os.environ.setdefault("MASTER_ADDR", dist_env.master_addr)
+        os.environ.setdefault("MASTER_PORT", str(dist_env.master_port))
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        torch.distributed.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
+                                             rank=dist_env.rank, world_size=dist_env.world_size)
+    _CURRENT = dist_env
+    return dist_env
+
+
+def current() -> DistEnv:
+    """The environment set up by init_distributed, or a single CPU process if never called."""
+    return _CURRENT if _CURRENT is not None else DistEnv()
+
+
+def barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()

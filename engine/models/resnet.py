@@ -1,0 +1,27 @@
+"""ResNet backbones: the CIFAR-style ResNet-18 and torchvision's ImageNet ResNet-18/50."""
+from __future__ import annotations
+
+import torchvision
+from torch import nn
+
+
+def _strip_head(net: nn.Module) -> nn.Module:
+    net.out_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net
+
+
+def resnet_imagenet(arch: str, in_channels: int) -> nn.Module:
+    """torchvision ResNet (7x7 stem, max-pool), randomly initialised; weights are never downloaded."""
+    net = getattr(torchvision.models, arch)(weights=None)
+    if in_channels != 3:
+        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    return _strip_head(net)
+
+
+def resnet18_cifar(in_channels: int) -> nn.Module:
+    """ResNet-18 for 32x32 inputs: 3x3 stride-1 stem and no max-pool, as in the CIFAR literature."""
+    net = torchvision.models.resnet18(weights=None)
+    net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    return _strip_head(net)

@@ -1,0 +1,534 @@
+"""Triton BN-matching loss: one read of ``x`` forward, one read of ``x`` backward.
+
+Semantics are those of ``kernels.bn_matching_reference`` (the tests hold this file to it).
+
+Layout. A BN input [N, C, H, W] is addressed as a 3-D view [N, HW, C] with strides
+(stride_n, stride_hw, stride_c): NCHW-contiguous gives (C*HW, 1, HW); channels_last gives
+(HW*C, C, 1) and is then flattened to one "image" of N*HW rows [1, N*HW, C]. Any other strides
+are made contiguous first. Kernels only ever see that view, so both memory formats share code.
+
+Forward.
+  1. ``_bn_stats_partial_kernel``: grid (row groups, channel blocks). A program walks
+     ``tiles_per_group`` tiles [BLOCK_HW, BLOCK_C] of one image, computes each tile's exact
+     two-pass (mean, M2) in registers and folds it into its running (n, mean, M2) with Chan's
+     pairwise formula. Shifting by a tile mean before squaring is what keeps a 1e3-mean,
+     1e-2-std channel's variance accurate in fp32 (E[x^2]-E[x]^2 would lose it entirely).
+     With ``WRITE_Y`` it also writes the eval-mode BN output from the same loaded tile.
+  2. ``_bn_stats_merge_kernel``: grid (channel blocks,). Merges the row-group partials,
+     BLOCK_T at a time (multi-way Chan within a chunk, pairwise Chan across chunks).
+  3. ``_bn_matching_loss_kernel``: one program, reduces over C into the two norms and the loss.
+Backward.
+  ``_bn_matching_bwd_kernel``: elementwise over x,
+     dL/dx = g * [ (mean_c - rm_c)/||mean - rm|| + 2 (var_c - rv_c)(x - mean_c)/||var - rv|| ] / (N*H*W)
+  (a zero norm contributes zero), plus ``dy * scale_c`` when fused with the BN output.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .bn_matching_reference import _check_stats_shape
+
+__all__ = [
+    "BNMatchingLossFunction",
+    "FusedBNMatchingFunction",
+    "bn_matching_triton",
+    "bn_matching_loss_triton",
+    "fused_bn_matching_triton",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bn_stats_partial_kernel(
+    X_ptr,  # [N, HW, C] view of the input via (stride_xn, stride_xhw, stride_xc); fp32/fp16/bf16
+    Y_ptr,  # [N, HW, C] view of the BN output, same strides as X (only written when WRITE_Y)
+    RM_ptr,  # [C] fp32 running mean (only read when WRITE_Y)
+    SCALE_ptr,  # [C] fp32 weight * rsqrt(running_var + eps) (only read when WRITE_Y)
+    BIAS_ptr,  # [C] fp32 bias (only read when WRITE_Y)
+    PMEAN_ptr,  # [T, C] fp32 out: mean of each row group, T = N * groups
+    PM2_ptr,  # [T, C] fp32 out: sum of squared deviations of each row group
+    C,
+    HW,
+    stride_xn,
+    stride_xhw,
+    stride_xc,
+    groups,  # row groups per image
+    tiles_per_group,  # BLOCK_HW tiles walked by one program
+    BLOCK_HW: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    WRITE_Y: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    n = pid_t // groups
+    g = pid_t % groups
+
+    c_offs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c_offs < C
+    base = n.to(tl.int64) * stride_xn
+    c_part = c_offs[None, :].to(tl.int64) * stride_xc
+    if WRITE_Y:
+        rm = tl.load(RM_ptr + c_offs, mask=c_mask, other=0.0)
+        scale = tl.load(SCALE_ptr + c_offs, mask=c_mask, other=0.0)
+        bias = tl.load(BIAS_ptr + c_offs, mask=c_mask, other=0.0)
+
+    acc_n = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc_mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc_m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    hw_first = g * tiles_per_group * BLOCK_HW
+    for i in range(0, tiles_per_group):
+        hw_offs = hw_first + i * BLOCK_HW + tl.arange(0, BLOCK_HW)
+        hw_mask = hw_offs < HW
+        mask = hw_mask[:, None] & c_mask[None, :]
+        offs = base + hw_offs[:, None].to(tl.int64) * stride_xhw + c_part
+        # bf16/fp16 are only loaded in their dtype; every arithmetic op runs in fp32.
+        x = tl.load(X_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+        cnt = tl.sum(hw_mask.to(tl.float32), axis=0)
+        tile_mean = tl.sum(x, axis=0) / tl.maximum(cnt, 1.0)
+        dev = tl.where(mask, x - tile_mean[None, :], 0.0)
+        tile_m2 = tl.sum(dev * dev, axis=0)
+
+        # Chan et al. pairwise merge of (acc_n, acc_mean, acc_m2) with (cnt, tile_mean, tile_m2).
+        new_n = acc_n + cnt
+        delta = tile_mean - acc_mean
+        frac = cnt / tl.maximum(new_n, 1.0)
+        acc_mean = acc_mean + delta * frac
+        acc_m2 = acc_m2 + tile_m2 + delta * delta * acc_n * frac
+        acc_n = new_n
+
+        if WRITE_Y:
+            y = (x - rm[None, :]) * scale[None, :] + bias[None, :]
+            tl.store(Y_ptr + offs, y.to(Y_ptr.dtype.element_ty), mask=mask)
+
+    tl.store(PMEAN_ptr + pid_t * C + c_offs, acc_mean, mask=c_mask)
+    tl.store(PM2_ptr + pid_t * C + c_offs, acc_m2, mask=c_mask)
+
+
+@triton.jit
+def _bn_stats_merge_kernel(
+    PMEAN_ptr,  # [T, C] fp32 row-group means
+    PM2_ptr,  # [T, C] fp32 row-group sums of squared deviations
+    MEAN_ptr,  # [C] fp32 out: batch mean
+    VAR_ptr,  # [C] fp32 out: biased batch variance
+    C,
+    T,
+    HW,
+    groups,
+    group_hw,  # rows covered by one full row group (tiles_per_group * BLOCK_HW)
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    c_offs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c_offs < C
+
+    acc_n = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc_mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc_m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        t_offs = t0 + tl.arange(0, BLOCK_T)
+        t_mask = t_offs < T
+        # Row count of a group follows from its index, so it is not stored.
+        rows_left = HW - (t_offs % groups) * group_hw
+        cnt = tl.minimum(tl.maximum(rows_left, 0), group_hw).to(tl.float32)
+        cnt = tl.where(t_mask, cnt, 0.0)
+        mask = t_mask[:, None] & c_mask[None, :]
+        p_offs = t_offs[:, None] * C + c_offs[None, :]
+        pmean = tl.load(PMEAN_ptr + p_offs, mask=mask, other=0.0)
+        pm2 = tl.load(PM2_ptr + p_offs, mask=mask, other=0.0)
+
+        # Multi-way Chan inside the chunk: deviations are taken from the chunk mean.
+        blk_n = tl.sum(cnt, axis=0)
+        blk_mean = tl.sum(cnt[:, None] * pmean, axis=0) / tl.maximum(blk_n, 1.0)
+        dev = tl.where(mask, pmean - blk_mean[None, :], 0.0)
+        blk_m2 = tl.sum(pm2, axis=0) + tl.sum(cnt[:, None] * dev * dev, axis=0)
+
+        new_n = acc_n + blk_n
+        delta = blk_mean - acc_mean
+        frac = blk_n / tl.maximum(new_n, 1.0)
+        acc_mean = acc_mean + delta * frac
+        acc_m2 = acc_m2 + blk_m2 + delta * delta * acc_n * frac
+        acc_n = new_n
+
+    tl.store(MEAN_ptr + c_offs, acc_mean, mask=c_mask)
+    tl.store(VAR_ptr + c_offs, acc_m2 / tl.maximum(acc_n, 1.0), mask=c_mask)
+
+
+@triton.jit
+def _bn_matching_loss_kernel(
+    MEAN_ptr,  # [C] fp32 batch mean
+    VAR_ptr,  # [C] fp32 batch variance
+    RM_ptr,  # [C] fp32 running mean
+    RV_ptr,  # [C] fp32 running variance
+    OUT_ptr,  # [3] fp32 out: (loss, ||rm - mean||, ||rv - var||)
+    C,
+    BLOCK_C: tl.constexpr,
+):
+    sq_m = tl.zeros([BLOCK_C], dtype=tl.float32)
+    sq_v = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        c_offs = c0 + tl.arange(0, BLOCK_C)
+        c_mask = c_offs < C
+        dm = tl.load(RM_ptr + c_offs, mask=c_mask, other=0.0) - tl.load(MEAN_ptr + c_offs, mask=c_mask, other=0.0)
+        dv = tl.load(RV_ptr + c_offs, mask=c_mask, other=0.0) - tl.load(VAR_ptr + c_offs, mask=c_mask, other=0.0)
+        sq_m += dm * dm
+        sq_v += dv * dv
+    norm_m = tl.sqrt(tl.sum(sq_m, axis=0))
+    norm_v = tl.sqrt(tl.sum(sq_v, axis=0))
+    tl.store(OUT_ptr, norm_v + norm_m)
+    tl.store(OUT_ptr + 1, norm_m)
+    tl.store(OUT_ptr + 2, norm_v)
+
+
+@triton.jit
+def _bn_matching_bwd_kernel(
+    X_ptr,  # [N, HW, C] view of the input via (stride_n, stride_hw, stride_c)
+    DX_ptr,  # [N, HW, C] out: dL/dx, same strides as X, x's dtype
+    DY_ptr,  # [N, HW, C] upstream grad of the BN output, same strides (only read when HAS_DY)
+    SCALE_ptr,  # [C] fp32 weight * rsqrt(running_var + eps) (only read when HAS_DY)
+    MEAN_ptr,  # [C] fp32 batch mean
+    VAR_ptr,  # [C] fp32 batch variance
+    RM_ptr,  # [C] fp32 running mean
+    RV_ptr,  # [C] fp32 running variance
+    NORMS_ptr,  # [3] fp32 (loss, ||rm - mean||, ||rv - var||) from the forward
+    GLOSS_ptr,  # [1] fp32 upstream grad of the loss
+    C,
+    HW,
+    stride_n,
+    stride_hw,
+    stride_c,
+    hw_blocks,
+    inv_count,  # 1 / (N*H*W)
+    BLOCK_HW: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    HAS_DY: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    n = pid_t // hw_blocks
+    b = pid_t % hw_blocks
+
+    c_offs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c_offs < C
+    mean = tl.load(MEAN_ptr + c_offs, mask=c_mask, other=0.0)
+    var = tl.load(VAR_ptr + c_offs, mask=c_mask, other=0.0)
+    rm = tl.load(RM_ptr + c_offs, mask=c_mask, other=0.0)
+    rv = tl.load(RV_ptr + c_offs, mask=c_mask, other=0.0)
+    norm_m = tl.load(NORMS_ptr + 1)
+    norm_v = tl.load(NORMS_ptr + 2)
+    g = tl.load(GLOSS_ptr)
+    # Subgradient 0 where a norm's argument is exactly zero, as torch.linalg.vector_norm gives.
+    s_m = tl.where(norm_m > 0.0, g / norm_m, 0.0) * inv_count
+    s_v = tl.where(norm_v > 0.0, g / norm_v, 0.0) * (2.0 * inv_count)
+    coef_m = s_m * (mean - rm)
+    coef_v = s_v * (var - rv)
+
+    hw_offs = b * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    mask = (hw_offs < HW)[:, None] & c_mask[None, :]
+    offs = n.to(tl.int64) * stride_n + hw_offs[:, None].to(tl.int64) * stride_hw + c_offs[None, :].to(tl.int64) * stride_c
+    x = tl.load(X_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    # (x - mean) rather than a*x + b: the latter cancels catastrophically for large-mean inputs.
+    dx = coef_m[None, :] + coef_v[None, :] * (x - mean[None, :])
+    if HAS_DY:
+        scale = tl.load(SCALE_ptr + c_offs, mask=c_mask, other=0.0)
+        dy = tl.load(DY_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dx += dy * scale[None, :]
+    tl.store(DX_ptr + offs, dx.to(DX_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Host launchers
+# --------------------------------------------------------------------------------------------
+
+# One launch config, no autotune (multi-config autotune cannot run under the interpreter).
+# Module-level so tests can shrink them to exercise multi-tile and multi-chunk merges.
+_TILE_ELEMS = 4096  # elements per [BLOCK_HW, BLOCK_C] tile
+_MAX_BLOCK_HW = 1024  # NCHW: rows (contiguous H*W) per tile
+_MAX_BLOCK_C = 128  # channels_last: channels (contiguous) per tile
+_MERGE_BLOCK_T = 64  # row-group partials merged per step
+
+
+def _np2(v: int) -> int:
+    return triton.next_power_of_2(max(int(v), 1))
+
+
+@functools.lru_cache(maxsize=None)
+def _target_programs(device_type: str, device_index: int | None) -> int:
+    """Programs worth launching for the stats pass: a few waves on GPU, few under the interpreter."""
+    if device_type == "cuda":
+        return 8 * torch.cuda.get_device_properties(device_index).multi_processor_count
+    return 4
+
+
+def _rows_view(x: Tensor) -> tuple[Tensor, int, int, int, int, int, int]:
+    """Return (x', N, HW, C, stride_n, stride_hw, stride_c) describing x as an [N, HW, C] view.
+
+    x' is x itself for NCHW-contiguous and channels_last inputs, else a contiguous copy.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"expected a 4-D [N, C, H, W] tensor, got shape {tuple(x.shape)}")
+    n, c, h, w = x.shape
+    hw = h * w
+    if x.is_contiguous():
+        pass
+    elif x.is_contiguous(memory_format=torch.channels_last):
+        # Rows of C contiguous channels; images are back to back, so fold N into the rows.
+        return x, 1, n * hw, c, 0, c, 1
+    else:
+        x = x.contiguous()
+    # stride(1) of a size-1 dim may be arbitrary; it is then never multiplied by a nonzero index.
+    return x, n, hw, c, c * hw, 1, hw
+
+
+def _tile_shape(hw: int, c: int, stride_c: int) -> tuple[int, int]:
+    # Keep the contiguous axis long: channels for channels_last, rows (H*W) for NCHW.
+    if stride_c == 1:
+        block_c = min(_np2(c), _MAX_BLOCK_C)
+        block_hw = min(_np2(hw), max(_TILE_ELEMS // block_c, 1))
+    else:
+        block_hw = min(_np2(hw), _MAX_BLOCK_HW)
+        block_c = min(_np2(c), max(_TILE_ELEMS // block_hw, 1))
+    # Size-1 aranges are avoided; masked lanes cost nothing but a little register space.
+    return max(block_hw, 2), max(block_c, 2)
+
+
+def _num_warps(block_hw: int, block_c: int) -> int:
+    return 8 if block_hw * block_c >= 4096 else 4
+
+
+def _stats_forward(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    bn_affine: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """Launch the forward kernels. Returns (x_view_tensor, mean, var, norms[3], y or None).
+
+    ``bn_affine`` = (scale, bias) [C] fp32 also writes y = (x - running_mean) * scale + bias.
+    ``running_mean``/``running_var`` must already be fp32 contiguous [C] on x's device.
+    """
+    xv, n, hw, c, s_n, s_hw, s_c = _rows_view(x)
+    dev = xv.device
+    block_hw, block_c = _tile_shape(hw, c, s_c)
+    hw_blocks = triton.cdiv(hw, block_hw)
+    c_blocks = triton.cdiv(c, block_c)
+    target = _target_programs(dev.type, dev.index if dev.type == "cuda" else None)
+    # Walk several tiles per program only when there are far more tiles than useful programs;
+    # fewer partials means less merge work and a smaller [T, C] scratch buffer.
+    tiles_per_group = max(1, min(hw_blocks, (n * hw_blocks * c_blocks) // max(target, 1)))
+    groups = triton.cdiv(hw_blocks, tiles_per_group)
+    t = n * groups
+
+    pmean = torch.empty((t, c), device=dev, dtype=torch.float32)
+    pm2 = torch.empty((t, c), device=dev, dtype=torch.float32)
+    mean = torch.empty(c, device=dev, dtype=torch.float32)
+    var = torch.empty(c, device=dev, dtype=torch.float32)
+    norms = torch.empty(3, device=dev, dtype=torch.float32)
+
+    if bn_affine is not None:
+        y = torch.empty_like(xv)  # dense input: empty_like keeps its strides
+        scale, bias = bn_affine
+        rm_arg = running_mean
+    else:
+        y = None
+        scale = bias = rm_arg = mean  # placeholders; never dereferenced when WRITE_Y is False
+    _bn_stats_partial_kernel[(t, c_blocks)](
+        xv,
+        y if y is not None else xv,
+        rm_arg,
+        scale,
+        bias,
+        pmean,
+        pm2,
+        c,
+        hw,
+        s_n,
+        s_hw,
+        s_c,
+        groups,
+        tiles_per_group,
+        BLOCK_HW=block_hw,
+        BLOCK_C=block_c,
+        WRITE_Y=y is not None,
+        num_warps=_num_warps(block_hw, block_c),
+    )
+    merge_block_c = min(_np2(c), 64)
+    _bn_stats_merge_kernel[(triton.cdiv(c, merge_block_c),)](
+        pmean,
+        pm2,
+        mean,
+        var,
+        c,
+        t,
+        hw,
+        groups,
+        tiles_per_group * block_hw,
+        BLOCK_T=_MERGE_BLOCK_T,
+        BLOCK_C=max(merge_block_c, 2),
+        num_warps=4,
+    )
+    _bn_matching_loss_kernel[(1,)](
+        mean,
+        var,
+        running_mean,
+        running_var,
+        norms,
+        c,
+        BLOCK_C=max(min(_np2(c), 1024), 2),
+        num_warps=4,
+    )
+    return xv, mean, var, norms, y
+
+
+def _matching_backward(
+    xv: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    norms: Tensor,
+    grad_loss: Tensor | None,
+    grad_y: Tensor | None = None,
+    scale: Tensor | None = None,
+) -> Tensor:
+    """Launch the backward kernel; returns dL/dx with xv's strides and dtype."""
+    _, n, hw, c, s_n, s_hw, s_c = _rows_view(xv)
+    dev = xv.device
+    if grad_loss is None:
+        g = torch.zeros(1, device=dev, dtype=torch.float32)
+    else:
+        g = grad_loss.detach().reshape(1).to(device=dev, dtype=torch.float32)
+    if grad_y is not None and grad_y.stride() != xv.stride():
+        # e.g. the expanded (stride-0) grad of y.sum(), or another memory format.
+        fmt = torch.contiguous_format if xv.is_contiguous() else torch.channels_last
+        grad_y = grad_y.contiguous(memory_format=fmt)
+        if grad_y.stride() != xv.stride():
+            grad_y = torch.empty_like(xv).copy_(grad_y)
+    dx = torch.empty_like(xv)
+    block_hw, block_c = _tile_shape(hw, c, s_c)
+    hw_blocks = triton.cdiv(hw, block_hw)
+    grid = (n * hw_blocks, triton.cdiv(c, block_c))
+    _bn_matching_bwd_kernel[grid](
+        xv,
+        dx,
+        grad_y if grad_y is not None else xv,
+        scale if scale is not None else mean,
+        mean,
+        var,
+        running_mean,
+        running_var,
+        norms,
+        g,
+        c,
+        hw,
+        s_n,
+        s_hw,
+        s_c,
+        hw_blocks,
+        1.0 / float(n * hw),
+        BLOCK_HW=block_hw,
+        BLOCK_C=block_c,
+        HAS_DY=grad_y is not None,
+        num_warps=_num_warps(block_hw, block_c),
+    )
+    return dx
+
+
+def _prep_stats(x: Tensor, running_mean: Tensor, running_var: Tensor) -> tuple[Tensor, Tensor]:
+    if x.dim() != 4:
+        raise ValueError(f"expected a 4-D [N, C, H, W] tensor, got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"triton BN-matching supports fp32/fp16/bf16 inputs, got {x.dtype}")
+    _check_stats_shape(running_mean, running_var, x.shape[1])
+    rm = running_mean.detach().to(device=x.device, dtype=torch.float32).contiguous()
+    rv = running_var.detach().to(device=x.device, dtype=torch.float32).contiguous()
+    return rm, rv
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd
+# --------------------------------------------------------------------------------------------
+
+
+class BNMatchingLossFunction(torch.autograd.Function):
+    """(x, running_mean, running_var) -> (loss, mean, var).
+
+    ``loss`` is the differentiable fp32 scalar; ``mean``/``var`` ([C] fp32, saved for backward)
+    are returned too and marked non-differentiable. Running statistics get no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, running_mean: Tensor, running_var: Tensor):
+        rm, rv = _prep_stats(x, running_mean, running_var)
+        xv, mean, var, norms, _ = _stats_forward(x, rm, rv)
+        ctx.save_for_backward(xv, mean, var, rm, rv, norms)
+        ctx.mark_non_differentiable(mean, var)
+        return norms[0].clone(), mean, var
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_mean, _grad_var):
+        xv, mean, var, rm, rv, norms = ctx.saved_tensors
+        dx = _matching_backward(xv, mean, var, rm, rv, norms, grad_loss)
+        return dx, None, None
+
+
+class FusedBNMatchingFunction(torch.autograd.Function):
+    """(x, running_mean, running_var, scale, bias) -> (y, loss) from one read of x.
+
+    ``y = (x - running_mean) * scale + bias`` is eval-mode BatchNorm with
+    ``scale = weight * rsqrt(running_var + eps)``; ``loss`` is the BN-matching loss of x.
+    The backward writes ``dy * scale + dL/dx`` in one pass. BN parameters get no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, running_mean: Tensor, running_var: Tensor, scale: Tensor, bias: Tensor):
+        rm, rv = _prep_stats(x, running_mean, running_var)
+        scale = scale.detach().to(device=x.device, dtype=torch.float32).contiguous()
+        bias = bias.detach().to(device=x.device, dtype=torch.float32).contiguous()
+        xv, mean, var, norms, y = _stats_forward(x, rm, rv, bn_affine=(scale, bias))
+        ctx.save_for_backward(xv, mean, var, rm, rv, norms, scale)
+        return y, norms[0].clone()
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_loss):
+        xv, mean, var, rm, rv, norms, scale = ctx.saved_tensors
+        dx = _matching_backward(xv, mean, var, rm, rv, norms, grad_loss, grad_y=grad_y, scale=scale)
+        return dx, None, None, None, None
+
+
+def bn_matching_triton(x: Tensor, running_mean: Tensor, running_var: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Triton BN-matching: returns (loss, mean, var); only ``loss`` carries a gradient."""
+    return BNMatchingLossFunction.apply(x, running_mean, running_var)
+
+
+def bn_matching_loss_triton(x: Tensor, running_mean: Tensor, running_var: Tensor) -> Tensor:
+    """Triton BN-matching loss (fp32 scalar), differentiable w.r.t. x."""
+    return BNMatchingLossFunction.apply(x, running_mean, running_var)[0]
+
+
+def fused_bn_matching_triton(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """Eval-mode BatchNorm output and BN-matching loss of x from one Triton pass: (y, loss)."""
+    with torch.no_grad():
+        scale = torch.rsqrt(running_var.detach().float() + eps)
+        if weight is not None:
+            scale = scale * weight.detach().float()
+        shift = bias.detach().float() if bias is not None else torch.zeros_like(scale)
+    return FusedBNMatchingFunction.apply(x, running_mean, running_var, scale, shift)

@@ -1,0 +1,69 @@
+"""The `scdd` Hydra app: help, composed config, every group option, and one-line errors."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.config import from_mapping
+from engine.data import DataConfig
+from engine.errors import ConfigError
+from engine.models import ModelConfig
+
+REPO = Path(__file__).resolve().parent.parent
+GROUPS = {d.name: sorted(p.stem for p in d.glob("*.yaml"))
+          for d in (REPO / "configs").iterdir() if d.is_dir() and d.name not in ("experiment", "deepspeed")}
+
+
+def scdd(*args, cwd):
+    exe = Path(sys.executable).parent / "scdd"
+    return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_help_lists_every_group(tmp_path):
+    out = scdd("--help", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    for group, options in GROUPS.items():
+        assert f"{group}: {', '.join(options)}" in out.stdout
+
+
+def test_cfg_job_prints_composed_config(tmp_path):
+    out = scdd("--cfg", "job", "data=digits", "stage=squeeze", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "name: digits" in out.stdout and "stage: squeeze" in out.stdout
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
+def test_every_group_option_composes(compose, group, option):
+    cfg = compose(f"{group}={option}")
+    assert cfg[group].name == option if "name" in cfg[group] else True
+    if group == "data":
+        from_mapping(DataConfig, cfg.data, "data")
+    if group == "model":
+        from_mapping(ModelConfig, cfg.model, "model")
+
+
+def test_default_is_the_whole_pipeline_on_mnist5k(compose):
+    cfg = compose()
+    assert cfg.stage == "pipeline" and cfg.data.name == "mnist5k"
+
+
+def test_typed_config_rejects_unknown_keys_and_bad_types():
+    with pytest.raises(ConfigError, match="unknown key"):
+        from_mapping(DataConfig, {"name": "digits", "rooot": "x"}, "data")
+    with pytest.raises(ConfigError, match="must be of type int"):
+        from_mapping(ModelConfig, {"name": "convnet", "width": "wide"}, "model")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["data=digits", "data.name=nope", "stage=squeeze"], "unknown data 'nope'"),
+    (["stage=dance"], "unknown stage 'dance'"),
+    (["data=digits", "device=tpu"], "device='tpu'"),
+    (["data=imagefolder", "data.root=/does/not/exist", "stage=squeeze"], "does not exist"),
+])
+def test_bad_input_fails_with_one_line(tmp_path, args, message):
+    out = scdd(*args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], out.stderr
+    assert "Traceback" not in out.stderr
