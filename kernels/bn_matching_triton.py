@@ -9,9 +9,10 @@ are made contiguous first. Kernels only ever see that view, so both memory forma
 
 Forward.
   1. ``_bn_stats_partial_kernel``: grid (row groups, channel blocks). A program walks
-     ``tiles_per_group`` tiles [BLOCK_HW, BLOCK_C] of one image, computes each tile's exact
+     ``tiles_per_group`` tiles [BLOCK_HW, BLOCK_C] of one image, computes each tile's corrected
      two-pass (mean, M2) in registers and folds it into its running (n, mean, M2) with Chan's
-     pairwise formula. Shifting by a tile mean before squaring is what keeps a 1e3-mean,
+     pairwise formula. Everything is computed on x - x[0, c, 0, 0] (a per-channel pivot) and
+     deviations are taken from tile means before squaring: this is what keeps a 1e3-mean,
      1e-2-std channel's variance accurate in fp32 (E[x^2]-E[x]^2 would lose it entirely).
      With ``WRITE_Y`` it also writes the eval-mode BN output from the same loaded tile.
   2. ``_bn_stats_merge_kernel``: grid (channel blocks,). Merges the row-group partials,
@@ -55,7 +56,7 @@ def _bn_stats_partial_kernel(
     RM_ptr,  # [C] fp32 running mean (only read when WRITE_Y)
     SCALE_ptr,  # [C] fp32 weight * rsqrt(running_var + eps) (only read when WRITE_Y)
     BIAS_ptr,  # [C] fp32 bias (only read when WRITE_Y)
-    PMEAN_ptr,  # [T, C] fp32 out: mean of each row group, T = N * groups
+    PMEAN_ptr,  # [T, C] fp32 out: mean of x - pivot over each row group, T = N * groups
     PM2_ptr,  # [T, C] fp32 out: sum of squared deviations of each row group
     C,
     HW,
@@ -82,6 +83,9 @@ def _bn_stats_partial_kernel(
         scale = tl.load(SCALE_ptr + c_offs, mask=c_mask, other=0.0)
         bias = tl.load(BIAS_ptr + c_offs, mask=c_mask, other=0.0)
 
+    # Statistics are of x - pivot_c, pivot_c = x[0, c, 0, 0]: partial means near 0 keep full
+    # fp32 relative precision even when the channel mean is large (1e3 + 1e-2 noise).
+    pivot = tl.load(X_ptr + c_offs.to(tl.int64) * stride_xc, mask=c_mask, other=0.0).to(tl.float32)
     acc_n = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc_mean = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc_m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -93,11 +97,17 @@ def _bn_stats_partial_kernel(
         offs = base + hw_offs[:, None].to(tl.int64) * stride_xhw + c_part
         # bf16/fp16 are only loaded in their dtype; every arithmetic op runs in fp32.
         x = tl.load(X_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        xs = tl.where(mask, x - pivot[None, :], 0.0)
 
         cnt = tl.sum(hw_mask.to(tl.float32), axis=0)
-        tile_mean = tl.sum(x, axis=0) / tl.maximum(cnt, 1.0)
-        dev = tl.where(mask, x - tile_mean[None, :], 0.0)
-        tile_m2 = tl.sum(dev * dev, axis=0)
+        inv_cnt = 1.0 / tl.maximum(cnt, 1.0)
+        tile_mean = tl.sum(xs, axis=0) * inv_cnt
+        # Corrected two-pass (Chan, Golub & LeVeque): the deviations' own sum removes the
+        # rounding error of the first-pass mean (whose sum ran at the magnitude of x * cnt).
+        dev = tl.where(mask, xs - tile_mean[None, :], 0.0)
+        dev_sum = tl.sum(dev, axis=0)
+        tile_mean = tile_mean + dev_sum * inv_cnt
+        tile_m2 = tl.maximum(tl.sum(dev * dev, axis=0) - dev_sum * dev_sum * inv_cnt, 0.0)
 
         # Chan et al. pairwise merge of (acc_n, acc_mean, acc_m2) with (cnt, tile_mean, tile_m2).
         new_n = acc_n + cnt
@@ -117,13 +127,15 @@ def _bn_stats_partial_kernel(
 
 @triton.jit
 def _bn_stats_merge_kernel(
-    PMEAN_ptr,  # [T, C] fp32 row-group means
+    X_ptr,  # input; only the pivots x[0, c, 0, 0] = X_ptr[c * stride_xc] are read
+    PMEAN_ptr,  # [T, C] fp32 row-group means of x - pivot
     PM2_ptr,  # [T, C] fp32 row-group sums of squared deviations
     MEAN_ptr,  # [C] fp32 out: batch mean
     VAR_ptr,  # [C] fp32 out: biased batch variance
     C,
     T,
     HW,
+    stride_xc,
     groups,
     group_hw,  # rows covered by one full row group (tiles_per_group * BLOCK_HW)
     BLOCK_T: tl.constexpr,
@@ -150,9 +162,14 @@ def _bn_stats_merge_kernel(
 
         # Multi-way Chan inside the chunk: deviations are taken from the chunk mean.
         blk_n = tl.sum(cnt, axis=0)
-        blk_mean = tl.sum(cnt[:, None] * pmean, axis=0) / tl.maximum(blk_n, 1.0)
+        inv_n = 1.0 / tl.maximum(blk_n, 1.0)
+        blk_mean = tl.sum(cnt[:, None] * pmean, axis=0) * inv_n
         dev = tl.where(mask, pmean - blk_mean[None, :], 0.0)
-        blk_m2 = tl.sum(pm2, axis=0) + tl.sum(cnt[:, None] * dev * dev, axis=0)
+        wdev_sum = tl.sum(cnt[:, None] * dev, axis=0)
+        blk_mean = blk_mean + wdev_sum * inv_n  # same correction as in the partial kernel
+        blk_m2 = tl.sum(pm2, axis=0) + tl.maximum(
+            tl.sum(cnt[:, None] * dev * dev, axis=0) - wdev_sum * wdev_sum * inv_n, 0.0
+        )
 
         new_n = acc_n + blk_n
         delta = blk_mean - acc_mean
@@ -161,7 +178,8 @@ def _bn_stats_merge_kernel(
         acc_m2 = acc_m2 + blk_m2 + delta * delta * acc_n * frac
         acc_n = new_n
 
-    tl.store(MEAN_ptr + c_offs, acc_mean, mask=c_mask)
+    pivot = tl.load(X_ptr + c_offs.to(tl.int64) * stride_xc, mask=c_mask, other=0.0).to(tl.float32)
+    tl.store(MEAN_ptr + c_offs, pivot + acc_mean, mask=c_mask)
     tl.store(VAR_ptr + c_offs, acc_m2 / tl.maximum(acc_n, 1.0), mask=c_mask)
 
 
@@ -229,14 +247,18 @@ def _bn_matching_bwd_kernel(
     norm_v = tl.load(NORMS_ptr + 2)
     g = tl.load(GLOSS_ptr)
     # Subgradient 0 where a norm's argument is exactly zero, as torch.linalg.vector_norm gives.
-    s_m = tl.where(norm_m > 0.0, g / norm_m, 0.0) * inv_count
-    s_v = tl.where(norm_v > 0.0, g / norm_v, 0.0) * (2.0 * inv_count)
+    s_m = tl.where(norm_m > 0.0, g / tl.where(norm_m > 0.0, norm_m, 1.0), 0.0) * inv_count
+    s_v = tl.where(norm_v > 0.0, g / tl.where(norm_v > 0.0, norm_v, 1.0), 0.0) * (2.0 * inv_count)
     coef_m = s_m * (mean - rm)
     coef_v = s_v * (var - rv)
 
     hw_offs = b * BLOCK_HW + tl.arange(0, BLOCK_HW)
     mask = (hw_offs < HW)[:, None] & c_mask[None, :]
-    offs = n.to(tl.int64) * stride_n + hw_offs[:, None].to(tl.int64) * stride_hw + c_offs[None, :].to(tl.int64) * stride_c
+    offs = (
+        n.to(tl.int64) * stride_n
+        + hw_offs[:, None].to(tl.int64) * stride_hw
+        + c_offs[None, :].to(tl.int64) * stride_c
+    )
     x = tl.load(X_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     # (x - mean) rather than a*x + b: the latter cancels catastrophically for large-mean inputs.
     dx = coef_m[None, :] + coef_v[None, :] * (x - mean[None, :])
@@ -365,6 +387,7 @@ def _stats_forward(
     )
     merge_block_c = min(_np2(c), 64)
     _bn_stats_merge_kernel[(triton.cdiv(c, merge_block_c),)](
+        xv,
         pmean,
         pm2,
         mean,
@@ -372,6 +395,7 @@ def _stats_forward(
         c,
         t,
         hw,
+        s_c,
         groups,
         tiles_per_group * block_hw,
         BLOCK_T=_MERGE_BLOCK_T,

@@ -156,14 +156,15 @@ def test_triton_fp32_matches_float64_truth(channels_last):
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("target_programs", [1, 1000], ids=["many-tiles-per-program", "one-tile-per-program"])
-def test_triton_multi_tile_merge(monkeypatch, channels_last, target_programs):
+@pytest.mark.parametrize("loc", [30.0, 1e3])
+def test_triton_multi_tile_merge(monkeypatch, channels_last, target_programs, loc):
     """Tiny tiles force the in-program Chan merge and the multi-chunk merge kernel path."""
     monkeypatch.setattr(bmt, "_TILE_ELEMS", 8)
     monkeypatch.setattr(bmt, "_MAX_BLOCK_HW", 4)
     monkeypatch.setattr(bmt, "_MAX_BLOCK_C", 2)
     monkeypatch.setattr(bmt, "_MERGE_BLOCK_T", 2)
     monkeypatch.setattr(bmt, "_target_programs", lambda *_: target_programs)
-    x = _make_input((3, 5, 5, 3), torch.float32, channels_last, loc=30.0)
+    x = _make_input((3, 5, 5, 3), torch.float32, channels_last, loc=loc, std=0.5)
     rm, rv = _make_running(5)
     loss64, dx64 = _float64_truth(x, rm, rv)
     mean64, var64 = bn_stats_reference(x.detach().double())
@@ -171,10 +172,10 @@ def test_triton_multi_tile_merge(monkeypatch, channels_last, target_programs):
     x_t = x.detach().clone().requires_grad_()
     loss, mean, var = bmt.bn_matching_triton(x_t, rm, rv)
     (loss * 1.7).backward()
-    _close(mean, mean64, 2e-6)
+    _close(mean, mean64, 2e-7)
     _close(var, var64, 1e-5)
-    _close(loss, loss64, 1e-5)
-    _close(x_t.grad, dx64, 1e-5)
+    _close(loss, loss64, 1e-5 * loc)  # fp32 ulp of the mean grows with loc
+    _close(x_t.grad, dx64, 1e-5 * loc)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
