@@ -1,0 +1,44 @@
+"""Which classes go together in which batch, and which process synthesizes it.
+
+The plan depends only on the config (class count, classes_per_batch, ipc), never on the number
+of processes, so a batch's content and seed are the same however the work is split.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.errors import ConfigError
+
+DEFAULT_CLASSES_PER_BATCH = 50  # SC-DD's public setting for ImageNet-scale class counts
+
+
+@dataclass(frozen=True)
+class SynthBatch:
+    index: int
+    ipc_index: int
+    classes: tuple[int, ...]
+
+    def seed(self, run_seed: int) -> int:
+        # Distinct, stable 63-bit seed per (run seed, batch index).
+        return (run_seed * 1_000_003 + self.index * 7919 + 12345) % (2**63 - 1)
+
+
+def plan_batches(num_classes: int, ipc: int, classes_per_batch: int | None) -> list[SynthBatch]:
+    if ipc < 1:
+        raise ConfigError(f"ipc={ipc} must be >= 1 image per class")
+    if classes_per_batch is None:
+        classes_per_batch = min(DEFAULT_CLASSES_PER_BATCH, num_classes)
+    if classes_per_batch > num_classes:
+        raise ConfigError(f"recover.classes_per_batch={classes_per_batch} is larger than the "
+                          f"{num_classes} classes of the data; use at most {num_classes}")
+    chunks = [tuple(range(start, min(start + classes_per_batch, num_classes)))
+              for start in range(0, num_classes, classes_per_batch)]
+    return [SynthBatch(index=i * len(chunks) + j, ipc_index=i, classes=chunk)
+            for i in range(ipc) for j, chunk in enumerate(chunks)]
+
+
+def batches_for_rank(plan: list[SynthBatch], rank: int, world_size: int) -> list[SynthBatch]:
+    if world_size > len(plan):
+        raise ConfigError(f"world size {world_size} exceeds the {len(plan)} class batches to "
+                          f"synthesize; use at most {len(plan)} processes or a smaller classes_per_batch")
+    return plan[rank::world_size]

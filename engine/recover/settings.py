@@ -1,0 +1,89 @@
+"""Typed settings of the recover stage (defaults live in configs/recover/default.yaml)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from engine.errors import ConfigError
+
+
+@dataclass
+class RecoverConfig:
+    iterations: int = 500
+    """Optimization steps per batch (paper: 1000; SRe2L: 4000)."""
+    lr: float = 0.25
+    """Adam learning rate on the pixels (normalized space), cosine-decayed to 0."""
+    r_bn: float = 1.0
+    """Weight of the BN-matching loss against cross-entropy; depends on depth/width and teacher."""
+    first_bn_multiplier: float = 10.0
+    classes_per_batch: Optional[int] = None
+    """Classes synthesized together in one batch; None: min(50, number of classes)."""
+    init: str = "noise"
+    """noise (randn, the paper's setting) | real (the class's own training images)."""
+    real_init_select: str = "confident"
+    """With init=real: random | confident (those the teacher classifies most confidently)."""
+    real_init_pool: int = 64
+    """Candidates per class scored by the teacher for init=real confident."""
+    crop_scale: Optional[list[float]] = None
+    """Random-resized-crop scale range; None: (0.08, 1) for >=64 px images, (0.5, 1) below."""
+    flip: Optional[bool] = None
+    """Random horizontal flip each step; None: on for RGB, off for gray (digits are not mirror-symmetric)."""
+    jitter: Optional[int] = None
+    """Random roll of up to this many pixels; None: 32 at >=224 px, 4 at 32 px, image_size//8 below."""
+    teachers: list[str] = field(default_factory=lambda: ["ssl", "supervised"])
+    """Which squeeze teachers of this run dir to synthesize from (ignored when teacher=PATH is set)."""
+    backend: str = "auto"
+    """BN-statistics kernel: auto (Triton on CUDA, PyTorch on CPU) | triton | torch."""
+    channels_last: Optional[bool] = None
+    """Run the teacher in channels_last; None: on for CUDA only (measured slower on CPU)."""
+    log_every: int = 10
+    """Write one loss-log row every this many steps (and at the first and last)."""
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1:
+            raise ConfigError(f"recover.iterations={self.iterations} must be >= 1")
+        if self.lr <= 0:
+            raise ConfigError(f"recover.lr={self.lr} must be > 0")
+        if self.r_bn < 0 or self.first_bn_multiplier < 0:
+            raise ConfigError("recover.r_bn and recover.first_bn_multiplier must be >= 0")
+        if self.init not in ("noise", "real"):
+            raise ConfigError(f"recover.init={self.init!r} is not one of noise|real")
+        if self.real_init_select not in ("random", "confident"):
+            raise ConfigError(f"recover.real_init_select={self.real_init_select!r} is not random|confident")
+        if self.classes_per_batch is not None and self.classes_per_batch < 1:
+            raise ConfigError(f"recover.classes_per_batch={self.classes_per_batch} must be >= 1")
+        if self.crop_scale is not None and not (len(self.crop_scale) == 2
+                                                and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1):
+            raise ConfigError(f"recover.crop_scale={self.crop_scale} must be [low, high] in (0, 1]")
+        if self.backend not in ("auto", "triton", "torch"):
+            raise ConfigError(f"recover.backend={self.backend!r} is not one of auto|triton|torch")
+        bad = [t for t in self.teachers if t not in ("ssl", "supervised")]
+        if bad:
+            raise ConfigError(f"recover.teachers has {bad}; use ssl and/or supervised")
+
+
+@dataclass(frozen=True)
+class StepAugment:
+    """Resolved per-step augmentation for one image size."""
+
+    image_size: int
+    crop_scale: tuple[float, float]
+    flip: bool
+    jitter: int
+
+
+def resolve_augment(cfg: RecoverConfig, image_size: int, channels: int) -> StepAugment:
+    if cfg.crop_scale is not None:
+        scale = (float(cfg.crop_scale[0]), float(cfg.crop_scale[1]))
+    else:
+        scale = (0.08, 1.0) if image_size >= 64 else (0.5, 1.0)
+    flip = cfg.flip if cfg.flip is not None else channels == 3
+    if cfg.jitter is not None:
+        jitter = cfg.jitter
+    elif image_size >= 224:
+        jitter = 32
+    elif image_size >= 32:
+        jitter = 4
+    else:
+        jitter = max(1, image_size // 8)
+    return StepAugment(image_size=image_size, crop_scale=scale, flip=flip, jitter=jitter)

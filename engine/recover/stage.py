@@ -1,0 +1,62 @@
+"""`scdd stage=recover`: synthesize the distilled set from each requested teacher."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine.checkpoint import load_teacher
+from engine.config import from_mapping
+from engine.context import RunContext
+from engine.errors import ConfigError
+from engine.recover.distill import recover_distilled_set
+from engine.recover.settings import RecoverConfig
+
+
+def teacher_path(run_dir: Path, kind: str) -> Path:
+    """Where the squeeze stage of a run writes its teacher of ``kind`` (ssl | supervised)."""
+    return run_dir / "squeeze" / kind / "teacher.pt"
+
+
+def recover_dir(run_dir: Path, teacher_name: str, init: str) -> Path:
+    return run_dir / "recover" / f"{teacher_name}-{init}"
+
+
+def requested_teachers(ctx: RunContext, cfg: RecoverConfig) -> list[Path]:
+    if ctx.run.teacher:
+        return [Path(ctx.run.teacher)]
+    existing = [teacher_path(ctx.run_dir, kind) for kind in cfg.teachers
+                if teacher_path(ctx.run_dir, kind).is_file()]
+    if not existing:
+        raise ConfigError(f"no teacher checkpoint in {ctx.run_dir / 'squeeze'}; run `scdd stage=squeeze` "
+                          f"in this run dir first (hydra.run.dir=...) or pass teacher=PATH")
+    return existing
+
+
+def build_recover_config(ctx: RunContext, **overrides) -> RecoverConfig:
+    section = dict(ctx.sections.get("recover") or {})
+    section.update(overrides)
+    return from_mapping(RecoverConfig, section, "recover")
+
+
+def run(ctx: RunContext, **overrides) -> dict:
+    cfg = build_recover_config(ctx, **overrides)
+    if any(n < 1 for n in ctx.run.ipc):
+        raise ConfigError(f"ipc={ctx.run.ipc} must hold positive images-per-class counts")
+    bundle = ctx.data
+    ipc = max(ctx.run.ipc)
+    results = {}
+    for path in requested_teachers(ctx, cfg):
+        teacher, payload = load_teacher(path, ctx.model_cfg, bundle)
+        name = payload["kind"]
+        out_dir = recover_dir(ctx.run_dir, name, cfg.init)
+        result = recover_distilled_set(
+            teacher, bundle, cfg, ipc, out_dir, ctx.dist, ctx.run.seed, resume=ctx.run.resume,
+            progress=ctx.run.progress, meta={"teacher": str(path), "teacher_kind": payload["kind"]})
+        results[f"{name}-{cfg.init}"] = {
+            "path": str(result.distilled), "init_path": str(result.init) if result.init else None,
+            "seconds": result.seconds, "first_ratio": result.first_ratio,
+            "image_iterations_per_s": result.image_iterations_per_s}
+        if ctx.dist.is_main:
+            print(f"recover {name}-{cfg.init}: {ipc} ipc x {bundle.num_classes} classes in "
+                  f"{result.seconds:.1f}s ({result.image_iterations_per_s:.0f} image-iterations/s) "
+                  f"-> {result.distilled}")
+    return {"sets": results}
