@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -31,13 +32,42 @@ class DistEnv:
 
 
 def first_slurm_host(nodelist: str) -> str:
-    """First host of a SLURM nodelist such as 'gpu[03-05,09],cpu1' -> 'gpu03'."""
-    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist
-    if "[" not in head:
-        return head.strip()
-    prefix, rest = nodelist.split("[", 1)
-    first = rest.split("]", 1)[0].split(",")[0].split("-")[0]
-    return prefix.strip() + first
+    """First host of a SLURM nodelist: 'gpu[03-05,09],cpu1' -> 'gpu03', 'node1,node2' -> 'node1',
+    'rack[1-2]-n[07-08]' -> 'rack1-n07'."""
+    text = (nodelist or "").strip()
+    depth, end = 0, len(text)
+    for i, ch in enumerate(text):  # the first entry ends at a comma outside brackets
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            end = i
+            break
+    head = text[:end]
+    if not head or depth < 0 or head.count("[") != head.count("]"):
+        raise ConfigError(f"SLURM nodelist {nodelist!r} is malformed; set MASTER_ADDR to the first "
+                          f"host's name")
+    host = re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0].strip(), head)
+    if not host or "[" in host:
+        raise ConfigError(f"SLURM nodelist {nodelist!r} is malformed; set MASTER_ADDR to the first "
+                          f"host's name")
+    return host
+
+
+def _int_var(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={env[name]!r} is not an integer; fix the "
+                          f"launcher") from None
+
+
+def _check_rank(facts: dict, source: str) -> dict:
+    if facts["world_size"] < 1 or not 0 <= facts["rank"] < facts["world_size"]:
+        raise ConfigError(f"{source} rank {facts['rank']} is outside world size "
+                          f"{facts['world_size']}; fix the launcher's variables")
+    if not 0 < facts["master_port"] < 65536:
+        raise ConfigError(f"MASTER_PORT={facts['master_port']} is not a TCP port; use 1024-65535")
+    return facts
 
 
 def read_launch_env(env: Mapping[str, str]) -> dict:
@@ -47,18 +77,28 @@ def read_launch_env(env: Mapping[str, str]) -> dict:
         if missing:
             raise ConfigError(f"torchrun environment is incomplete: {missing} unset; launch with "
                               f"torchrun or launchers/torchrun.sh")
-        return dict(rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]),
-                    local_rank=int(env["LOCAL_RANK"]), master_addr=env["MASTER_ADDR"],
-                    master_port=int(env["MASTER_PORT"]))
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        missing = [k for k in ("SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST") if k not in env]
+        return _check_rank(dict(rank=_int_var(env, "RANK"), world_size=_int_var(env, "WORLD_SIZE"),
+                                local_rank=_int_var(env, "LOCAL_RANK"),
+                                master_addr=env["MASTER_ADDR"],
+                                master_port=_int_var(env, "MASTER_PORT")), "torchrun")
+    if "RANK" in env or "WORLD_SIZE" in env:
+        missing = [k for k in ("RANK", "WORLD_SIZE") if k not in env]
+        raise ConfigError(f"torchrun environment is incomplete: {missing} unset; launch with "
+                          f"torchrun or launchers/torchrun.sh")
+    ntasks = _int_var(env, "SLURM_NTASKS") if "SLURM_NTASKS" in env else 1
+    if ("SLURM_PROCID" in env or "SLURM_NTASKS" in env) and ntasks > 1:
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        missing = [k for k in ("SLURM_PROCID", "SLURM_LOCALID") if k not in env]
+        if nodelist is None and "MASTER_ADDR" not in env:
+            missing.append("SLURM_JOB_NODELIST")
         if missing:
             raise ConfigError(f"SLURM environment is incomplete: {missing} unset; start the job with "
                               f"srun (see launchers/slurm.sbatch)")
-        return dict(rank=int(env["SLURM_PROCID"]), world_size=int(env["SLURM_NTASKS"]),
-                    local_rank=int(env["SLURM_LOCALID"]),
-                    master_addr=env.get("MASTER_ADDR") or first_slurm_host(env["SLURM_JOB_NODELIST"]),
-                    master_port=int(env.get("MASTER_PORT", "29500")))
+        return _check_rank(dict(rank=_int_var(env, "SLURM_PROCID"), world_size=ntasks,
+                                local_rank=_int_var(env, "SLURM_LOCALID"),
+                                master_addr=env.get("MASTER_ADDR") or first_slurm_host(nodelist),
+                                master_port=_int_var(env, "MASTER_PORT") if "MASTER_PORT" in env
+                                else 29500), "SLURM")
     return dict(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=29500)
 
 

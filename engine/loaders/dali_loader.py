@@ -1,0 +1,127 @@
+"""NVIDIA DALI path: decodes the class-per-folder files (or in-memory uint8 images) itself.
+
+Files are fed by an external source in per-batch mode (``batch_info=True``), ordered by our shard
+of the epoch: that keeps the order identical to the other loaders and delivers the short tail
+batch (DALI's per-sample mode and its readers' shard padding do not give both). A fresh pipeline
+is built per epoch so ``set_epoch`` takes effect even though DALI prefetches.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from engine.errors import ConfigError
+from engine.loaders.common import BatchLoader, LoaderSpec
+
+
+class DALILoader(BatchLoader):
+    def __init__(self, dataset: Dataset, mean, std, channels: int, image_size: int,
+                 spec: LoaderSpec, rank: int, world_size: int, where: str) -> None:
+        super().__init__(len(dataset), spec, rank, world_size, where)
+        self.files = getattr(dataset, "files", None)
+        images = getattr(dataset, "images", None)
+        if self.files is None and images is None:
+            raise ConfigError(f"loader=dali reads image files or in-memory uint8 images; {where} "
+                              f"has neither; use loader=torch")
+        # HWC uint8, the layout DALI's image operators expect.
+        self.arrays = None if images is None else images.permute(0, 2, 3, 1).contiguous().numpy()
+        self.labels = np.asarray(list(dataset.labels), dtype=np.int64)
+        if not spec.normalize:
+            mean, std = [0.0] * len(mean), [1.0] * len(std)
+        self.mean = [255.0 * m for m in mean]
+        self.std = [255.0 * s for s in std]
+        self.channels = channels
+        self.image_size = image_size
+        self.where = where
+        use_gpu = spec.device != "cpu" and torch.cuda.is_available()
+        if spec.device == "cuda" and not use_gpu:
+            raise ConfigError("loader device=cuda but no CUDA GPU is visible; use device=cpu")
+        self.device_id = torch.cuda.current_device() if use_gpu else None
+
+    def _source(self, order: np.ndarray):
+        batch_size = self.spec.batch_size
+        files, arrays, labels = self.files, self.arrays, self.labels
+
+        def source(info):
+            start = info.iteration * batch_size
+            if start >= len(order):
+                raise StopIteration
+            picks = order[start:start + batch_size]
+            if files is not None:
+                data = [np.fromfile(files[i], dtype=np.uint8) for i in picks]
+            else:
+                data = [arrays[i] for i in picks]
+            return data, [labels[i:i + 1] for i in picks]
+
+        return source
+
+    def _pipeline(self, order: np.ndarray):
+        from nvidia.dali import fn, types
+        from nvidia.dali.pipeline import Pipeline
+
+        s, size = self.spec, self.image_size
+        seed = (s.seed * 1_000_003 + self.epoch * 1_009 + self.rank) % (2**31 - 1)
+        pipe = Pipeline(batch_size=s.batch_size, num_threads=max(1, s.num_workers),
+                        device_id=self.device_id, seed=seed, prefetch_queue_depth=2)
+        encoded = self.files is not None
+        decode_device = "mixed" if self.device_id is not None else "cpu"
+        color = types.GRAY if self.channels == 1 else types.RGB
+        with pipe:
+            data, labels = fn.external_source(
+                source=self._source(order), num_outputs=2, batch=True, batch_info=True,
+                layout=["" if encoded else "HWC", ""], dtype=[types.UINT8, types.INT64])
+            if not encoded and self.device_id is not None:
+                data = data.gpu()
+            norm = dict(mean=self.mean, std=self.std, dtype=types.FLOAT, output_layout="CHW")
+            outputs = []
+            if s.transform == "eval":
+                images = fn.decoders.image(data, device=decode_device, output_type=color) if encoded else data
+                if encoded or self.arrays.shape[1:3] != (size, size):
+                    images = fn.resize(images, resize_shorter=size, antialias=True)
+                outputs.append(fn.crop_mirror_normalize(images, crop=(size, size), **norm))
+            else:
+                crop = dict(random_area=list(s.crop_scale), random_aspect_ratio=list(s.crop_ratio))
+                if encoded and s.views == 1:
+                    # Decodes only the crop's region: the fast path for one view.
+                    views = [fn.resize(fn.decoders.image_random_crop(
+                        data, device=decode_device, output_type=color, **crop), size=(size, size),
+                        antialias=True)]
+                else:
+                    images = (fn.decoders.image(data, device=decode_device, output_type=color)
+                              if encoded else data)
+                    views = [fn.random_resized_crop(images, size=(size, size), antialias=True, **crop)
+                             for _ in range(s.views)]
+                for view in views:
+                    mirror = fn.random.coin_flip(probability=s.flip)
+                    outputs.append(fn.crop_mirror_normalize(view, mirror=mirror, **norm))
+            pipe.set_outputs(*outputs, labels)
+        return pipe
+
+    def __iter__(self) -> Iterator:
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        order = self.indices()
+        if len(order) == 0:
+            return
+        count = self.spec.views if self.spec.transform == "train" else 1
+        names = [f"view{k}" for k in range(count)]
+        pipe = self._pipeline(order)
+        try:
+            iterator = DALIGenericIterator(pipe, names + ["label"],
+                                           last_batch_policy=LastBatchPolicy.PARTIAL)
+            for (batch,) in iterator:
+                labels = batch["label"].reshape(-1).to(torch.int64)
+                views = [batch[n] for n in names]
+                if self.device_id is not None:
+                    labels = labels.to(views[0].device)
+                # DALI reuses its output buffers only within the iterator's copy; these are ours.
+                yield (views[0] if len(views) == 1 else views), labels
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"DALI failed reading {self.where} ({first[:200]}); check the files "
+                              f"with data.verify=full") from exc
+        finally:
+            del pipe
