@@ -3,7 +3,7 @@
 SRe2L-style recovery runs a frozen teacher in eval mode and, at every BN layer, compares the
 statistics of the layer's input with the layer's running statistics. Hooks would read each BN
 input twice (once for BN, once for the statistics); ``FusedBNMatching`` reads it once on the
-Triton backend: one forward kernel writes ``y`` and the per-channel partial statistics, one
+Triton backend (and the torch backend, via ``fused_bn_torch``): one forward pass writes ``y`` and the statistics, one
 backward kernel writes ``dy * weight / sqrt(running_var + eps) + dL_match/dx``.
 
 Usage::
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .bn_matching import BACKENDS, resolve_backend
-from .bn_matching_reference import bn_matching_loss_reference
+from .fused_bn_torch import fused_bn_matching_torch
 
 __all__ = ["FusedBNMatching", "swap_in_fused_bn", "restore_bn", "fused_bn_matching", "weighted_matching_loss"]
 
@@ -92,8 +92,7 @@ class FusedBNMatching(nn.Module):
 
             y, loss = fused_bn_matching_triton(x, self.running_mean, self.running_var, weight, bias, self.eps)
         else:
-            y = F.batch_norm(x, self.running_mean, self.running_var, weight, bias, False, 0.0, self.eps)
-            loss = bn_matching_loss_reference(x, self.running_mean, self.running_var)
+            y, loss = fused_bn_matching_torch(x, self.running_mean, self.running_var, weight, bias, self.eps)
         self.last_loss = loss
         return y
 
