@@ -153,6 +153,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as exc:
         print(f"convert_ffcv: error: {exc}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, SystemExit) as exc:
+        # The temporary file is already gone; exit now, because interpreter shutdown would wait
+        # forever on FFCV's work queue, whose reader processes were terminated.
+        print("convert_ffcv: interrupted; no partial .beton was left behind", file=sys.stderr)
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 130)
     print(f"wrote {out}/train.beton, val.beton, {META_FILE}")
     return 0
 

@@ -43,7 +43,7 @@ class DALILoader(BatchLoader):
 
     def _source(self, order: np.ndarray):
         batch_size = self.spec.batch_size
-        files, arrays, labels = self.files, self.arrays, self.labels
+        files, arrays, labels, where = self.files, self.arrays, self.labels, self.where
 
         def source(info):
             start = info.iteration * batch_size
@@ -51,7 +51,11 @@ class DALILoader(BatchLoader):
                 raise StopIteration
             picks = order[start:start + batch_size]
             if files is not None:
-                data = [np.fromfile(files[i], dtype=np.uint8) for i in picks]
+                try:
+                    data = [np.fromfile(files[i], dtype=np.uint8) for i in picks]
+                except OSError as exc:
+                    raise ConfigError(f"DALI failed reading {where} ({exc}); the image tree "
+                                      f"changed after it was listed, rebuild the data") from exc
             else:
                 data = [arrays[i] for i in picks]
             return data, [labels[i:i + 1] for i in picks]

@@ -64,3 +64,20 @@ def test_in_memory_builtin_through_dali_eval(tmp_path):
 def test_world_larger_than_the_split_is_a_config_error(png_bundle):
     with pytest.raises(ConfigError, match="world size 12 is larger than the 10 samples"):
         build_loader("dali", png_bundle, "test", LoaderSpec(), rank=0, world_size=12)
+
+
+def test_a_file_gone_after_listing_is_a_config_error(png_tree, tmp_path):
+    import shutil
+
+    tree = tmp_path / "tree"
+    shutil.copytree(png_tree, tree)
+    bundle = build_data(DataConfig(name="imagefolder", root=str(tree), image_size=32,
+                                   mean=[0.5] * 3, std=[0.25] * 3))
+    bundle.test.files[3].unlink()
+    with pytest.raises(ConfigError, match="DALI failed reading imagefolder test split"):
+        list(build_loader("dali", bundle, "test", LoaderSpec(batch_size=4, num_workers=1), 0, 1))
+
+
+def test_missing_image_tree_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_data(DataConfig(name="imagefolder", root=str(tmp_path / "absent")))
