@@ -1,0 +1,22 @@
+"""Student losses: soft-label KL with temperature, and CutMix-mixed hard-label cross-entropy."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def soft_label_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(softmax(t/T) || softmax(s/T)), mean over the batch.
+
+    Shapes: both [B, K]. Teacher logits may hold -inf outside a stored top-k (zero probability);
+    those classes then contribute nothing. No T^2 factor, as in SRe2L/SC-DD's scripts.
+    """
+    log_student = F.log_softmax(student_logits / temperature, dim=1)
+    target = F.softmax(teacher_logits / temperature, dim=1)
+    return F.kl_div(log_student, target, reduction="batchmean")
+
+
+def mixed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, partner_labels: torch.Tensor,
+                        lam: float) -> torch.Tensor:
+    """CutMix hard-label loss: lam * CE(y) + (1 - lam) * CE(y of the pasted image)."""
+    return lam * F.cross_entropy(logits, labels) + (1 - lam) * F.cross_entropy(logits, partner_labels)

@@ -1,0 +1,65 @@
+"""Typed settings of the relabel/evaluate stage (defaults in configs/evaluate/default.yaml)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from engine.errors import ConfigError
+
+
+@dataclass
+class EvaluateConfig:
+    epochs: int = 300
+    """Student epochs over the distilled (or random real) set."""
+    batch_size: int = 100
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    temperature: float = 4.0
+    """Soft-label temperature T (paper: 20 ImageNet, 30 CIFAR; measured on MNIST-5k for the default)."""
+    loss: str = "kl"
+    """kl (soft labels from the teacher) | hard (cross-entropy on the given labels)."""
+    relabel: str = "online"
+    """online (teacher labels each augmented batch; SC-DD) | stored (precomputed per epoch; SRe2L/FKD)."""
+    stored_topk: int = 10
+    """Stored relabel keeps this many top logits per image (fp16 values + int16 indices)."""
+    stored_dtype: str = "float16"
+    cutmix_prob: float = 1.0
+    cutmix_alpha: float = 1.0
+    crop_scale: Optional[list[float]] = None
+    """Per-image random-resized-crop scale range; None: (0.08, 1) at >=64 px, (0.5, 1) below."""
+    flip: Optional[bool] = None
+    """Per-image horizontal flip; None: on for RGB, off for gray (digits are not mirror-symmetric)."""
+    eval_every: int = 25
+    """Test-set accuracy every this many epochs (and at the last), for the per-epoch plot."""
+    student: Optional[str] = None
+    """Student model name; None: the teacher's architecture (same model config)."""
+    label_teacher: str = "ssl"
+    """Which teacher gives the soft labels for every row (same labels for distilled and baselines)."""
+    full_data: bool = True
+    """Also train a student on the full real training split (upper bound)."""
+    full_data_epochs: int = 15
+    random_real_seeds: int = 1
+    """Random real subsets drawn (different seeds) for the baseline row; mean and std reported."""
+    workers: int = 0
+    """DataLoader workers for streaming (image-folder) training sets."""
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.full_data_epochs < 1:
+            raise ConfigError("evaluate.epochs and evaluate.full_data_epochs must be >= 1")
+        if self.batch_size < 1:
+            raise ConfigError(f"evaluate.batch_size={self.batch_size} must be >= 1")
+        if self.temperature <= 0:
+            raise ConfigError(f"evaluate.temperature={self.temperature} must be > 0")
+        if self.loss not in ("kl", "hard"):
+            raise ConfigError(f"evaluate.loss={self.loss!r} is not one of kl|hard")
+        if self.relabel not in ("online", "stored"):
+            raise ConfigError(f"evaluate.relabel={self.relabel!r} is not one of online|stored")
+        if self.stored_dtype not in ("float16", "float32"):
+            raise ConfigError(f"evaluate.stored_dtype={self.stored_dtype!r} is not float16|float32")
+        if not 0 <= self.cutmix_prob <= 1 or self.cutmix_alpha <= 0:
+            raise ConfigError("evaluate.cutmix_prob must be in [0, 1] and cutmix_alpha > 0")
+        if self.label_teacher not in ("ssl", "supervised"):
+            raise ConfigError(f"evaluate.label_teacher={self.label_teacher!r} is not ssl|supervised")
+        if self.crop_scale is not None and not (len(self.crop_scale) == 2
+                                                and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1):
+            raise ConfigError(f"evaluate.crop_scale={self.crop_scale} must be [low, high] in (0, 1]")

@@ -1,0 +1,189 @@
+"""Train a student from scratch on a (small or streamed) training set and test it on real data.
+
+Soft labels come from the teacher either online (it labels each augmented batch as the student
+sees it, SC-DD) or from files precomputed by ``relabel.precompute_soft_labels`` (SRe2L/FKD), which
+replay the very same crops. With the same seed both give the same student.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from engine.evaluate.augment import AugParams, apply_params, sample_params, step_rng
+from engine.evaluate.losses import mixed_cross_entropy, soft_label_kl
+from engine.evaluate.relabel import load_epoch_labels, reconstruct_logits
+from engine.io import save_torch
+
+
+@dataclass(frozen=True)
+class StudentRecipe:
+    """Everything that decides a student's training, apart from data and models."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    temperature: float
+    loss: str  # kl | hard
+    crop_scale: tuple[float, float]
+    flip: bool
+    cutmix_prob: float
+    cutmix_alpha: float
+    eval_every: int
+    workers: int = 0
+
+
+@dataclass
+class StudentResult:
+    top1: float
+    top5: Optional[float]
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    images_per_s: float = 0.0
+
+
+def epoch_order(seed: int, epoch: int, count: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch, 2**31 - 1]).permutation(count)
+
+
+def batches_of(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+class _IndexBatches(torch.utils.data.Sampler):
+    def __init__(self, batches: list[np.ndarray]):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter([b.tolist() for b in self.batches])
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def load_batches(dataset: Dataset, batches: list[np.ndarray], workers: int):
+    """Yield (images [B,C,H,W] in [0,1], labels) for the given index batches, in order."""
+    if workers == 0 and hasattr(dataset, "images") and isinstance(dataset.images, torch.Tensor):
+        labels = torch.as_tensor(dataset.labels)
+        for idx in batches:
+            index = torch.from_numpy(idx)
+            images = dataset.images[index]
+            yield (images.float() / 255 if images.dtype == torch.uint8 else images), labels[index]
+        return
+    loader = DataLoader(dataset, batch_sampler=_IndexBatches(batches), num_workers=workers)
+    yield from loader
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: nn.Module, dataset: Dataset, normalize: Callable, device: torch.device,
+                      batch_size: int = 500, workers: int = 0) -> tuple[float, Optional[float]]:
+    """Top-1 (and top-5 when there are more than 10 classes) on a real test split."""
+    model.eval()
+    correct1 = correct5 = total = 0
+    order = np.arange(len(dataset))
+    has_top5 = None
+    for images, labels in load_batches(dataset, batches_of(order, batch_size), workers):
+        logits = model(normalize(images.to(device)))
+        labels = labels.to(device)
+        if has_top5 is None:
+            has_top5 = logits.shape[1] > 10
+        correct1 += int((logits.argmax(1) == labels).sum())
+        if has_top5:
+            top5 = logits.topk(5, dim=1).indices
+            correct5 += int((top5 == labels[:, None]).any(1).sum())
+        total += len(labels)
+    return correct1 / total, (correct5 / total if has_top5 else None)
+
+
+def train_student(student: nn.Module, train_set: Dataset, test_set: Dataset, normalize: Callable,
+                  recipe: StudentRecipe, device: torch.device, seed: int,
+                  teacher: Optional[nn.Module] = None, stored_labels: Optional[Path] = None,
+                  checkpoint: Optional[Path] = None, progress: bool = True,
+                  desc: str = "student") -> StudentResult:
+    """AdamW + per-step cosine lr; soft labels online from ``teacher`` or from ``stored_labels``."""
+    if recipe.loss == "kl" and teacher is None and stored_labels is None:
+        raise ValueError("soft-label training needs a teacher (online) or stored labels")
+    torch.manual_seed(seed)
+    student = student.to(device)
+    if teacher is not None:
+        teacher = teacher.to(device).eval()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    count = len(train_set)
+    steps_per_epoch = math.ceil(count / recipe.batch_size)
+    total_steps = recipe.epochs * steps_per_epoch
+    image_size = train_set[0][0].shape[-1]
+    history: list[dict] = []
+    start_epoch = 0
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        student.load_state_dict(state["student"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, history = state["epoch"], state["history"]
+    checkpoint_every = max(1, recipe.epochs // 10)
+    start = time.time()
+    seen = 0
+    bar = tqdm(range(start_epoch, recipe.epochs), desc=desc, disable=not progress, unit="ep",
+               dynamic_ncols=True, leave=False)
+    for epoch in bar:
+        student.train()
+        if stored_labels is not None:
+            stored = load_epoch_labels(stored_labels, epoch)
+            order, step_params = stored["order"], stored["params"]
+        else:
+            order, step_params = epoch_order(seed, epoch, count), None
+        losses = []
+        for step, (images, labels) in enumerate(load_batches(train_set, batches_of(order, recipe.batch_size),
+                                                             recipe.workers)):
+            global_step = epoch * steps_per_epoch + step
+            lr = 0.5 * recipe.lr * (1 + math.cos(math.pi * global_step / total_steps))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if step_params is not None:
+                params: AugParams = step_params[step]
+            else:
+                params = sample_params(step_rng(seed, epoch, step), len(labels), image_size,
+                                       recipe.crop_scale, recipe.flip, recipe.cutmix_prob, recipe.cutmix_alpha)
+            x = apply_params(normalize(images.to(device)), params)
+            labels = labels.to(device)
+            logits = student(x)
+            if recipe.loss == "hard":
+                if params.cutmix_partner is not None:
+                    partner = labels[torch.from_numpy(params.cutmix_partner).to(device)]
+                    loss = mixed_cross_entropy(logits, labels, partner, params.cutmix_lam)
+                else:
+                    loss = F.cross_entropy(logits, labels)
+            else:
+                if stored_labels is not None:
+                    target = reconstruct_logits(stored, step, logits.shape[1]).to(device)
+                else:
+                    with torch.no_grad():
+                        target = teacher(x)
+                loss = soft_label_kl(logits, target, recipe.temperature)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            seen += len(labels)
+        row = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": lr}
+        if (epoch + 1) % recipe.eval_every == 0 or epoch + 1 == recipe.epochs:
+            row["top1"], row["top5"] = evaluate_accuracy(student, test_set, normalize, device,
+                                                         workers=recipe.workers)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", top1=f"{row['top1']:.3f}")
+        history.append(row)
+        if checkpoint is not None and ((epoch + 1) % checkpoint_every == 0) and epoch + 1 < recipe.epochs:
+            save_torch({"student": student.state_dict(), "optimizer": optimizer.state_dict(),
+                        "epoch": epoch + 1, "history": history}, checkpoint)
+    seconds = time.time() - start
+    final = history[-1]
+    return StudentResult(top1=final["top1"], top5=final["top5"], history=history, seconds=seconds,
+                         images_per_s=seen / seconds if seconds > 0 else 0.0)

@@ -1,0 +1,137 @@
+"""The end-of-run report: a table on stdout, report.md + report.json, and PNGs to look at."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from engine.context import RunContext  # noqa: E402
+from engine.io import save_figure, save_json, save_text  # noqa: E402
+
+ROW_TITLES = {
+    "scdd": "SC-DD (SSL teacher)",
+    "sre2l": "SRe2L-style (supervised teacher)",
+    "scdd_real_init": "SC-DD, real init",
+    "real_init_unrefined": "real init, unrefined",
+    "sre2l_real_init": "SRe2L-style, real init",
+    "random_real": "random real subset",
+}
+RECOVER_FOLDER = {"scdd": "ssl-noise", "sre2l": "supervised-noise", "scdd_real_init": "ssl-real",
+                  "real_init_unrefined": "ssl-real/init", "sre2l_real_init": "supervised-real"}
+_SUMMARY_KEYS = ("top1", "top1_std", "top5", "images", "epochs", "seconds", "images_per_s",
+                 "stored_labels_bytes_per_image_epoch")
+
+
+def teacher_metrics(run_dir: Path) -> dict:
+    import torch
+
+    out = {}
+    for kind, key, metric in (("ssl", "ssl_probe_top1", "probe_top1"), ("supervised", "supervised_top1", "top1")):
+        path = run_dir / "squeeze" / kind / "teacher.pt"
+        if path.is_file():
+            out[key] = float(torch.load(path, map_location="cpu", weights_only=False)["metrics"][metric])
+    return out
+
+
+def _summary(row: dict) -> dict:
+    return {k: row[k] for k in _SUMMARY_KEYS if k in row and row[k] is not None}
+
+
+def build_report(results: dict, teacher: dict, seconds: dict, recover_seconds: dict) -> dict:
+    report = {"ipc": {ipc: {key: _summary(row) for key, row in rows.items()}
+                      for ipc, rows in results["ipc"].items()}}
+    if "full_data" in results:
+        report["full_data"] = _summary(results["full_data"])
+    report["teacher"] = teacher
+    report["seconds"] = dict(seconds)
+    if recover_seconds:
+        report["seconds"]["recover_per_set"] = recover_seconds
+    return report
+
+
+def _fmt(value, pct=True) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.1f}" if pct else f"{value:.0f}"
+
+
+def render_table(report: dict) -> str:
+    recover_s = report["seconds"].get("recover_per_set", {})
+    lines = ["| method | IPC | top-1 % | top-5 % | recover s | student s |", "|---|---|---|---|---|---|"]
+    for ipc, rows in report["ipc"].items():
+        for key, row in rows.items():
+            top1 = _fmt(row.get("top1"))
+            if "top1_std" in row and row.get("top1_std"):
+                top1 += f" ± {100 * row['top1_std']:.1f}"
+            rec = recover_s.get(RECOVER_FOLDER.get(key, ""), None)
+            lines.append(f"| {ROW_TITLES.get(key, key)} | {ipc} | {top1} | {_fmt(row.get('top5'))} | "
+                         f"{_fmt(rec, pct=False)} | {_fmt(row.get('seconds'), pct=False)} |")
+    if "full_data" in report:
+        row = report["full_data"]
+        lines.append(f"| full training data | all | {_fmt(row.get('top1'))} | {_fmt(row.get('top5'))} | - | "
+                     f"{_fmt(row.get('seconds'), pct=False)} |")
+    teacher = report.get("teacher", {})
+    if "ssl_probe_top1" in teacher:
+        lines.append(f"| teacher: SSL + linear probe | all | {_fmt(teacher['ssl_probe_top1'])} | - | - | - |")
+    if "supervised_top1" in teacher:
+        lines.append(f"| teacher: supervised | all | {_fmt(teacher['supervised_top1'])} | - | - | - |")
+    stage_s = {k: v for k, v in report["seconds"].items() if isinstance(v, (int, float))}
+    footer = ", ".join(f"{k} {v:.0f}s" for k, v in stage_s.items())
+    return "\n".join(lines) + (f"\n\nWall time per stage: {footer}\n" if footer else "\n")
+
+
+def plot_accuracy(results: dict, path: Path) -> None:
+    ipcs = list(results["ipc"])
+    fig, axes = plt.subplots(1, len(ipcs), figsize=(5.5 * len(ipcs), 4), squeeze=False)
+    for ax, ipc in zip(axes[0], ipcs):
+        for key, row in results["ipc"][ipc].items():
+            points = [(h["epoch"], h["top1"]) for h in row.get("history", []) if h.get("top1") is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", ms=3, label=ROW_TITLES.get(key, key))
+        if "full_data" in results:
+            ax.axhline(results["full_data"]["top1"], color="k", ls="--", lw=1, label="full data")
+        ax.set(title=f"IPC {ipc}: student test top-1", xlabel="epoch", ylabel="top-1")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_grids(run_dir: Path, keys: list[str], path: Path) -> None:
+    grids = [(key, run_dir / "recover" / RECOVER_FOLDER[key] / "grid.png") for key in keys if key in RECOVER_FOLDER]
+    grids = [(k, p) for k, p in grids if p.is_file()]
+    if not grids:
+        return
+    fig, axes = plt.subplots(1, len(grids), figsize=(4 * len(grids), 4.4), squeeze=False)
+    for ax, (key, grid_path) in zip(axes[0], grids):
+        with Image.open(grid_path) as img:
+            ax.imshow(img.convert("RGB"))
+        ax.set_title(ROW_TITLES.get(key, key), fontsize=9)
+        ax.axis("off")
+    fig.suptitle("Distilled images (rows: classes, columns: images per class)")
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def write_report(ctx: RunContext, results: dict, seconds: dict | None = None,
+                 recover_seconds: dict | None = None) -> dict:
+    if not ctx.dist.is_main:
+        return {}
+    run_dir = ctx.run_dir
+    report = build_report(results, teacher_metrics(run_dir), seconds or results.get("seconds", {}),
+                          recover_seconds or {})
+    table = render_table(report)
+    header = (f"# SC-DD report: data={ctx.data_cfg.name}, model={ctx.model_cfg.name}, "
+              f"ipc={sorted(set(ctx.run.ipc))}, seed={ctx.run.seed}\n\n")
+    plot_accuracy(results, run_dir / "accuracy_per_epoch.png")
+    keys = list(next(iter(results["ipc"].values())).keys()) if results["ipc"] else []
+    plot_grids(run_dir, keys, run_dir / "distilled_grids.png")
+    save_json(report, run_dir / "report.json")
+    save_text(header + table + "\nFigures: accuracy_per_epoch.png, distilled_grids.png\n", run_dir / "report.md")
+    print("\n" + header + table)
+    print(f"report: {run_dir / 'report.md'}")
+    return report
