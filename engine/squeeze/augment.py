@@ -1,0 +1,211 @@
+"""Two-view SSL augmentation, batched on tensors so the CPU spends its time in the network.
+
+Semantics (mirrored by the FFCV/DALI loaders; keep them in step):
+  1. random resized crop: per image, area fraction ~ U(crop_scale), log aspect ratio ~
+     U(log crop_ratio); a side longer than the image is clamped to the image (torchvision
+     resamples up to 10 times instead; clamping keeps the batch one kernel call). The crop is
+     resampled bilinearly to ``image_size`` (no antialiasing).
+  2. horizontal flip with probability 0.5 when ``flip``.
+  3. with probability ``jitter_prob``: brightness, contrast, saturation, hue in this fixed order
+     (torchvision shuffles the order); factors ~ U(1 - 0.8 s, 1 + 0.8 s), hue shift ~ U(-0.2 s, 0.2 s)
+     of a turn, s = ``jitter_strength`` (SimCLR's parametrization; s = 0.5 is MoCo v2's
+     0.4/0.4/0.4/0.1). Saturation and hue act on RGB only. Pixels are clipped to [0, 1] after
+     each step. Hue rotates chroma in YIQ space (a cheap, batched stand-in for HSV).
+  4. grayscale (luma, ITU-R 601) with probability ``grayscale_prob``, RGB only.
+  5. Gaussian blur with probability ``blur_prob``, sigma ~ U(blur_sigma), kernel side the odd
+     number nearest 10% of the image side (SimCLR's choice), reflect padding.
+
+All randomness comes from an explicit ``torch.Generator`` on the CPU, so a resumed run replays
+the same views.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from engine.errors import ConfigError
+
+_LUMA = (0.299, 0.587, 0.114)
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    """One view's augmentation; see the module docstring for the exact semantics."""
+
+    image_size: int
+    """Output side length (crops are resampled to it)."""
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    """Range of the crop's area as a fraction of the image; (1, 1) disables cropping."""
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+    jitter_strength: float = 0.5
+    """SimCLR's s: brightness/contrast/saturation 0.8 s, hue 0.2 s; 0 disables jitter."""
+    jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+
+    def __post_init__(self) -> None:
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"crop_scale={self.crop_scale} must satisfy 0 < low <= high <= 1")
+        for name in ("jitter_prob", "grayscale_prob", "blur_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"augmentation {name}={getattr(self, name)} must be in [0, 1]")
+        if self.jitter_strength < 0:
+            raise ConfigError(f"jitter_strength={self.jitter_strength} must be >= 0")
+
+
+def small_image_spec(image_size: int, flip: bool = True) -> AugmentSpec:
+    """CIFAR/MNIST-sized images (<= 32 px): crop, flip, jitter, grayscale; no blur (it erases them)."""
+    return AugmentSpec(image_size=image_size, crop_scale=(0.2, 1.0), flip=flip, jitter_strength=0.5,
+                       jitter_prob=0.8, grayscale_prob=0.2, blur_prob=0.0)
+
+
+def large_image_spec(image_size: int, flip: bool = True) -> AugmentSpec:
+    """MoCo v2's ImageNet recipe: crop (0.2-1), flip, jitter 0.4/0.4/0.4/0.1 p 0.8, gray 0.2, blur 0.5."""
+    return AugmentSpec(image_size=image_size, crop_scale=(0.2, 1.0), flip=flip, jitter_strength=0.5,
+                       jitter_prob=0.8, grayscale_prob=0.2, blur_prob=0.5, blur_sigma=(0.1, 2.0))
+
+
+def weak_image_spec(image_size: int, flip: bool = True) -> AugmentSpec:
+    """Supervised training: mild crop + flip, no photometric changes."""
+    return AugmentSpec(image_size=image_size, crop_scale=(0.5, 1.0), flip=flip, jitter_strength=0.0,
+                       jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)
+
+
+SMALL_IMAGE_MAX = 32
+"""Largest side that gets the small-image recipe."""
+
+STRENGTHS = ("strong", "weak", "none")
+
+
+def spec_for(strength: str, image_size: int, flip: bool,
+             crop_scale: tuple[float, float] | None = None) -> AugmentSpec | None:
+    """Pick the recipe for a strength name; None means no augmentation at all."""
+    if strength not in STRENGTHS:
+        raise ConfigError(f"augmentation strength {strength!r} is not one of {'|'.join(STRENGTHS)}")
+    if strength == "none":
+        return None
+    if strength == "weak":
+        spec = weak_image_spec(image_size, flip)
+    elif image_size <= SMALL_IMAGE_MAX:
+        spec = small_image_spec(image_size, flip)
+    else:
+        spec = large_image_spec(image_size, flip)
+    return spec if crop_scale is None else replace(spec, crop_scale=tuple(crop_scale))
+
+
+def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
+    return torch.rand(n, generator=generator) * (high - low) + low
+
+
+def _bernoulli(n: int, p: float, generator: torch.Generator) -> torch.Tensor:
+    return torch.rand(n, generator=generator) < p
+
+
+def _crop_flip_grid(n: int, spec: AugmentSpec, generator: torch.Generator) -> torch.Tensor:
+    """Affine matrices [n, 2, 3] mapping output coords to input coords (normalized, [-1, 1])."""
+    area = _uniform(n, *spec.crop_scale, generator)
+    log_ratio = _uniform(n, math.log(spec.crop_ratio[0]), math.log(spec.crop_ratio[1]), generator)
+    ratio = log_ratio.exp()
+    w = (area * ratio).sqrt().clamp(max=1.0)  # width fraction
+    h = (area / ratio).sqrt().clamp(max=1.0)
+    cx = (torch.rand(n, generator=generator) * 2 - 1) * (1 - w)
+    cy = (torch.rand(n, generator=generator) * 2 - 1) * (1 - h)
+    sign = torch.ones(n)
+    if spec.flip:
+        sign = torch.where(_bernoulli(n, 0.5, generator), -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = w * sign
+    theta[:, 0, 2] = cx
+    theta[:, 1, 1] = h
+    theta[:, 1, 2] = cy
+    return theta
+
+
+def _luma(x: torch.Tensor) -> torch.Tensor:
+    weights = torch.tensor(_LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x * weights).sum(dim=1, keepdim=True)
+
+
+def _color_jitter(x: torch.Tensor, spec: AugmentSpec, generator: torch.Generator) -> torch.Tensor:
+    n, channels = x.shape[:2]
+    s = spec.jitter_strength
+    apply = _bernoulli(n, spec.jitter_prob, generator)
+
+    def factor(spread: float) -> torch.Tensor:
+        f = _uniform(n, max(0.0, 1 - spread), 1 + spread, generator)
+        return torch.where(apply, f, torch.ones(n)).to(x).view(n, 1, 1, 1)
+
+    brightness, contrast, saturation = factor(0.8 * s), factor(0.8 * s), factor(0.8 * s)
+    hue = torch.where(apply, _uniform(n, -0.2 * s, 0.2 * s, generator), torch.zeros(n)).to(x)
+    x = (x * brightness).clamp_(0, 1)
+    gray = _luma(x) if channels == 3 else x
+    mean = gray.mean(dim=(1, 2, 3), keepdim=True)
+    x = (mean + contrast * (x - mean)).clamp_(0, 1)
+    if channels == 3:
+        x = (_luma(x) + saturation * (x - _luma(x))).clamp_(0, 1)
+        # Hue: rotate the (I, Q) chroma plane of YIQ by 2*pi*hue.
+        to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
+                              dtype=x.dtype, device=x.device)
+        to_rgb = torch.linalg.inv(to_yiq)
+        angle = 2 * math.pi * hue
+        cos, sin = angle.cos(), angle.sin()
+        rot = torch.zeros(n, 3, 3, dtype=x.dtype, device=x.device)
+        rot[:, 0, 0] = 1
+        rot[:, 1, 1], rot[:, 1, 2] = cos, -sin
+        rot[:, 2, 1], rot[:, 2, 2] = sin, cos
+        mix = to_rgb @ rot @ to_yiq  # [n, 3, 3]
+        x = torch.einsum("nij,njhw->nihw", mix, x).clamp_(0, 1)
+    return x
+
+
+def _grayscale(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    chosen = _bernoulli(x.shape[0], p, generator).to(x.device).view(-1, 1, 1, 1)
+    return torch.where(chosen, _luma(x).expand_as(x), x)
+
+
+def _blur(x: torch.Tensor, spec: AugmentSpec, generator: torch.Generator) -> torch.Tensor:
+    n, channels, height, width = x.shape
+    size = max(3, int(round(0.1 * height)) // 2 * 2 + 1)
+    apply = _bernoulli(n, spec.blur_prob, generator)
+    sigma = _uniform(n, *spec.blur_sigma, generator)
+    offsets = torch.arange(size, dtype=torch.float32) - size // 2
+    kernel = torch.exp(-offsets.view(1, -1) ** 2 / (2 * sigma.view(-1, 1) ** 2))
+    identity = (offsets == 0).float().expand(n, -1)
+    kernel = torch.where(apply.view(-1, 1), kernel / kernel.sum(dim=1, keepdim=True), identity)
+    kernel = kernel.to(x).repeat_interleave(channels, dim=0)  # [n*C, size]
+    flat = x.reshape(1, n * channels, height, width)
+    pad = size // 2
+    flat = F.conv2d(F.pad(flat, (pad, pad, 0, 0), mode="reflect"), kernel.view(-1, 1, 1, size),
+                    groups=n * channels)
+    flat = F.conv2d(F.pad(flat, (0, 0, pad, pad), mode="reflect"), kernel.view(-1, 1, size, 1),
+                    groups=n * channels)
+    return flat.view(n, channels, height, width)
+
+
+def augment_batch(images: torch.Tensor, spec: AugmentSpec, generator: torch.Generator) -> torch.Tensor:
+    """One random view of each image.
+
+    Args:
+        images: [N, C, H, W], uint8 or float in [0, 1], on any device.
+        spec: the recipe.
+        generator: CPU generator that drives every random choice.
+    Returns: float [N, C, spec.image_size, spec.image_size] in [0, 1] on the images' device.
+    """
+    x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+    n, channels = x.shape[:2]
+    theta = _crop_flip_grid(n, spec, generator).to(x.device)
+    grid = F.affine_grid(theta, [n, channels, spec.image_size, spec.image_size], align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if spec.jitter_strength > 0 and spec.jitter_prob > 0:
+        x = _color_jitter(x, spec, generator)
+    if channels == 3 and spec.grayscale_prob > 0:
+        x = _grayscale(x, spec.grayscale_prob, generator)
+    if spec.blur_prob > 0:
+        x = _blur(x, spec, generator)
+    return x

@@ -1,0 +1,146 @@
+"""The epoch loop shared by every method: batches, views, SGD + cosine, epoch checkpoints, resume."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from engine.errors import ConfigError
+from engine.io import save_torch
+from engine.squeeze.augment import AugmentSpec, augment_batch
+
+
+class Interrupted(Exception):
+    """Raised after an epoch checkpoint when a run was asked to stop early (simulates a kill)."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    warmup_epochs: int = 0
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
+    """Linear warmup then cosine to zero, evaluated per optimizer step (stateless: resume-safe)."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * base_lr * (1 + math.cos(math.pi * progress))
+
+
+def iterate_batches(dataset: Dataset, order: torch.Tensor, batch_size: int, drop_last: bool,
+                    workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches (images [B,C,H,W] uint8 or float in [0,1], labels [B]) in the given order.
+
+    In-memory datasets (``.images`` uint8 tensor) are sliced directly; others stream through a
+    DataLoader whose sampler is ``order``, so both paths see the same sequence.
+    """
+    count = len(order) // batch_size * batch_size if drop_last else len(order)
+    images = getattr(dataset, "images", None)
+    if isinstance(images, torch.Tensor):
+        labels = torch.as_tensor(dataset.labels)
+        for start in range(0, count, batch_size):
+            index = order[start:start + batch_size]
+            yield images[index], labels[index]
+        return
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=order[:count].tolist(), num_workers=workers,
+                        drop_last=drop_last, persistent_workers=False)
+    for x, y in loader:
+        yield x, torch.as_tensor(y)
+
+
+def train(method: nn.Module, dataset: Dataset, *, schedule: Schedule, spec: AugmentSpec | None,
+          normalize: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
+          generator: torch.Generator, state_path: Path, fingerprint: dict, resume: bool,
+          stop_after_epochs: int | None = None, workers: int = 0, progress: bool = True,
+          desc: str = "pretrain", on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
+    """Train ``method`` for ``schedule.epochs``; returns one metrics row per epoch.
+
+    After every epoch the whole state (method incl. queue and momentum encoder, optimizer,
+    generator, history) goes atomically to ``state_path``. With ``resume`` and a state there,
+    training continues from it and ends bit-identical to an uninterrupted run on the CPU.
+    ``fingerprint`` (plain settings) must match the saved one, so a resume never mixes configs.
+    """
+    if len(dataset) < schedule.batch_size:
+        raise ConfigError(f"batch_size={schedule.batch_size} exceeds the {len(dataset)} training images; "
+                          f"lower ssl.batch_size")
+    # channels_last: 1.2-2x faster convolutions and BN on CPU (oneDNN) and GPU (cuDNN).
+    method.to(device=device, memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(method.trainable(), lr=schedule.lr, momentum=schedule.momentum,
+                                weight_decay=schedule.weight_decay)
+    steps_per_epoch = len(dataset) // schedule.batch_size
+    total_steps = steps_per_epoch * schedule.epochs
+    warmup_steps = steps_per_epoch * schedule.warmup_epochs
+    history: list[dict] = []
+    start_epoch = 0
+    if resume and state_path.is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        if state["fingerprint"] != fingerprint:
+            raise ConfigError(f"{state_path} was written with other settings; resume with the same "
+                              f"config or start over with resume=false")
+        method.load_state_dict(state["method"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        history = state["history"]
+        start_epoch = state["epoch"]
+    views = getattr(method, "num_views")
+    for epoch in range(start_epoch, schedule.epochs):
+        method.train()
+        order = torch.randperm(len(dataset), generator=generator)
+        step = epoch * steps_per_epoch
+        total_loss, seen, aug_seconds = 0.0, 0, 0.0
+        started = time.perf_counter()
+        bar = tqdm(iterate_batches(dataset, order, schedule.batch_size, True, workers), total=steps_per_epoch,
+                   desc=f"{desc} {epoch + 1}/{schedule.epochs}", disable=not progress, leave=False)
+        for images, labels in bar:
+            lr = lr_at(step, total_steps, warmup_steps, schedule.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            t0 = time.perf_counter()
+            images = images.to(device, non_blocking=True)
+            batch = [_view(images, spec, generator, normalize) for _ in range(views)]
+            aug_seconds += time.perf_counter() - t0
+            loss = method.loss(batch, labels.to(device), generator)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}; "
+                                         f"lower ssl.lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.item() * len(images)
+            seen += len(images)
+            step += 1
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.4g}")
+        seconds = time.perf_counter() - started
+        row = {"epoch": epoch + 1, "loss": total_loss / seen, "lr": lr, "seconds": seconds,
+               "images_per_s": seen / seconds, "augment_fraction": aug_seconds / seconds}
+        history.append(row)
+        save_torch({"epoch": epoch + 1, "method": method.state_dict(), "optimizer": optimizer.state_dict(),
+                    "generator": generator.get_state(), "history": history, "fingerprint": fingerprint},
+                   state_path)
+        if on_epoch is not None:
+            on_epoch(row)
+        if stop_after_epochs is not None and epoch + 1 >= stop_after_epochs and epoch + 1 < schedule.epochs:
+            raise Interrupted(f"{desc} stopped after epoch {epoch + 1} (squeeze.stop_after_epochs)")
+    method.to(memory_format=torch.contiguous_format)
+    return history
+
+
+def _view(images: torch.Tensor, spec: AugmentSpec | None, generator: torch.Generator,
+          normalize: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    if spec is not None:
+        x = augment_batch(images, spec, generator)
+    else:
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    return normalize(x).contiguous(memory_format=torch.channels_last)

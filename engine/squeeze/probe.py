@@ -1,0 +1,107 @@
+"""Linear probe: a frozen, eval-mode backbone and one trainable linear layer on pooled features.
+
+The backbone runs in eval mode under no_grad, so BN running statistics (the quantity SC-DD
+matches during recovery) are never touched. Because nothing in the backbone changes and the
+probe uses no augmentation, features are computed once for the train and test splits and the
+linear layer trains on those tensors: 100 probe epochs cost about one forward pass.
+Optionally features are standardized with train-split mean/std (MAE's probe does the same with
+an affine-free BatchNorm); that affine map is folded into ``model.fc`` afterwards, so the saved
+classifier works on raw features and ``model(x)`` gives the reported accuracy.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from engine.models import ClassifierNet
+from engine.squeeze.pretrain import iterate_batches
+
+
+@torch.no_grad()
+def extract_features(model: ClassifierNet, dataset: Dataset, normalize: Callable[[torch.Tensor], torch.Tensor],
+                     device: torch.device, batch_size: int = 512, workers: int = 0,
+                     head: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features (or logits with ``head``) [N, D] and labels [N], in dataset order, eval mode."""
+    was_training = model.training
+    model.eval()
+    feats, labels = [], []
+    order = torch.arange(len(dataset))
+    for images, y in iterate_batches(dataset, order, batch_size, False, workers):
+        images = images.to(device)
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        x = normalize(x)
+        feats.append((model(x) if head else model.features(x)).float().cpu())
+        labels.append(y)
+    model.train(was_training)
+    return torch.cat(feats), torch.cat(labels).long()
+
+
+def step_or_cosine_lr(epoch: int, epochs: int, base_lr: float, schedule: str,
+                      milestones: tuple[float, ...]) -> float:
+    if schedule == "cosine":
+        import math
+
+        return 0.5 * base_lr * (1 + math.cos(math.pi * epoch / epochs))
+    return base_lr * 0.1 ** sum(epoch >= round(m * epochs) for m in milestones)
+
+
+def linear_probe(model: ClassifierNet, train: Dataset, test: Dataset,
+                 normalize: Callable[[torch.Tensor], torch.Tensor], *, epochs: int, batch_size: int,
+                 lr: float, momentum: float, weight_decay: float, schedule: str,
+                 milestones: tuple[float, ...], standardize: bool, device: torch.device,
+                 generator: torch.Generator, workers: int = 0, progress: bool = True) -> tuple[list[dict], dict]:
+    """Fit ``model.fc`` on frozen features; returns (per-epoch rows, final metrics).
+
+    The backbone is left in eval mode with requires_grad unchanged; only ``model.fc`` is written.
+    """
+    started = time.perf_counter()
+    model.to(device).eval()
+    train_x, train_y = extract_features(model, train, normalize, device, workers=workers)
+    feature_seconds = time.perf_counter() - started
+    mean = train_x.mean(0) if standardize else torch.zeros(train_x.shape[1])
+    std = train_x.std(0).clamp_min(1e-6) if standardize else torch.ones(train_x.shape[1])
+    z = (train_x - mean) / std
+    num_classes = model.fc.out_features
+    # MoCo's lincls init: weights N(0, 0.01), bias 0.
+    weight = (torch.randn(num_classes, z.shape[1], generator=generator) * 0.01).requires_grad_(True)
+    bias = torch.zeros(num_classes, requires_grad=True)
+    optimizer = torch.optim.SGD([weight, bias], lr=lr, momentum=momentum, weight_decay=weight_decay)
+    rows = []
+    bar = tqdm(range(epochs), desc="probe", disable=not progress, leave=False)
+    for epoch in bar:
+        epoch_lr = step_or_cosine_lr(epoch, epochs, lr, schedule, milestones)
+        for group in optimizer.param_groups:
+            group["lr"] = epoch_lr
+        order = torch.randperm(len(z), generator=generator)
+        total, correct = 0.0, 0
+        for start in range(0, len(z), batch_size):
+            index = order[start:start + batch_size]
+            logits = F.linear(z[index], weight, bias)
+            loss = F.cross_entropy(logits, train_y[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(index)
+            correct += int((logits.argmax(1) == train_y[index]).sum())
+        rows.append({"epoch": epoch + 1, "loss": total / len(z), "lr": epoch_lr, "train_top1": correct / len(z)})
+        bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}", lr=f"{epoch_lr:.4g}")
+    with torch.no_grad():
+        folded = weight / std  # fc(x) = W ((x - mean) / std) + b
+        model.fc.weight.copy_(folded.to(model.fc.weight))
+        model.fc.bias.copy_((bias - folded @ mean).to(model.fc.bias))
+    test_top1 = evaluate_top1(model, test, normalize, device, workers=workers)
+    final = {"probe_top1": test_top1, "probe_train_top1": rows[-1]["train_top1"] if rows else None,
+             "probe_seconds": time.perf_counter() - started, "probe_feature_seconds": feature_seconds}
+    return rows, final
+
+
+def evaluate_top1(model: ClassifierNet, dataset: Dataset, normalize: Callable[[torch.Tensor], torch.Tensor],
+                  device: torch.device, workers: int = 0) -> float:
+    """Top-1 of ``model`` (eval mode, no augmentation) on a split, as a fraction."""
+    logits, labels = extract_features(model, dataset, normalize, device, workers=workers, head=True)
+    return float((logits.argmax(1) == labels).float().mean())

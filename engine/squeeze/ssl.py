@@ -1,0 +1,210 @@
+"""Pretraining objectives as modules, in a registry keyed by the ``ssl=`` config name.
+
+Each method wraps the ClassifierNet that becomes the teacher and owns whatever else training
+needs (projection head, momentum encoder, queue), so one ``state_dict()`` captures a resumable
+state. ``loss(views, labels, generator)`` returns the batch loss; views are normalized batches.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.errors import ConfigError
+from engine.models import ClassifierNet
+from engine.squeeze.losses import infonce_moco, momentum_update, nt_xent
+
+
+@dataclass
+class TrainSettings:
+    """Optimization shared by every method (SGD with momentum, per-step cosine after warmup)."""
+
+    name: str = "mocov2"
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 0.06
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 0
+    augment: str = "strong"
+    """View recipe: strong (small/large image spec by size) | weak (crop + flip) | none."""
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"ssl.epochs={self.epochs} must be >= 1")
+        if self.batch_size < 2:
+            raise ConfigError(f"ssl.batch_size={self.batch_size} must be >= 2 (BatchNorm needs a batch)")
+        if self.lr <= 0:
+            raise ConfigError(f"ssl.lr={self.lr} must be > 0")
+        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise ConfigError(f"ssl.weight_decay={self.weight_decay} must be >= 0 and "
+                              f"ssl.momentum={self.momentum} in [0, 1)")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ConfigError(f"ssl.warmup_epochs={self.warmup_epochs} must be in [0, epochs)")
+
+
+@dataclass
+class MoCoSettings(TrainSettings):
+    temperature: float = 0.2
+    proj_hidden_dim: int = 512
+    proj_dim: int = 128
+    queue_size: int = 4096
+    key_momentum: float = 0.99
+    """MoCo's m for the key encoder (0.999 in the paper's 200-epoch ImageNet recipe)."""
+    shuffle_groups: int = 4
+    """Keys are forwarded in this many shuffled sub-batches: MoCo's shuffle-BN on one device."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.temperature <= 0:
+            raise ConfigError(f"ssl.temperature={self.temperature} must be > 0")
+        if self.queue_size < 1 or self.proj_dim < 1 or self.proj_hidden_dim < 1:
+            raise ConfigError("ssl.queue_size, ssl.proj_dim and ssl.proj_hidden_dim must be >= 1")
+        if not 0 <= self.key_momentum < 1:
+            raise ConfigError(f"ssl.key_momentum={self.key_momentum} must be in [0, 1)")
+        if not 1 <= self.shuffle_groups <= self.batch_size // 2:
+            raise ConfigError(f"ssl.shuffle_groups={self.shuffle_groups} must be in [1, batch_size/2]")
+
+
+@dataclass
+class SimCLRSettings(TrainSettings):
+    temperature: float = 0.5
+    proj_hidden_dim: int = 512
+    proj_dim: int = 128
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.temperature <= 0:
+            raise ConfigError(f"ssl.temperature={self.temperature} must be > 0")
+
+
+@dataclass
+class SupervisedSettings(TrainSettings):
+    label_smoothing: float = 0.0
+
+
+def projection_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Module:
+    """MoCo v2 / SimCLR MLP head; discarded after pretraining (the teacher keeps only the backbone)."""
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+
+
+class MoCo(nn.Module):
+    """MoCo v2: query encoder + MLP head, momentum key encoder, queue of negatives."""
+
+    num_views = 2
+    uses_labels = False
+
+    def __init__(self, model: ClassifierNet, s: MoCoSettings, generator: torch.Generator) -> None:
+        super().__init__()
+        self.model = model
+        self.head = projection_head(model.feature_dim, s.proj_hidden_dim, s.proj_dim)
+        self.key_backbone = copy.deepcopy(model.backbone)
+        self.key_head = copy.deepcopy(self.head)
+        for p in [*self.key_backbone.parameters(), *self.key_head.parameters()]:
+            p.requires_grad_(False)
+        queue = torch.randn(s.queue_size, s.proj_dim, generator=generator)
+        self.register_buffer("queue", F.normalize(queue, dim=1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.temperature = s.temperature
+        self.key_momentum = s.key_momentum
+        self.shuffle_groups = s.shuffle_groups
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [*self.model.backbone.parameters(), *self.head.parameters()]
+
+    def _query_params(self):
+        return [*self.model.backbone.parameters(), *self.head.parameters()]
+
+    def _key_params(self):
+        return [*self.key_backbone.parameters(), *self.key_head.parameters()]
+
+    @torch.no_grad()
+    def _keys(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        # One device has no cross-GPU shuffle; forwarding shuffled sub-batches gives each its own
+        # BN statistics, so a query cannot find its key through shared batch statistics.
+        order = torch.randperm(x.shape[0], generator=generator).to(x.device)
+        chunks = [self.key_head(self.key_backbone(part)) for part in x[order].chunk(self.shuffle_groups)]
+        keys = torch.empty_like(torch.cat(chunks))
+        keys[order] = torch.cat(chunks)
+        return F.normalize(keys, dim=1)
+
+    @torch.no_grad()
+    def _enqueue(self, keys: torch.Tensor) -> None:
+        size = self.queue.shape[0]
+        ptr = int(self.queue_ptr)
+        index = (torch.arange(keys.shape[0], device=keys.device) + ptr) % size
+        self.queue[index] = keys[-size:] if keys.shape[0] > size else keys
+        self.queue_ptr.fill_((ptr + keys.shape[0]) % size)
+
+    def loss(self, views: list[torch.Tensor], labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        x_q, x_k = views
+        q = self.head(self.model.backbone(x_q))
+        momentum_update(self._key_params(), self._query_params(), self.key_momentum)
+        k = self._keys(x_k, generator)
+        loss = infonce_moco(q, k, self.queue.clone(), self.temperature)
+        self._enqueue(k)
+        return loss
+
+
+class SimCLR(nn.Module):
+    """SimCLR: one encoder + MLP head, NT-Xent over both views (BN sees both views together)."""
+
+    num_views = 2
+    uses_labels = False
+
+    def __init__(self, model: ClassifierNet, s: SimCLRSettings, generator: torch.Generator) -> None:
+        super().__init__()
+        self.model = model
+        self.head = projection_head(model.feature_dim, s.proj_hidden_dim, s.proj_dim)
+        self.temperature = s.temperature
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [*self.model.backbone.parameters(), *self.head.parameters()]
+
+    def loss(self, views: list[torch.Tensor], labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        z = self.head(self.model.backbone(torch.cat(views)))
+        z1, z2 = z.chunk(2)
+        return nt_xent(z1, z2, self.temperature)
+
+
+class Supervised(nn.Module):
+    """SRe2L-style teacher: backbone + classifier trained with cross-entropy."""
+
+    num_views = 1
+    uses_labels = True
+
+    def __init__(self, model: ClassifierNet, s: SupervisedSettings, generator: torch.Generator) -> None:
+        super().__init__()
+        self.model = model
+        self.label_smoothing = s.label_smoothing
+
+    def trainable(self) -> list[nn.Parameter]:
+        return list(self.model.parameters())
+
+    def loss(self, views: list[torch.Tensor], labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return F.cross_entropy(self.model(views[0]), labels, label_smoothing=self.label_smoothing)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    settings: type[TrainSettings]
+    build: Callable[[ClassifierNet, TrainSettings, torch.Generator], nn.Module]
+    kind: str
+    """Teacher kind written into the checkpoint: 'ssl' or 'supervised'."""
+
+
+METHODS: dict[str, MethodSpec] = {
+    "mocov2": MethodSpec(MoCoSettings, MoCo, "ssl"),
+    "simclr": MethodSpec(SimCLRSettings, SimCLR, "ssl"),
+    "supervised": MethodSpec(SupervisedSettings, Supervised, "supervised"),
+}
+
+
+def method_spec(name: str) -> MethodSpec:
+    if name not in METHODS:
+        raise ConfigError(f"unknown ssl method '{name}'; choose ssl= one of {sorted(METHODS)}")
+    return METHODS[name]

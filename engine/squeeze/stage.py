@@ -1,0 +1,255 @@
+"""`scdd stage=squeeze`: config -> typed settings -> pretrain, probe, checkpoints, BN summaries.
+
+Layout written under ``<run_dir>/squeeze/``:
+  ssl/teacher.pt, supervised/teacher.pt     teachers (engine.checkpoint format), read by later stages
+  <kind>/metrics.json, <kind>/metrics.csv   per-epoch rows (pretrain, probe) and final figures
+  <kind>/bn_stats.json                      per-layer BN running-variance summary
+  <kind>/state.pt                           last epoch checkpoint while training (removed when done)
+  bn_variance.png                           SSL vs supervised BN variances
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from engine.checkpoint import data_facts, load_teacher, read_teacher, save_teacher
+from engine.config import from_mapping
+from engine.context import RunContext
+from engine.errors import ConfigError
+from engine.io import save_json, save_text
+from engine.models import build_model
+from engine.squeeze.augment import spec_for
+from engine.squeeze.bn_stats import bn_variance_summary, plot_bn_variance
+from engine.squeeze.pretrain import Interrupted, Schedule, train
+from engine.squeeze.probe import evaluate_top1, linear_probe
+from engine.squeeze.ssl import SupervisedSettings, TrainSettings, method_spec
+
+log = logging.getLogger("scdd.squeeze")
+
+TEACHER_KINDS = ("ssl", "supervised")
+_SEED_STREAM = {"ssl": 1, "supervised": 2, "probe": 3}
+
+
+@dataclass
+class ProbeConfig:
+    """Linear probe on the frozen SSL backbone (configs/squeeze/default.yaml: probe)."""
+
+    epochs: int = 100
+    batch_size: int = 256
+    lr: float = 1.0
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "step"
+    """step: lr x0.1 at each milestone | cosine."""
+    milestones: tuple[float, ...] = (0.6, 0.8)
+    """Fractions of ``epochs`` where the step schedule divides lr by 10."""
+    standardize: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise ConfigError(f"squeeze.probe needs epochs >= 0, batch_size >= 1, lr > 0; got epochs="
+                              f"{self.epochs}, batch_size={self.batch_size}, lr={self.lr}")
+        if self.schedule not in ("step", "cosine"):
+            raise ConfigError(f"squeeze.probe.schedule={self.schedule!r} is not one of step|cosine")
+        if any(not 0 < m < 1 for m in self.milestones):
+            raise ConfigError(f"squeeze.probe.milestones={list(self.milestones)} must be fractions in (0, 1)")
+
+
+@dataclass
+class SqueezeConfig:
+    """configs/squeeze/default.yaml."""
+
+    teachers: list[str] = field(default_factory=lambda: ["ssl", "supervised"])
+    epochs: Optional[int] = None
+    """Overrides every teacher's epochs when set."""
+    flip: Optional[bool] = None
+    """None: flip RGB views only (a mirrored digit is another glyph)."""
+    crop_scale: Optional[tuple[float, float]] = None
+    workers: int = 4
+    probe_only: bool = False
+    stop_after_epochs: Optional[int] = None
+    bn_hist_bins: int = 20
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    supervised: SupervisedSettings = field(default_factory=SupervisedSettings)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.teachers) - set(TEACHER_KINDS))
+        if unknown or not self.teachers or len(set(self.teachers)) != len(self.teachers):
+            raise ConfigError(f"squeeze.teachers={list(self.teachers)} must be a non-empty list of distinct "
+                              f"names from {list(TEACHER_KINDS)}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError(f"squeeze.epochs={self.epochs} must be >= 1 (or null for each method's own)")
+        if self.stop_after_epochs is not None and self.stop_after_epochs < 1:
+            raise ConfigError(f"squeeze.stop_after_epochs={self.stop_after_epochs} must be >= 1 or null")
+        if self.workers < 0 or self.bn_hist_bins < 2:
+            raise ConfigError(f"squeeze.workers={self.workers} must be >= 0 and "
+                              f"squeeze.bn_hist_bins={self.bn_hist_bins} >= 2")
+        if self.supervised.name != "supervised":
+            raise ConfigError(f"squeeze.supervised.name={self.supervised.name!r} must be 'supervised'")
+
+
+def parse_config(squeeze: dict[str, Any], ssl: dict[str, Any]) -> tuple[SqueezeConfig, TrainSettings]:
+    """Plain config sections -> (SqueezeConfig, settings of the ssl= method)."""
+    try:
+        cfg = from_mapping(SqueezeConfig, squeeze, "squeeze")
+    except ConfigError as exc:  # the supervised settings reuse TrainSettings' 'ssl.' messages
+        raise ConfigError(re.sub(r"(^|[\s'])ssl\.", r"\1squeeze.supervised.", str(exc))) from exc
+    ssl = dict(ssl or {})
+    spec = method_spec(str(ssl.get("name", "mocov2")))
+    settings = from_mapping(spec.settings, ssl, "ssl")
+    if "ssl" in cfg.teachers and spec.kind != "ssl":
+        raise ConfigError(f"ssl={settings.name} is not self-supervised; pick ssl=mocov2 or ssl=simclr "
+                          f"(the supervised teacher comes from squeeze.teachers=[supervised])")
+    return cfg, settings
+
+
+def run(ctx: RunContext) -> dict:
+    cfg, ssl_settings = parse_config(ctx.sections.get("squeeze", {}), ctx.sections.get("ssl", {}))
+    out = ctx.run_dir / "squeeze"
+    if cfg.probe_only:
+        return _probe_only(ctx, cfg, out)
+    results: dict[str, dict] = {}
+    for kind in cfg.teachers:
+        settings = ssl_settings if kind == "ssl" else cfg.supervised
+        if cfg.epochs is not None:
+            settings = dataclasses.replace(settings, epochs=cfg.epochs,
+                                           warmup_epochs=min(settings.warmup_epochs, cfg.epochs - 1))
+        try:
+            results[kind] = _train_teacher(ctx, cfg, kind, settings, out / kind)
+        except Interrupted as exc:
+            log.warning("%s; rerun with resume=true to continue", exc)
+            return {"interrupted": kind, "teachers": results}
+    result: dict[str, Any] = {"teachers": results}
+    summaries = {kind: _read_json(out / kind / "bn_stats.json")["layers"] for kind in TEACHER_KINDS
+                 if (out / kind / "bn_stats.json").is_file()}
+    if summaries:
+        result["bn_plot"] = str(plot_bn_variance(summaries, out / "bn_variance.png"))
+        result["bn_stats"] = {kind: str(out / kind / "bn_stats.json") for kind in summaries}
+    return result
+
+
+def _read_json(path: Path) -> Any:
+    import json
+
+    return json.loads(path.read_text())
+
+
+def _flip_for(cfg: SqueezeConfig, channels: int) -> bool:
+    return cfg.flip if cfg.flip is not None else channels == 3
+
+
+def _train_teacher(ctx: RunContext, cfg: SqueezeConfig, kind: str, settings: TrainSettings,
+                   folder: Path) -> dict:
+    bundle = ctx.data
+    teacher_path = folder / "teacher.pt"
+    if ctx.run.resume and teacher_path.is_file():
+        payload = read_teacher(teacher_path)
+        if payload["metrics"].get("finished"):
+            log.info("%s teacher already finished at %s; skipping (resume=true)", kind, teacher_path)
+            return _summary(teacher_path, payload["metrics"], skipped=True)
+    started = time.perf_counter()
+    device = ctx.dist.device
+    torch.manual_seed(ctx.run.seed)
+    model = build_model(ctx.model_cfg, bundle.num_classes, bundle.channels, bundle.image_size)
+    generator = torch.Generator().manual_seed(ctx.run.seed * 1000 + _SEED_STREAM[kind])
+    spec = method_spec(settings.name)
+    method = spec.build(model, settings, generator)
+    augment = spec_for(settings.augment, bundle.image_size, _flip_for(cfg, bundle.channels), cfg.crop_scale)
+    fingerprint = {"settings": dataclasses.asdict(settings),
+                   "augment": dataclasses.asdict(augment) if augment else None,
+                   "model": dataclasses.asdict(ctx.model_cfg), "data": data_facts(bundle), "seed": ctx.run.seed}
+    schedule = Schedule(settings.epochs, settings.batch_size, settings.lr, settings.momentum,
+                        settings.weight_decay, settings.warmup_epochs)
+
+    def write_progress(row: dict) -> None:
+        _write_metrics(folder, pretrain=history_so_far + [row], probe=[], final={"finished": False})
+        history_so_far.append(row)
+
+    history_so_far: list[dict] = []
+    history = train(method, bundle.train, schedule=schedule, spec=augment, normalize=bundle.normalize,
+                    device=device, generator=generator, state_path=folder / "state.pt",
+                    fingerprint=fingerprint, resume=ctx.run.resume, stop_after_epochs=cfg.stop_after_epochs,
+                    workers=cfg.workers, progress=ctx.run.progress, desc=f"{kind}:{settings.name}",
+                    on_epoch=write_progress)
+    pretrain_seconds = sum(row["seconds"] for row in history)
+    images = sum(row["images_per_s"] * row["seconds"] for row in history)
+    final: dict[str, Any] = {"method": settings.name, "epochs": settings.epochs,
+                             "pretrain_seconds": pretrain_seconds,
+                             "images_per_s": images / pretrain_seconds if pretrain_seconds else 0.0,
+                             "augment": fingerprint["augment"], "settings": fingerprint["settings"]}
+    probe_rows: list[dict] = []
+    if kind == "ssl":
+        probe_rows, probe_final = _probe(ctx, cfg, model)
+        final.update(probe_final)
+    else:
+        final["top1"] = evaluate_top1(model, bundle.test, bundle.normalize, device, workers=cfg.workers)
+    final["seconds"] = pretrain_seconds + final.get("probe_seconds", 0.0)
+    final["wall_seconds_this_process"] = time.perf_counter() - started
+    final["finished"] = True
+    model.cpu()
+    bn = bn_variance_summary(model, cfg.bn_hist_bins)
+    save_json({"teacher": kind, "method": settings.name, "layers": bn}, folder / "bn_stats.json")
+    _write_metrics(folder, pretrain=history, probe=probe_rows, final=final)
+    save_teacher(teacher_path, model, kind=spec.kind, model_cfg=ctx.model_cfg, bundle=bundle, metrics=final)
+    (folder / "state.pt").unlink(missing_ok=True)
+    accuracy = (f"probe top-1 {final['probe_top1']:.4f}" if kind == "ssl" else f"top-1 {final['top1']:.4f}")
+    log.info("%s teacher (%s): %s, pretrain %.1fs at %.0f images/s, total %.1fs -> %s", kind, settings.name,
+             accuracy, pretrain_seconds, final["images_per_s"], final["seconds"], teacher_path)
+    return _summary(teacher_path, final, skipped=False)
+
+
+def _probe(ctx: RunContext, cfg: SqueezeConfig, model) -> tuple[list[dict], dict]:
+    p = cfg.probe
+    generator = torch.Generator().manual_seed(ctx.run.seed * 1000 + _SEED_STREAM["probe"])
+    return linear_probe(model, ctx.data.train, ctx.data.test, ctx.data.normalize, epochs=p.epochs,
+                        batch_size=p.batch_size, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay,
+                        schedule=p.schedule, milestones=tuple(p.milestones), standardize=p.standardize,
+                        device=ctx.dist.device, generator=generator, workers=cfg.workers,
+                        progress=ctx.run.progress)
+
+
+def _probe_only(ctx: RunContext, cfg: SqueezeConfig, out: Path) -> dict:
+    source = Path(ctx.run.teacher) if ctx.run.teacher else out / "ssl" / "teacher.pt"
+    model, payload = load_teacher(source, ctx.model_cfg, ctx.data)
+    rows, probe_final = _probe(ctx, cfg, model)
+    kind = payload["kind"]
+    # A supervised teacher keeps its own classifier; its probed copy goes next to it.
+    slot = "ssl" if kind == "ssl" else f"{kind}_probe"
+    folder = out / slot
+    metrics = {**payload["metrics"], **probe_final, "probed_from": str(source), "finished": True}
+    model.cpu()
+    save_json({"teacher": slot, "method": metrics.get("method"),
+               "layers": bn_variance_summary(model, cfg.bn_hist_bins)}, folder / "bn_stats.json")
+    _write_metrics(folder, pretrain=[], probe=rows, final=metrics)
+    path = save_teacher(folder / "teacher.pt", model, kind=kind, model_cfg=ctx.model_cfg, bundle=ctx.data,
+                        metrics=metrics)
+    log.info("probe of %s: top-1 %.4f -> %s", source, metrics["probe_top1"], path)
+    return {"teachers": {slot: _summary(path, metrics, skipped=False)}}
+
+
+def _summary(path: Path, metrics: dict, skipped: bool) -> dict:
+    keys = ("method", "probe_top1", "top1", "seconds", "pretrain_seconds", "probe_seconds", "images_per_s", "epochs")
+    return {"path": str(path), "skipped": skipped, **{k: metrics[k] for k in keys if k in metrics}}
+
+
+_CSV_COLUMNS = ("phase", "epoch", "loss", "lr", "seconds", "images_per_s", "augment_fraction", "train_top1")
+
+
+def _write_metrics(folder: Path, *, pretrain: list[dict], probe: list[dict], final: dict) -> None:
+    save_json({"pretrain": pretrain, "probe": probe, "final": final}, folder / "metrics.json")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=_CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for phase, rows in (("pretrain", pretrain), ("probe", probe)):
+        for row in rows:
+            writer.writerow({"phase": phase, **row})
+    save_text(buffer.getvalue(), folder / "metrics.csv")
