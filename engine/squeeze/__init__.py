@@ -1,0 +1,15 @@
+"""Squeeze: pretrain the teachers SC-DD recovers images from, and measure their BN statistics.
+
+Modules: losses (pure SSL losses), augment (batched two-view augmentation + AugmentSpec),
+ssl (MoCo v2 / SimCLR / supervised objectives, registry METHODS), pretrain (epoch loop, resume),
+probe (frozen eval-mode linear probe), bn_stats (BN running-variance summaries and plot),
+stage (`scdd stage=squeeze`: config -> dataclasses -> calls).
+
+Choices worth knowing:
+- Flip is off for 1-channel data by default (squeeze.flip=null): a mirrored digit is another glyph.
+- The probe needs no augmentation, so features of the frozen eval-mode backbone are computed once;
+  standardization of those features is folded into the saved fc.
+- One device has no cross-GPU shuffle-BN, so MoCo forwards keys in shuffled sub-batches.
+- Training runs channels_last (faster oneDNN/cuDNN kernels); weights are saved in the default layout.
+- Single process only: the stage refuses world size > 1 (no DDP wrapping yet).
+"""

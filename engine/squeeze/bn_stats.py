@@ -50,7 +50,9 @@ def plot_bn_variance(summaries: dict[str, list[dict]], path: str | Path) -> Path
     ax_var.set(title="BN running variance (mean +- std over channels)", xlabel="BN layer", ylabel="variance")
     ax_var.set_yscale("log")
     ax_ent.set(title="entropy of running-variance histogram", xlabel="BN layer", ylabel="nats")
+    layers = max((len(rows) for rows in summaries.values()), default=0)
     for ax in (ax_var, ax_ent):
+        ax.set_xticks(range(layers))
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()

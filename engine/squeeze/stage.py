@@ -114,6 +114,9 @@ def parse_config(squeeze: dict[str, Any], ssl: dict[str, Any]) -> tuple[SqueezeC
 
 def run(ctx: RunContext) -> dict:
     cfg, ssl_settings = parse_config(ctx.sections.get("squeeze", {}), ctx.sections.get("ssl", {}))
+    if ctx.dist.world_size > 1:
+        raise ConfigError(f"stage=squeeze runs in one process (world size {ctx.dist.world_size} given); "
+                          f"launch it without torchrun/srun")
     out = ctx.run_dir / "squeeze"
     if cfg.probe_only:
         return _probe_only(ctx, cfg, out)
