@@ -1,0 +1,70 @@
+"""Recover split across 2 torchrun processes: same distilled set as one process, resume, bad input."""
+import pytest
+import torch
+
+from engine.errors import ConfigError
+
+from engine.recover.stage import recover_dir
+from teachers import MODEL_OVERRIDES
+
+# ipc 2 x (10 classes / 5 per batch) = 4 class batches: 2 per rank.
+RECOVER = ("data=digits", *MODEL_OVERRIDES, "stage=recover", "progress=false", "recover.iterations=5",
+           "recover.classes_per_batch=5", "ipc=[2]")
+
+
+def _distilled(run_dir):
+    return torch.load(recover_dir(run_dir, "supervised", "noise") / "distilled.pt", weights_only=False)
+
+
+def _single_process(run_scdd, teacher, run_dir):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun process runs
+    try:
+        run_scdd(*RECOVER, f"teacher={teacher}", run_dir=run_dir)
+    finally:
+        torch.set_num_threads(threads)
+    return _distilled(run_dir)
+
+
+def test_two_processes_assemble_the_single_process_set_and_resume_skips_finished_batches(
+        torchrun, run_scdd, digits_teacher_ckpt, tmp_path):
+    one = _single_process(run_scdd, digits_teacher_ckpt, tmp_path / "one")
+    two_dir = tmp_path / "two"
+    result = torchrun(2, *RECOVER, f"teacher={digits_teacher_ckpt}", run_dir=two_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = _distilled(two_dir)
+    assert two["images"].shape == (20, 1, 8, 8)
+    assert torch.equal(two["images"], one["images"])
+    assert torch.equal(two["labels"], one["labels"]) and torch.equal(two["ipc_index"], one["ipc_index"])
+    assert result.stdout.count("recover supervised-noise:") == 1  # only rank 0 reports
+
+    # Simulated kill: one unfinished batch on each rank (plan[r::2]) and no assembled set yet.
+    out = recover_dir(two_dir, "supervised", "noise")
+    batches = out / "batches"
+    (out / "distilled.pt").unlink()
+    for lost in ("b000002.pt", "b000003.pt"):  # rank 0 owns 0, 2; rank 1 owns 1, 3
+        (batches / lost).unlink()
+    kept = {name: (batches / name).stat().st_ino for name in ("b000000.pt", "b000001.pt")}
+    result = torchrun(2, *RECOVER, f"teacher={digits_teacher_ckpt}", "resume=true", run_dir=two_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # finished batches are kept as they were (a rewrite would replace the file: new inode)
+    assert {name: (batches / name).stat().st_ino for name in kept} == kept
+    assert sorted(p.name for p in batches.glob("b*.pt")) == [f"b00000{i}.pt" for i in range(4)]
+    assert torch.equal(_distilled(two_dir)["images"], one["images"])
+
+
+def test_more_processes_than_class_batches_fails_clearly(compose, digits_teacher_ckpt, tmp_path):
+    # Every rank computes the same plan and raises before any collective, so rank 1 of 2 stands
+    # for all of them; 10 classes in one batch of 10 at ipc 1 is one batch for two processes.
+    from engine.cli import build_context
+    from engine.distributed import DistEnv
+    from engine.recover.stage import run
+
+    cfg = compose("data=digits", *MODEL_OVERRIDES, "stage=recover", "progress=false",
+                  "recover.iterations=2", "recover.classes_per_batch=10", "ipc=[1]",
+                  f"teacher={digits_teacher_ckpt}")
+    ctx = build_context(cfg, tmp_path / "run")
+    ctx.dist = DistEnv(rank=1, world_size=2)
+    with pytest.raises(ConfigError, match="world size 2 exceeds the 1 class batches to synthesize; use at most 1"):
+        run(ctx)
+    assert not (tmp_path / "run" / "recover").exists()
