@@ -22,6 +22,8 @@ class BenchConfig:
     """Pretraining batch; None: ssl.batch_size (capped by the training split)."""
     eval_batch: Optional[int] = None
     """Student batch; None: evaluate.batch_size."""
+    repeats: int = 3
+    """Recover timings (engine and peer interleaved) per shape; the best is kept (1 for target shapes on CPU)."""
     peer: bool = True
     """Also time the peer-style recover loop (hooks + activation copies) on the same shapes."""
     breakdown_steps: int = 3
@@ -51,6 +53,8 @@ class BenchConfig:
             raise ConfigError(f"bench.gpus={self.gpus} must be >= 1")
         if self.steps < 1 or self.warmup < 0:
             raise ConfigError(f"bench.steps={self.steps} must be >= 1 and bench.warmup={self.warmup} >= 0")
+        if self.repeats < 1:
+            raise ConfigError(f"bench.repeats={self.repeats} must be >= 1")
         if self.breakdown_steps < 0:
             raise ConfigError(f"bench.breakdown_steps={self.breakdown_steps} must be >= 0")
         for name in ("batch", "pretrain_batch", "eval_batch", "target_batch", "target_steps",

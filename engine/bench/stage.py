@@ -58,6 +58,8 @@ class Plan:
     pretrain_batch: int
     eval_batch: int
     source: str
+    repeats: int = 1
+    """Recover timings (engine and peer, interleaved) of which the best is kept."""
 
 
 def parse_bench(ctx: RunContext) -> BenchConfig:
@@ -108,9 +110,15 @@ def measure_all(ctx: RunContext, model_cfg: ModelConfig, shapes: Shapes, plan: P
                   steps=plan.steps, warmup=plan.warmup, device=device, backend=recover_cfg.backend,
                   model_name=model_cfg.name, source=plan.source)
     log.info("bench: recover (batch %d) on %s", plan.recover_batch, plan.source)
-    rates["recover"] = time_recover(model(), "engine", channels_last=channels_last, **common)
-    if peer:
-        rates["recover_peer"] = time_recover(model(), "peer", channels_last=False, **common)
+    # Interleaved best-of-N: on a shared machine one timing can be off by 2x; the ratio needs both fair.
+    for _ in range(plan.repeats):
+        row = time_recover(model(), "engine", channels_last=channels_last, **common)
+        if "recover" not in rates or row.rate > rates["recover"].rate:
+            rates["recover"] = row
+        if peer:
+            row = time_recover(model(), "peer", channels_last=False, **common)
+            if "recover_peer" not in rates or row.rate > rates["recover_peer"].rate:
+                rates["recover_peer"] = row
 
     log.info("bench: evaluation (batch %d) on %s", plan.eval_batch, plan.source)
     recipe = make_recipe(eval_cfg, shapes)
@@ -154,7 +162,8 @@ def run(ctx: RunContext) -> dict:
     run_batch = recover_cfg.classes_per_batch or min(50, bundle.num_classes)
     plan = Plan(steps=bench.steps, warmup=bench.warmup, recover_batch=bench.batch or run_batch,
                 pretrain_batch=bench.pretrain_batch or min(ssl.batch_size, len(bundle.train)),
-                eval_batch=bench.eval_batch or eval_cfg.batch_size, source=f"configured data ({bundle.name})")
+                eval_batch=bench.eval_batch or eval_cfg.batch_size, source=f"configured data ({bundle.name})",
+                repeats=bench.repeats)
     _ssl_settings(ctx, plan.pretrain_batch)  # a bad pretrain batch fails here, before any timing
 
     rates = measure_all(ctx, ctx.model_cfg, current, plan, real_batch=_real_batches(ctx),
@@ -192,7 +201,8 @@ def run(ctx: RunContext) -> dict:
                           recover_batch=t_batch or bench.batch or min(50, target["num_classes"]),
                           pretrain_batch=t_batch or bench.pretrain_batch or ssl.batch_size,
                           eval_batch=t_batch or bench.eval_batch or eval_cfg.batch_size,
-                          source=f"synthetic {bench.target} shapes")
+                          source=f"synthetic {bench.target} shapes",
+                          repeats=1 if on_cpu else bench.repeats)
             target_rates = measure_all(ctx, ModelConfig(name=target["model"]),
                                        Shapes(target["num_classes"], target["image_size"], target["channels"]),
                                        t_plan, peer=bench.peer)
@@ -287,11 +297,11 @@ def render(result: dict) -> str:
                f"one SSL teacher, one distilled set, one student per ipc; linear scaling assumed")
     for name in ("pretrain", "recover", "evaluate"):
         s = p["stages"][name]
-        out.append(f"  {name:<9} {format_duration(s['wall_seconds']):>10} wall  {s['gpu_hours']:>10.1f} device-h"
+        out.append(f"  {name:<9} {format_duration(s['wall_seconds']):>10} wall  {s['gpu_hours']:>10.2f} device-h"
                    f"   = {s['formula']}")
         out.append(f"  {'':<9} rate from: {p['based_on'][name]}")
     out.append(f"  {'total':<9} {format_duration(p['total_wall_seconds']):>10} wall  "
-               f"{p['total_gpu_hours']:>10.1f} device-h")
+               f"{p['total_gpu_hours']:>10.2f} device-h")
     if result["device"].startswith("cpu"):
         out.append("  note: rates were measured on this CPU; the projection is for devices as fast as it, "
                    "rerun the bench on the GPU you will use")

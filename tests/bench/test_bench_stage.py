@@ -10,7 +10,7 @@ from engine.config import from_mapping
 from engine.errors import ConfigError
 
 TINY = ("data=digits", "model.width=16", "model.depth=2", "stage=bench", "bench.steps=2", "bench.warmup=1",
-        "bench.pretrain_batch=16", "bench.eval_batch=16", "bench.breakdown_steps=2", "progress=false")
+        "bench.repeats=1", "bench.pretrain_batch=16", "bench.eval_batch=16", "bench.breakdown_steps=2", "progress=false")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -96,7 +96,7 @@ def test_projection_arithmetic_by_hand():
 
 @pytest.mark.parametrize("bad", [{"gpus": 0}, {"steps": 0}, {"warmup": -1}, {"target": "mars"}, {"batch": 0},
                                  {"pretrain_batch": 1}, {"target_steps": 0}, {"breakdown_steps": -1},
-                                 {"gpus": "eight"}, {"no_such_key": 1}])
+                                 {"repeats": 0}, {"gpus": "eight"}, {"no_such_key": 1}])
 def test_bad_bench_values_raise_config_error(bad):
     with pytest.raises(ConfigError):
         from_mapping(BenchConfig, bad, "bench")
