@@ -54,7 +54,7 @@ def recover_distilled_set(teacher: nn.Module, bundle: DataBundle, cfg: RecoverCo
                           progress: bool = True, meta: dict | None = None) -> RecoverResult:
     """Write ``out_dir/distilled.pt`` (+ PNG tree, grid, loss log) with ``ipc`` images per class."""
     start = time.time()
-    plan = plan_batches(bundle.num_classes, ipc, cfg.classes_per_batch)
+    plan = plan_batches(bundle.num_classes, ipc, cfg.classes_per_batch, cfg.ipc_per_batch)
     mine = batches_for_rank(plan, dist.rank, dist.world_size)
     if dist.is_main:
         if not resume and out_dir.exists():
@@ -87,7 +87,7 @@ def recover_distilled_set(teacher: nn.Module, bundle: DataBundle, cfg: RecoverCo
             generator = torch.Generator().manual_seed(batch.seed(seed))
             labels = torch.tensor(batch.classes, dtype=torch.long)
             if chosen is not None:
-                init = real_init(bundle, chosen, batch.classes, batch.ipc_index)
+                init = real_init(bundle, chosen, batch.classes, batch.ipc_indices)
             else:
                 init = noise_init(len(batch.classes), bundle.channels, bundle.image_size, generator)
             result = synthesize_batch(
@@ -99,7 +99,8 @@ def recover_distilled_set(teacher: nn.Module, bundle: DataBundle, cfg: RecoverCo
                 if dist.is_main:
                     tqdm.write(f"recover: first step r_bn*BN/CE = {first_ratio:.3g} "
                                f"(r_bn={cfg.r_bn}; far from ~0.1-10 means r_bn is probably off)")
-            save_torch({"images": result.images, "labels": labels, "ipc_index": batch.ipc_index,
+            save_torch({"images": result.images, "labels": labels,
+                        "ipc_index": torch.tensor(batch.ipc_indices, dtype=torch.long),
                         "init": init.cpu() if chosen is not None else None, "log": result.log,
                         "first_ratio": result.first_ratio}, _batch_file(out_dir, batch))
     seconds_synth = time.time() - start
@@ -124,7 +125,7 @@ def _assemble(plan: list[SynthBatch], bundle: DataBundle, cfg: RecoverConfig, ip
             raise RuntimeError(f"batch {batch.index} missing after synthesis in {out_dir}")
         images.append(payload["images"])
         labels.append(payload["labels"])
-        ipc_index.append(torch.full((len(batch.classes),), batch.ipc_index, dtype=torch.long))
+        ipc_index.append(payload["ipc_index"])
         if payload["init"] is not None:
             inits.append(payload["init"])
         log_rows.extend({"batch": batch.index, **row} for row in payload["log"])

@@ -49,6 +49,7 @@ def select_real_images(teacher: nn.Module, bundle: DataBundle, ipc: int, select:
     return chosen
 
 
-def real_init(bundle: DataBundle, chosen: list[list[int]], classes: tuple[int, ...], ipc_index: int) -> torch.Tensor:
-    images = torch.stack([bundle.train[chosen[c][ipc_index]][0] for c in classes])
+def real_init(bundle: DataBundle, chosen: list[list[int]], classes: tuple[int, ...],
+              ipc_indices: tuple[int, ...]) -> torch.Tensor:
+    images = torch.stack([bundle.train[chosen[c][i]][0] for c, i in zip(classes, ipc_indices)])
     return bundle.normalize(images)

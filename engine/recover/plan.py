@@ -14,16 +14,26 @@ DEFAULT_CLASSES_PER_BATCH = 50  # SC-DD's public setting for ImageNet-scale clas
 
 @dataclass(frozen=True)
 class SynthBatch:
+    """One optimization batch: image k has class ``classes[k]`` and ipc index ``ipc_indices[k]``."""
+
     index: int
-    ipc_index: int
     classes: tuple[int, ...]
+    ipc_indices: tuple[int, ...]
 
     def seed(self, run_seed: int) -> int:
         # Distinct, stable 63-bit seed per (run seed, batch index).
         return (run_seed * 1_000_003 + self.index * 7919 + 12345) % (2**63 - 1)
 
 
-def plan_batches(num_classes: int, ipc: int, classes_per_batch: int | None) -> list[SynthBatch]:
+def plan_batches(num_classes: int, ipc: int, classes_per_batch: int | None,
+                 ipc_per_batch: int = 1) -> list[SynthBatch]:
+    """For each group of ``ipc_per_batch`` ipc indices, one batch per chunk of classes.
+
+    ``ipc_per_batch=1`` is the paper's batching (one image per class per batch); larger values
+    put several images of each class in a batch, which fills batches when there are few classes.
+    """
+    if ipc_per_batch < 1:
+        raise ConfigError(f"recover.ipc_per_batch={ipc_per_batch} must be >= 1")
     if ipc < 1:
         raise ConfigError(f"ipc={ipc} must be >= 1 image per class")
     if classes_per_batch is None:
@@ -33,8 +43,11 @@ def plan_batches(num_classes: int, ipc: int, classes_per_batch: int | None) -> l
                           f"{num_classes} classes of the data; use at most {num_classes}")
     chunks = [tuple(range(start, min(start + classes_per_batch, num_classes)))
               for start in range(0, num_classes, classes_per_batch)]
-    return [SynthBatch(index=i * len(chunks) + j, ipc_index=i, classes=chunk)
-            for i in range(ipc) for j, chunk in enumerate(chunks)]
+    groups = [tuple(range(start, min(start + ipc_per_batch, ipc))) for start in range(0, ipc, ipc_per_batch)]
+    return [SynthBatch(index=g * len(chunks) + j,
+                       classes=tuple(c for _ in group for c in chunk),
+                       ipc_indices=tuple(i for i in group for _ in chunk))
+            for g, group in enumerate(groups) for j, chunk in enumerate(chunks)]
 
 
 def batches_for_rank(plan: list[SynthBatch], rank: int, world_size: int) -> list[SynthBatch]:

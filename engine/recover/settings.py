@@ -18,6 +18,8 @@ class RecoverConfig:
     first_bn_multiplier: float = 10.0
     classes_per_batch: Optional[int] = None
     """Classes synthesized together in one batch; None: min(50, number of classes)."""
+    ipc_per_batch: int = 1
+    """Images of each class per batch: 1 is the paper's batching; more fills batches when classes are few."""
     init: str = "noise"
     """noise (randn, the paper's setting) | real (the class's own training images)."""
     real_init_select: str = "confident"

@@ -103,7 +103,13 @@ def test_first_multiplier_changes_the_images(digits_teacher):
 def test_plan_is_fixed_by_config_and_split_across_ranks():
     plan = plan_batches(num_classes=10, ipc=3, classes_per_batch=4)
     assert [b.classes for b in plan[:3]] == [(0, 1, 2, 3), (4, 5, 6, 7), (8, 9)]
-    assert [b.ipc_index for b in plan] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert [b.ipc_indices[0] for b in plan] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    grouped = plan_batches(num_classes=10, ipc=3, classes_per_batch=5, ipc_per_batch=2)
+    assert [b.index for b in grouped] == [0, 1, 2, 3]
+    assert grouped[1].classes == (5, 6, 7, 8, 9) * 2 and grouped[1].ipc_indices == (0,) * 5 + (1,) * 5
+    assert grouped[3].ipc_indices == (2,) * 5
+    # the paper's batching keeps the same batch indices, hence the same seeds
+    assert [b.index for b in plan_batches(10, 3, 5)] == [0, 1, 2, 3, 4, 5]
     assert len({b.seed(0) for b in plan}) == len(plan)
     shards = [batches_for_rank(plan, r, 4) for r in range(4)]
     flat = sorted(b.index for s in shards for b in s)
@@ -190,3 +196,12 @@ def test_missing_and_mismatched_teacher(run_scdd, digits_teacher, tmp_path):
     with pytest.raises(ConfigError, match="trained as model="):
         run_scdd("data=digits", "stage=recover", "model.width=32", "model.depth=2",
                  f"teacher={digits_teacher}")
+
+
+def test_grouped_ipc_batches_write_every_class_and_index(run_scdd, digits_teacher, tmp_path):
+    run_scdd(*FAST, f"teacher={digits_teacher}", "ipc=[3]", "recover.iterations=3", "recover.ipc_per_batch=2",
+             run_dir=tmp_path)
+    payload = torch.load(tmp_path / "recover" / "supervised-noise" / "distilled.pt", weights_only=False)
+    pairs = sorted(zip(payload["ipc_index"].tolist(), payload["labels"].tolist()))
+    assert pairs == [(i, c) for i in range(3) for c in range(10)]
+    assert len(list((tmp_path / "recover" / "supervised-noise" / "batches").glob("*.pt"))) == 2
