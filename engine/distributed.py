@@ -145,3 +145,45 @@ def current() -> DistEnv:
 def barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def ensure_process_group(env: DistEnv) -> None:
+    """Join a process group even with one process (DDP and DeepSpeed need one); no-op if joined."""
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("RANK", str(env.rank))
+        os.environ.setdefault("WORLD_SIZE", str(env.world_size))
+        os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
+        os.environ.setdefault("MASTER_ADDR", env.master_addr)
+        if env.world_size == 1 and "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = str(_free_port())  # a lone process must not collide with a job
+        os.environ.setdefault("MASTER_PORT", str(env.master_port))
+        torch.distributed.init_process_group(backend="nccl" if env.device.type == "cuda" else "gloo",
+                                             rank=env.rank, world_size=env.world_size)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum floats over all ranks (identity without a process group)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def average_buffers(module: torch.nn.Module) -> None:
+    """Average floating buffers (BN running statistics) over ranks, in place."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    world = torch.distributed.get_world_size()
+    for buf in module.buffers():
+        if buf.is_floating_point():
+            torch.distributed.all_reduce(buf)
+            buf.div_(world)

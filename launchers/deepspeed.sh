@@ -14,7 +14,7 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 DS_CONFIG="${DS_CONFIG:-zero1}"
 if [[ "$DS_CONFIG" == *.json ]]; then
-  DS_ARG="+deepspeed.path=$DS_CONFIG"
+  DS_ARG="deepspeed.path=$DS_CONFIG"
 else
   DS_ARG="deepspeed=$DS_CONFIG"
 fi

@@ -12,9 +12,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from engine.distributed import DistEnv, all_reduce_sum
 from engine.errors import ConfigError
 from engine.io import save_torch
 from engine.squeeze.augment import AugmentSpec, augment_batch
+from engine.squeeze.trainer import DeepSpeedSettings, build_trainer
 
 
 class Interrupted(Exception):
@@ -60,25 +62,61 @@ def iterate_batches(dataset: Dataset, order: torch.Tensor, batch_size: int, drop
         yield x, torch.as_tensor(y)
 
 
+def rank_state_path(state_path: Path, rank: int, world_size: int) -> Path:
+    """Each rank keeps its own state (queue, BN buffers, view generator, optimizer partition)."""
+    return state_path if world_size == 1 else state_path.with_name(
+        f"{state_path.stem}.rank{rank}of{world_size}{state_path.suffix}")
+
+
+def rank_order(order: torch.Tensor, batch_size: int, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's share of each full global batch of ``order``, concatenated (batch_size / world each)."""
+    count = len(order) // batch_size * batch_size
+    batches = order[:count].view(-1, batch_size)
+    return batches[:, rank::world_size].reshape(-1)
+
+
 def train(method: nn.Module, dataset: Dataset, *, schedule: Schedule, spec: AugmentSpec | None,
           normalize: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
           generator: torch.Generator, state_path: Path, fingerprint: dict, resume: bool,
           stop_after_epochs: int | None = None, workers: int = 0, progress: bool = True,
-          desc: str = "pretrain", on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
+          desc: str = "pretrain", on_epoch: Callable[[dict], None] | None = None,
+          trainer: str = "single", dist: DistEnv | None = None,
+          deepspeed: DeepSpeedSettings | None = None) -> list[dict]:
     """Train ``method`` for ``schedule.epochs``; returns one metrics row per epoch.
 
     After every epoch the whole state (method incl. queue and momentum encoder, optimizer,
-    generator, history) goes atomically to ``state_path``. With ``resume`` and a state there,
-    training continues from it and ends bit-identical to an uninterrupted run on the CPU.
-    ``fingerprint`` (plain settings) must match the saved one, so a resume never mixes configs.
+    generator, history) goes atomically to ``state_path`` (one file per rank when world > 1).
+    With ``resume`` and a state there, training continues from it and ends bit-identical to an
+    uninterrupted run on the CPU. ``fingerprint`` (plain settings) must match the saved one, so a
+    resume never mixes configs.
+
+    ``trainer`` (single | ddp | deepspeed, see engine.squeeze.trainer) wraps the method. With
+    world size W every global batch of ``schedule.batch_size`` is split: rank r takes its
+    positions r, r+W, ... (the epoch order is the same on every rank); views are drawn from a
+    per-rank generator so ranks do not repeat each other's crops.
     """
+    dist = dist or DistEnv(device=device)
+    world = dist.world_size
     if len(dataset) < schedule.batch_size:
         raise ConfigError(f"batch_size={schedule.batch_size} exceeds the {len(dataset)} training images; "
                           f"lower ssl.batch_size")
-    # channels_last: 1.2-2x faster convolutions and BN on CPU (oneDNN) and GPU (cuDNN).
-    method.to(device=device, memory_format=torch.channels_last)
+    if schedule.batch_size % world or schedule.batch_size // world < 2:
+        raise ConfigError(f"ssl.batch_size={schedule.batch_size} must split into equal shards of >= 2 "
+                          f"images over {world} processes; use a multiple of {world}")
+    micro_batch = schedule.batch_size // world
+    # channels_last: 1.2-2x faster convolutions and BN on CPU (oneDNN) and GPU (cuDNN). DeepSpeed
+    # views parameters as flat bytes (broadcast, ZeRO buffers), which needs the default layout.
+    method.to(device=device, memory_format=torch.contiguous_format if trainer == "deepspeed"
+              else torch.channels_last)
     optimizer = torch.optim.SGD(method.trainable(), lr=schedule.lr, momentum=schedule.momentum,
                                 weight_decay=schedule.weight_decay)
+    wrapped = build_trainer(trainer, method, optimizer, dist, (deepspeed or DeepSpeedSettings(), micro_batch))
+    optimizer = wrapped.optimizer
+    state_path = rank_state_path(state_path, dist.rank, world)
+    fingerprint = {**fingerprint, "world_size": world} if world > 1 else fingerprint
+    # One process draws views from the order generator (as it always has); several need their own.
+    view_generator = generator if world == 1 else torch.Generator().manual_seed(
+        int(torch.randint(2**62, (1,), generator=generator)) + dist.rank)
     steps_per_epoch = len(dataset) // schedule.batch_size
     total_steps = steps_per_epoch * schedule.epochs
     warmup_steps = steps_per_epoch * schedule.warmup_epochs
@@ -90,8 +128,10 @@ def train(method: nn.Module, dataset: Dataset, *, schedule: Schedule, spec: Augm
             raise ConfigError(f"{state_path} was written with other settings; resume with the same "
                               f"config or start over with resume=false")
         method.load_state_dict(state["method"])
-        optimizer.load_state_dict(state["optimizer"])
+        wrapped.load_optimizer_state(state["optimizer"])
         generator.set_state(state["generator"])
+        if world > 1:
+            view_generator.set_state(state["view_generator"])
         history = state["history"]
         start_epoch = state["epoch"]
     views = getattr(method, "num_views")
@@ -101,38 +141,46 @@ def train(method: nn.Module, dataset: Dataset, *, schedule: Schedule, spec: Augm
         step = epoch * steps_per_epoch
         total_loss, seen, aug_seconds = 0.0, 0, 0.0
         started = time.perf_counter()
-        bar = tqdm(iterate_batches(dataset, order, schedule.batch_size, True, workers), total=steps_per_epoch,
-                   desc=f"{desc} {epoch + 1}/{schedule.epochs}", disable=not progress, leave=False)
+        mine = order if world == 1 else rank_order(order, schedule.batch_size, dist.rank, world)
+        bar = tqdm(iterate_batches(dataset, mine, micro_batch, True, workers), total=steps_per_epoch,
+                   desc=f"{desc} {epoch + 1}/{schedule.epochs}", disable=not progress or not dist.is_main,
+                   leave=False)
         for images, labels in bar:
             lr = lr_at(step, total_steps, warmup_steps, schedule.lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             t0 = time.perf_counter()
             images = images.to(device, non_blocking=True)
-            batch = [_view(images, spec, generator, normalize) for _ in range(views)]
+            batch = [_view(images, spec, view_generator, normalize).to(wrapped.input_dtype)
+                     for _ in range(views)]
             aug_seconds += time.perf_counter() - t0
-            loss = method.loss(batch, labels.to(device), generator)
+            loss = wrapped.loss(batch, labels.to(device), view_generator)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}; "
                                          f"lower ssl.lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            wrapped.backward(loss)
+            wrapped.step()
             total_loss += loss.item() * len(images)
             seen += len(images)
             step += 1
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.4g}")
         seconds = time.perf_counter() - started
+        if world > 1:  # the row reports the whole world: mean loss over all images, total throughput
+            total_loss, seen = all_reduce_sum([total_loss, float(seen)])
+            seen = int(seen)
         row = {"epoch": epoch + 1, "loss": total_loss / seen, "lr": lr, "seconds": seconds,
                "images_per_s": seen / seconds, "augment_fraction": aug_seconds / seconds}
         history.append(row)
-        save_torch({"epoch": epoch + 1, "method": method.state_dict(), "optimizer": optimizer.state_dict(),
-                    "generator": generator.get_state(), "history": history, "fingerprint": fingerprint},
-                   state_path)
+        state = {"epoch": epoch + 1, "method": method.state_dict(), "optimizer": wrapped.optimizer_state(),
+                 "generator": generator.get_state(), "history": history, "fingerprint": fingerprint}
+        if world > 1:
+            state["view_generator"] = view_generator.get_state()
+        save_torch(state, state_path)
         if on_epoch is not None:
             on_epoch(row)
         if stop_after_epochs is not None and epoch + 1 >= stop_after_epochs and epoch + 1 < schedule.epochs:
             raise Interrupted(f"{desc} stopped after epoch {epoch + 1} (squeeze.stop_after_epochs)")
+    wrapped.close()
     method.to(memory_format=torch.contiguous_format)
     return history
 

@@ -29,9 +29,11 @@ from engine.io import save_json, save_text
 from engine.models import build_model
 from engine.squeeze.augment import spec_for
 from engine.squeeze.bn_stats import bn_variance_summary, plot_bn_variance
-from engine.squeeze.pretrain import Interrupted, Schedule, train
+from engine.distributed import average_buffers, barrier
+from engine.squeeze.pretrain import Interrupted, Schedule, rank_state_path, train
 from engine.squeeze.probe import evaluate_top1, linear_probe
 from engine.squeeze.ssl import SupervisedSettings, TrainSettings, method_spec
+from engine.squeeze.trainer import TRAINERS, DeepSpeedSettings, TrainerConfig, deepspeed_config
 
 log = logging.getLogger("scdd.squeeze")
 
@@ -114,11 +116,11 @@ def parse_config(squeeze: dict[str, Any], ssl: dict[str, Any]) -> tuple[SqueezeC
 
 def run(ctx: RunContext) -> dict:
     cfg, ssl_settings = parse_config(ctx.sections.get("squeeze", {}), ctx.sections.get("ssl", {}))
-    if ctx.dist.world_size > 1:
-        raise ConfigError(f"stage=squeeze runs in one process (world size {ctx.dist.world_size} given); "
-                          f"launch it without torchrun/srun")
+    trainer, ds_settings = parse_trainer(ctx.sections)
     out = ctx.run_dir / "squeeze"
     if cfg.probe_only:
+        if ctx.dist.world_size > 1:
+            raise ConfigError("squeeze.probe_only=true runs in one process; launch it without torchrun/srun")
         return _probe_only(ctx, cfg, out)
     results: dict[str, dict] = {}
     for kind in cfg.teachers:
@@ -127,17 +129,32 @@ def run(ctx: RunContext) -> dict:
             settings = dataclasses.replace(settings, epochs=cfg.epochs,
                                            warmup_epochs=min(settings.warmup_epochs, cfg.epochs - 1))
         try:
-            results[kind] = _train_teacher(ctx, cfg, kind, settings, out / kind)
+            results[kind] = _train_teacher(ctx, cfg, kind, settings, out / kind, trainer, ds_settings)
         except Interrupted as exc:
             log.warning("%s; rerun with resume=true to continue", exc)
             return {"interrupted": kind, "teachers": results}
     result: dict[str, Any] = {"teachers": results}
+    barrier()
+    if not ctx.dist.is_main:
+        return result
     summaries = {kind: _read_json(out / kind / "bn_stats.json")["layers"] for kind in TEACHER_KINDS
                  if (out / kind / "bn_stats.json").is_file()}
     if summaries:
         result["bn_plot"] = str(plot_bn_variance(summaries, out / "bn_variance.png"))
         result["bn_stats"] = {kind: str(out / kind / "bn_stats.json") for kind in summaries}
     return result
+
+
+def parse_trainer(sections: dict[str, Any]) -> tuple[str, Optional[DeepSpeedSettings]]:
+    """The trainer= name and, for trainer=deepspeed, the deepspeed= settings."""
+    trainer = from_mapping(TrainerConfig, sections.get("trainer") or {}, "trainer")
+    if trainer.name not in TRAINERS:
+        raise ConfigError(f"unknown trainer '{trainer.name}'; choose trainer= one of {sorted(TRAINERS)}")
+    if trainer.name != "deepspeed":
+        return trainer.name, None
+    settings = from_mapping(DeepSpeedSettings, sections.get("deepspeed") or {}, "deepspeed")
+    deepspeed_config(settings, 1, 1, torch.device("cpu"))  # a bad JSON or ZeRO stage fails before training
+    return trainer.name, settings
 
 
 def _read_json(path: Path) -> Any:
@@ -151,7 +168,7 @@ def _flip_for(cfg: SqueezeConfig, channels: int) -> bool:
 
 
 def _train_teacher(ctx: RunContext, cfg: SqueezeConfig, kind: str, settings: TrainSettings,
-                   folder: Path) -> dict:
+                   folder: Path, trainer: str = "single", ds_settings: Optional[DeepSpeedSettings] = None) -> dict:
     bundle = ctx.data
     teacher_path = folder / "teacher.pt"
     if ctx.run.resume and teacher_path.is_file():
@@ -174,7 +191,8 @@ def _train_teacher(ctx: RunContext, cfg: SqueezeConfig, kind: str, settings: Tra
                         settings.weight_decay, settings.warmup_epochs)
 
     def write_progress(row: dict) -> None:
-        _write_metrics(folder, pretrain=history_so_far + [row], probe=[], final={"finished": False})
+        if ctx.dist.is_main:
+            _write_metrics(folder, pretrain=history_so_far + [row], probe=[], final={"finished": False})
         history_so_far.append(row)
 
     history_so_far: list[dict] = []
@@ -182,13 +200,22 @@ def _train_teacher(ctx: RunContext, cfg: SqueezeConfig, kind: str, settings: Tra
                     device=device, generator=generator, state_path=folder / "state.pt",
                     fingerprint=fingerprint, resume=ctx.run.resume, stop_after_epochs=cfg.stop_after_epochs,
                     workers=cfg.workers, progress=ctx.run.progress, desc=f"{kind}:{settings.name}",
-                    on_epoch=write_progress)
+                    on_epoch=write_progress, trainer=trainer, dist=ctx.dist, deepspeed=ds_settings)
+    state_file = rank_state_path(folder / "state.pt", ctx.dist.rank, ctx.dist.world_size)
+    # BN running statistics followed each rank's shard; the teacher gets their mean.
+    average_buffers(model)
+    if not ctx.dist.is_main:  # probe, summaries and the teacher file are rank 0's
+        state_file.unlink(missing_ok=True)
+        return {"path": str(teacher_path), "skipped": False}
     pretrain_seconds = sum(row["seconds"] for row in history)
     images = sum(row["images_per_s"] * row["seconds"] for row in history)
     final: dict[str, Any] = {"method": settings.name, "epochs": settings.epochs,
                              "pretrain_seconds": pretrain_seconds,
                              "images_per_s": images / pretrain_seconds if pretrain_seconds else 0.0,
-                             "augment": fingerprint["augment"], "settings": fingerprint["settings"]}
+                             "augment": fingerprint["augment"], "settings": fingerprint["settings"],
+                             "trainer": trainer, "world_size": ctx.dist.world_size}
+    if ds_settings is not None:
+        final["zero_stage"] = ds_settings.zero_stage
     probe_rows: list[dict] = []
     if kind == "ssl":
         probe_rows, probe_final = _probe(ctx, cfg, model)
@@ -203,7 +230,7 @@ def _train_teacher(ctx: RunContext, cfg: SqueezeConfig, kind: str, settings: Tra
     save_json({"teacher": kind, "method": settings.name, "layers": bn}, folder / "bn_stats.json")
     _write_metrics(folder, pretrain=history, probe=probe_rows, final=final)
     save_teacher(teacher_path, model, kind=spec.kind, model_cfg=ctx.model_cfg, bundle=bundle, metrics=final)
-    (folder / "state.pt").unlink(missing_ok=True)
+    state_file.unlink(missing_ok=True)
     accuracy = (f"probe top-1 {final['probe_top1']:.4f}" if kind == "ssl" else f"top-1 {final['top1']:.4f}")
     log.info("%s teacher (%s): %s, pretrain %.1fs at %.0f images/s, total %.1fs -> %s", kind, settings.name,
              accuracy, pretrain_seconds, final["images_per_s"], final["seconds"], teacher_path)

@@ -1,0 +1,213 @@
+"""How a pretraining method is stepped: one process, DDP, or DeepSpeed (registry ``TRAINERS``).
+
+The method (an ``engine.squeeze.ssl`` module) never wraps itself; ``build_trainer`` wraps it here
+and returns a ``Trainer`` whose ``loss``/``backward``/``step`` the epoch loop calls the same way
+for every kind. Parameters stay whole on every rank (DDP replicates them, ZeRO 0-2 partitions only
+optimizer state and gradients), so the unwrapped method holds the trained weights throughout and
+the teacher checkpoint is written from it as in one process.
+
+Per-rank choices worth knowing:
+- Buffers are synced at start only (DDP ``forward_sync_buffers=False``, as DeepSpeed): MoCo's
+  queue holds each rank's own keys, BN running statistics follow each rank's shard; the squeeze
+  stage averages BN statistics across ranks before saving the teacher.
+- Parameters outside ``method.trainable()`` (e.g. the classifier of an SSL teacher) are frozen
+  while wrapped, so DDP does not wait for gradients that never come.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from engine.distributed import DistEnv, ensure_process_group
+from engine.errors import ConfigError
+
+ZERO_STAGES = (0, 1, 2)
+"""ZeRO-3 shards the parameters themselves; MoCo's momentum encoder reads them whole, so it is refused."""
+
+
+@dataclass
+class DeepSpeedSettings:
+    """configs/deepspeed/*.yaml (the ``deepspeed=`` group, used with ``trainer=deepspeed``)."""
+
+    zero_stage: int = 1
+    bf16: Optional[bool] = None
+    """None: bf16 on CUDA, fp32 on the CPU."""
+    path: Optional[str] = None
+    """A user DeepSpeed JSON; its keys win over the generated ones except batch sizes, which the
+    engine sets from ssl.batch_size and the world size."""
+    shm_comm: bool = False
+    """CPU only: DeepSpeed's shared-memory all-reduce op (compiles for 30-160 s on first use);
+    off uses gloo's collectives."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Further DeepSpeed config keys merged into the generated config."""
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in ZERO_STAGES:
+            raise ConfigError(f"deepspeed.zero_stage={self.zero_stage} is not supported; use one of "
+                              f"{list(ZERO_STAGES)} (deepspeed=zero0|zero1|zero2)")
+
+
+@dataclass
+class TrainerConfig:
+    """configs/trainer/*.yaml."""
+
+    name: str = "single"
+    """single | ddp | deepspeed."""
+
+
+def deepspeed_config(settings: DeepSpeedSettings, micro_batch: int, world_size: int,
+                     device: torch.device) -> dict:
+    """The DeepSpeed config dict: generated from ``settings``, or read from ``settings.path``."""
+    bf16 = settings.bf16 if settings.bf16 is not None else device.type == "cuda"
+    config: dict[str, Any] = {
+        "zero_optimization": {"stage": settings.zero_stage},
+        "bf16": {"enabled": bool(bf16)},
+        "fp16": {"enabled": False},
+        # our optimizer is torch SGD (no fused op to compile); ZeRO refuses it without this
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    config.update(copy.deepcopy(settings.extra))
+    if settings.path:
+        path = Path(settings.path)
+        if not path.is_file():
+            raise ConfigError(f"deepspeed.path={path} does not exist; give a DeepSpeed JSON file or pick "
+                              f"deepspeed=zero0|zero1|zero2")
+        try:
+            user = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"deepspeed.path={path} is not valid JSON ({exc.msg} at line {exc.lineno} "
+                              f"column {exc.colno}); fix the file") from None
+        if not isinstance(user, dict):
+            raise ConfigError(f"deepspeed.path={path} must hold a JSON object, not {type(user).__name__}")
+        if "optimizer" in user or "scheduler" in user:
+            raise ConfigError(f"deepspeed.path={path} sets 'optimizer'/'scheduler'; remove them: the engine "
+                              f"steps its own SGD with the ssl.* learning-rate schedule")
+        config.update(user)
+        config.setdefault("zero_allow_untested_optimizer", True)
+    stage = (config.get("zero_optimization") or {}).get("stage", 0)
+    if stage not in ZERO_STAGES:
+        raise ConfigError(f"DeepSpeed zero_optimization.stage={stage!r} is not supported; use one of "
+                          f"{list(ZERO_STAGES)}")
+    config["train_micro_batch_size_per_gpu"] = micro_batch
+    config["gradient_accumulation_steps"] = 1
+    config["train_batch_size"] = micro_batch * world_size
+    return config
+
+
+class _LossModule(nn.Module):
+    """Makes ``method.loss`` the forward, so DDP/DeepSpeed hooks run around it."""
+
+    def __init__(self, method: nn.Module) -> None:
+        super().__init__()
+        self.method = method
+
+    def forward(self, views: list[torch.Tensor], labels: torch.Tensor, generator: torch.Generator):
+        return self.method.loss(views, labels, generator)
+
+
+@dataclass
+class Trainer:
+    """What the epoch loop needs, whatever wraps the method."""
+
+    name: str
+    optimizer: Any
+    """Exposes ``param_groups`` (the lr is set there each step)."""
+    loss: Callable[[list[torch.Tensor], torch.Tensor, torch.Generator], torch.Tensor]
+    backward: Callable[[torch.Tensor], None]
+    step: Callable[[], None]
+    optimizer_state: Callable[[], dict]
+    load_optimizer_state: Callable[[dict], None]
+    close: Callable[[], None]
+    input_dtype: torch.dtype = torch.float32
+
+
+def _freeze_untrained(method: nn.Module, trainable: list[nn.Parameter]) -> Callable[[], None]:
+    keep = {id(p) for p in trainable}
+    frozen = [p for p in method.parameters() if p.requires_grad and id(p) not in keep]
+    for p in frozen:
+        p.requires_grad_(False)
+
+    def restore() -> None:
+        for p in frozen:
+            p.requires_grad_(True)
+
+    return restore
+
+
+def _single(method, optimizer, dist, ds) -> Trainer:
+    if dist.world_size > 1:
+        raise ConfigError(f"trainer=single runs one process but the world size is {dist.world_size}; "
+                          f"use trainer=ddp or trainer=deepspeed under torchrun/srun")
+
+    def backward(loss: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+
+    return Trainer("single", optimizer, method.loss, backward, optimizer.step, optimizer.state_dict,
+                   optimizer.load_state_dict, lambda: None)
+
+
+def _ddp(method, optimizer, dist, ds) -> Trainer:
+    ensure_process_group(dist)
+    restore = _freeze_untrained(method, [p for g in optimizer.param_groups for p in g["params"]])
+    wrapped = nn.parallel.DistributedDataParallel(
+        _LossModule(method), device_ids=[dist.device] if dist.device.type == "cuda" else None,
+        forward_sync_buffers=False)
+
+    def backward(loss: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+
+    return Trainer("ddp", optimizer, wrapped, backward, optimizer.step, optimizer.state_dict,
+                   optimizer.load_state_dict, restore)
+
+
+def _deepspeed(method, optimizer, dist, ds) -> Trainer:
+    settings, micro_batch = ds
+    config = deepspeed_config(settings, micro_batch, dist.world_size, dist.device)
+    ensure_process_group(dist)
+    import deepspeed
+    import deepspeed.ops
+
+    if dist.device.type == "cpu" and not settings.shm_comm:
+        # Read by deepspeed.comm when it wraps the process group; gloo does the collectives instead.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    restore = _freeze_untrained(method, [p for g in optimizer.param_groups for p in g["params"]])
+    engine, ds_optimizer, _, _ = deepspeed.initialize(model=_LossModule(method), optimizer=optimizer,
+                                                      config=config, dist_init_required=False)
+    zero = config["zero_optimization"].get("stage", 0) > 0
+
+    def load_optimizer_state(state: dict) -> None:
+        if zero:  # ZeRO keeps this rank's partition; it expects a list indexed by data-parallel rank
+            ds_optimizer.load_state_dict([state if r == dist.rank else None for r in range(dist.world_size)],
+                                         load_from_fp32_weights=False)
+        else:
+            ds_optimizer.load_state_dict(state)
+
+    return Trainer("deepspeed", ds_optimizer, engine, engine.backward, engine.step, ds_optimizer.state_dict,
+                   load_optimizer_state, restore,
+                   input_dtype=torch.bfloat16 if config["bf16"].get("enabled") else torch.float32)
+
+
+TRAINERS: dict[str, Callable[..., Trainer]] = {"single": _single, "ddp": _ddp, "deepspeed": _deepspeed}
+
+
+def build_trainer(name: str, method: nn.Module, optimizer: torch.optim.Optimizer, dist: DistEnv,
+                  deepspeed: Optional[tuple[DeepSpeedSettings, int]] = None) -> Trainer:
+    """Wrap ``method`` (already on its device) and ``optimizer`` for trainer ``name``.
+
+    ``deepspeed`` is (settings, per-rank micro batch) and is needed for name='deepspeed'.
+    """
+    if name not in TRAINERS:
+        raise ConfigError(f"unknown trainer '{name}'; choose trainer= one of {sorted(TRAINERS)}")
+    if name == "deepspeed" and deepspeed is None:
+        deepspeed = (DeepSpeedSettings(), 1)
+    return TRAINERS[name](method, optimizer, dist, deepspeed)
