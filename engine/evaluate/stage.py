@@ -21,6 +21,7 @@ from engine.checkpoint import load_teacher
 from engine.config import from_mapping
 from engine.context import RunContext
 from engine.data import DataBundle
+from engine.distributed import barrier
 from engine.errors import ConfigError
 from engine.evaluate.relabel import precompute_soft_labels
 from engine.evaluate.settings import EvaluateConfig
@@ -117,22 +118,28 @@ class Evaluator:
         stored = None
         if recipe.loss == "kl" and self.cfg.relabel == "stored":
             stored = folder / "labels"
-            storage = precompute_soft_labels(self.teacher, train_set, bundle.normalize, recipe, ctx.dist.device,
-                                             seed, stored, self.cfg.stored_topk, self.cfg.stored_dtype,
-                                             resume=True, progress=ctx.run.progress)
+            for turn in ("main", "others"):  # rank 0 writes the labels; the others then find them done
+                if ctx.dist.is_main == (turn == "main"):
+                    storage = precompute_soft_labels(self.teacher, train_set, bundle.normalize, recipe,
+                                                     ctx.dist.device, seed, stored, self.cfg.stored_topk,
+                                                     self.cfg.stored_dtype, resume=True,
+                                                     progress=ctx.run.progress and ctx.dist.is_main)
+                barrier()
         student_cfg = student_model_config(self.cfg, ctx.model_cfg)
         torch.manual_seed(seed)
         student = build_model(student_cfg, bundle.num_classes, bundle.channels, bundle.image_size)
         result = train_student(student, train_set, bundle.test, bundle.normalize, recipe, ctx.dist.device, seed,
                                teacher=self.teacher if stored is None else None, stored_labels=stored,
                                checkpoint=folder / "student_state.pt", progress=ctx.run.progress,
-                               desc=f"{key} ipc={ipc}" if ipc else key)
+                               desc=f"{key} ipc={ipc}" if ipc else key, dist=ctx.dist)
         row = {"top1": result.top1, "top5": result.top5, "images": len(train_set), "epochs": recipe.epochs,
                "seconds": result.seconds, "images_per_s": result.images_per_s, "history": result.history}
         if stored is not None:
             row["stored_labels_bytes_per_image_epoch"] = storage["bytes_per_image_epoch"]
-        save_json(row, result_file)
-        (folder / "student_state.pt").unlink(missing_ok=True)
+        if ctx.dist.is_main:
+            save_json(row, result_file)
+            (folder / "student_state.pt").unlink(missing_ok=True)
+        barrier()
         return row
 
 
@@ -186,7 +193,8 @@ def run(ctx: RunContext, **overrides) -> dict:
     results["seconds"] = {"evaluate": time.time() - start}
     from engine.report import write_report
 
-    write_report(ctx, results)
+    if ctx.dist.is_main:
+        write_report(ctx, results)
     return results
 
 

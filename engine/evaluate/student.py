@@ -22,6 +22,7 @@ from tqdm import tqdm
 from engine.evaluate.augment import AugParams, apply_params, sample_params, step_rng
 from engine.evaluate.losses import mixed_cross_entropy, soft_label_kl
 from engine.evaluate.relabel import load_epoch_labels, reconstruct_logits
+from engine.distributed import DistEnv, average_buffers, ensure_process_group
 from engine.io import save_torch
 
 
@@ -109,12 +110,24 @@ def train_student(student: nn.Module, train_set: Dataset, test_set: Dataset, nor
                   recipe: StudentRecipe, device: torch.device, seed: int,
                   teacher: Optional[nn.Module] = None, stored_labels: Optional[Path] = None,
                   checkpoint: Optional[Path] = None, progress: bool = True,
-                  desc: str = "student") -> StudentResult:
-    """AdamW + per-step cosine lr; soft labels online from ``teacher`` or from ``stored_labels``."""
+                  desc: str = "student", dist: Optional[DistEnv] = None) -> StudentResult:
+    """AdamW + per-step cosine lr; soft labels online from ``teacher`` or from ``stored_labels``.
+
+    With world size W > 1 (``dist``) every rank loads and augments the same full batch, keeps its
+    positions r, r+W, ... and scales its mean loss by its share, so DDP's gradient average equals
+    the full-batch gradient of one process. BatchNorm sees each rank's share only, so results are
+    close to, not bit-equal with, one process; BN running statistics are averaged over ranks before
+    every test, so all ranks report the same accuracy. Rank 0 writes the checkpoint.
+    """
     if recipe.loss == "kl" and teacher is None and stored_labels is None:
         raise ValueError("soft-label training needs a teacher (online) or stored labels")
+    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     torch.manual_seed(seed)
     student = student.to(device)
+    model = student
+    if world > 1:
+        ensure_process_group(dist)
+        model = nn.parallel.DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None)
     if teacher is not None:
         teacher = teacher.to(device).eval()
     optimizer = torch.optim.AdamW(student.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
@@ -155,32 +168,45 @@ def train_student(student: nn.Module, train_set: Dataset, test_set: Dataset, nor
                                        recipe.crop_scale, recipe.flip, recipe.cutmix_prob, recipe.cutmix_alpha)
             x = apply_params(normalize(images.to(device)), params)
             labels = labels.to(device)
-            logits = student(x)
-            if recipe.loss == "hard":
-                if params.cutmix_partner is not None:
-                    partner = labels[torch.from_numpy(params.cutmix_partner).to(device)]
+            partner = None
+            if params.cutmix_partner is not None:
+                partner = labels[torch.from_numpy(params.cutmix_partner).to(device)]
+            full = len(labels)
+            if world > 1:  # this rank's share of the batch (partners were looked up in the whole batch)
+                x, labels = x[rank::world], labels[rank::world]
+                partner = partner[rank::world] if partner is not None else None
+            logits = model(x)
+            if len(labels) == 0:  # a last batch smaller than the world leaves some ranks nothing
+                loss = logits.sum() * 0.0
+            elif recipe.loss == "hard":
+                if partner is not None:
                     loss = mixed_cross_entropy(logits, labels, partner, params.cutmix_lam)
                 else:
                     loss = F.cross_entropy(logits, labels)
             else:
                 if stored_labels is not None:
-                    target = reconstruct_logits(stored, step, logits.shape[1]).to(device)
+                    target = reconstruct_logits(stored, step, logits.shape[1])[rank::world].to(device)
                 else:
                     with torch.no_grad():
                         target = teacher(x)
                 loss = soft_label_kl(logits, target, recipe.temperature)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # DDP averages over ranks; weighting by the share makes it the full batch's mean
+            (loss * (len(labels) * world / full) if world > 1 else loss).backward()
             optimizer.step()
-            losses.append(float(loss.detach()))
-            seen += len(labels)
+            if len(labels):
+                losses.append(float(loss.detach()))
+            seen += full
         row = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": lr}
         if (epoch + 1) % recipe.eval_every == 0 or epoch + 1 == recipe.epochs:
+            if world > 1:
+                average_buffers(student)
             row["top1"], row["top5"] = evaluate_accuracy(student, test_set, normalize, device,
                                                          workers=recipe.workers)
             bar.set_postfix(loss=f"{row['loss']:.3f}", top1=f"{row['top1']:.3f}")
         history.append(row)
-        if checkpoint is not None and ((epoch + 1) % checkpoint_every == 0) and epoch + 1 < recipe.epochs:
+        if (checkpoint is not None and rank == 0 and (epoch + 1) % checkpoint_every == 0
+                and epoch + 1 < recipe.epochs):
             save_torch({"student": student.state_dict(), "optimizer": optimizer.state_dict(),
                         "epoch": epoch + 1, "history": history}, checkpoint)
     seconds = time.time() - start
