@@ -105,7 +105,7 @@ def measure_all(ctx: RunContext, model_cfg: ModelConfig, shapes: Shapes, plan: P
     aug = resolve_augment(recover_cfg, shapes.image_size, shapes.channels)
     objective = Objective(r_bn=recover_cfg.r_bn, first_bn_multiplier=recover_cfg.first_bn_multiplier,
                           iterations=plan.steps, lr=recover_cfg.lr)
-    channels_last = recover_cfg.channels_last if recover_cfg.channels_last is not None else device.type == "cuda"
+    channels_last = recover_cfg.channels_last
     common = dict(num_classes=shapes.num_classes, batch=plan.recover_batch, aug=aug, objective=objective,
                   steps=plan.steps, warmup=plan.warmup, device=device, backend=recover_cfg.backend,
                   model_name=model_cfg.name, source=plan.source)
@@ -179,7 +179,7 @@ def run(ctx: RunContext) -> dict:
             objective=Objective(r_bn=recover_cfg.r_bn, first_bn_multiplier=recover_cfg.first_bn_multiplier,
                                 iterations=bench.breakdown_steps, lr=recover_cfg.lr),
             steps=bench.breakdown_steps, device=device,
-            channels_last=recover_cfg.channels_last if recover_cfg.channels_last is not None else device.type == "cuda",
+            channels_last=recover_cfg.channels_last,
             backend=recover_cfg.backend, trace_path=ctx.run_dir / TRACE_FILE if bench.trace else None)
 
     # The run to project and the rates it rests on.

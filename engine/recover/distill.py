@@ -66,7 +66,7 @@ def recover_distilled_set(teacher: nn.Module, bundle: DataBundle, cfg: RecoverCo
     teacher = teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    channels_last = cfg.channels_last
     if channels_last:
         teacher = teacher.to(memory_format=torch.channels_last)
     aug = resolve_augment(cfg, bundle.image_size, bundle.channels)

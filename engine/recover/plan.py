@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from engine.errors import ConfigError
 
 DEFAULT_CLASSES_PER_BATCH = 50  # SC-DD's public setting for ImageNet-scale class counts
+FILL_BATCH_TO = 100  # SRe2L's batch size; ipc_per_batch=None fills small-class-count batches to it
 
 
 @dataclass(frozen=True)
@@ -26,13 +27,13 @@ class SynthBatch:
 
 
 def plan_batches(num_classes: int, ipc: int, classes_per_batch: int | None,
-                 ipc_per_batch: int = 1) -> list[SynthBatch]:
+                 ipc_per_batch: int | None = 1) -> list[SynthBatch]:
     """For each group of ``ipc_per_batch`` ipc indices, one batch per chunk of classes.
 
     ``ipc_per_batch=1`` is the paper's batching (one image per class per batch); larger values
     put several images of each class in a batch, which fills batches when there are few classes.
     """
-    if ipc_per_batch < 1:
+    if ipc_per_batch is not None and ipc_per_batch < 1:
         raise ConfigError(f"recover.ipc_per_batch={ipc_per_batch} must be >= 1")
     if ipc < 1:
         raise ConfigError(f"ipc={ipc} must be >= 1 image per class")
@@ -41,6 +42,8 @@ def plan_batches(num_classes: int, ipc: int, classes_per_batch: int | None,
     if classes_per_batch > num_classes:
         raise ConfigError(f"recover.classes_per_batch={classes_per_batch} is larger than the "
                           f"{num_classes} classes of the data; use at most {num_classes}")
+    if ipc_per_batch is None:
+        ipc_per_batch = max(1, FILL_BATCH_TO // classes_per_batch)
     chunks = [tuple(range(start, min(start + classes_per_batch, num_classes)))
               for start in range(0, num_classes, classes_per_batch)]
     groups = [tuple(range(start, min(start + ipc_per_batch, ipc))) for start in range(0, ipc, ipc_per_batch)]

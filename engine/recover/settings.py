@@ -18,8 +18,9 @@ class RecoverConfig:
     first_bn_multiplier: float = 10.0
     classes_per_batch: Optional[int] = None
     """Classes synthesized together in one batch; None: min(50, number of classes)."""
-    ipc_per_batch: int = 1
-    """Images of each class per batch: 1 is the paper's batching; more fills batches when classes are few."""
+    ipc_per_batch: Optional[int] = None
+    """Images of each class per batch: 1 is the paper's batching; None fills batches to ~100 images
+    (max(1, 100 // classes_per_batch)), which is 1 for 100+ classes and 10 for MNIST."""
     init: str = "noise"
     """noise (randn, the paper's setting) | real (the class's own training images)."""
     real_init_select: str = "confident"
@@ -36,8 +37,8 @@ class RecoverConfig:
     """Which squeeze teachers of this run dir to synthesize from (ignored when teacher=PATH is set)."""
     backend: str = "auto"
     """BN-statistics kernel: auto (Triton on CUDA, PyTorch on CPU) | triton | torch."""
-    channels_last: Optional[bool] = None
-    """Run the teacher in channels_last; None: on for CUDA only (measured slower on CPU)."""
+    channels_last: bool = True
+    """Run the teacher in channels_last (measured faster on CPU too: convnet 28 px 1.5x, ResNet-18 32 px)."""
     log_every: int = 10
     """Write one loss-log row every this many steps (and at the first and last)."""
 

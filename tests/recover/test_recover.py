@@ -16,7 +16,8 @@ from engine.checkpoint import load_teacher
 from kernels import fused_bn_matching
 from teachers import MODEL_OVERRIDES, SMALL_MODEL
 
-FAST = ("data=digits", *MODEL_OVERRIDES, "stage=recover", "progress=false", "recover.log_every=1")
+FAST = ("data=digits", *MODEL_OVERRIDES, "stage=recover", "progress=false", "recover.log_every=1",
+        "recover.ipc_per_batch=1")
 
 
 def peer_style_bn_losses(model, x):

@@ -9,7 +9,7 @@ from teachers import MODEL_OVERRIDES
 
 # ipc 2 x (10 classes / 5 per batch) = 4 class batches: 2 per rank.
 RECOVER = ("data=digits", *MODEL_OVERRIDES, "stage=recover", "progress=false", "recover.iterations=5",
-           "recover.classes_per_batch=5", "ipc=[2]")
+           "recover.classes_per_batch=5", "recover.ipc_per_batch=1", "ipc=[2]")
 
 
 def _distilled(run_dir):
