@@ -9,10 +9,10 @@ from engine.errors import ConfigError
 
 @dataclass
 class EvaluateConfig:
-    epochs: int = 300
+    epochs: int = 200
     """Student epochs over the distilled (or random real) set."""
     batch_size: int = 100
-    lr: float = 1e-3
+    lr: float = 1e-2
     weight_decay: float = 0.01
     temperature: float = 4.0
     """Soft-label temperature T (paper: 20 ImageNet, 30 CIFAR; measured on MNIST-5k for the default)."""
@@ -29,7 +29,7 @@ class EvaluateConfig:
     """Per-image random-resized-crop scale range; None: (0.08, 1) at >=64 px, (0.5, 1) below."""
     flip: Optional[bool] = None
     """Per-image horizontal flip; None: on for RGB, off for gray (digits are not mirror-symmetric)."""
-    eval_every: int = 25
+    eval_every: int = 50
     """Test-set accuracy every this many epochs (and at the last), for the per-epoch plot."""
     student: Optional[str] = None
     """Student model name; None: the teacher's architecture (same model config)."""
@@ -37,7 +37,7 @@ class EvaluateConfig:
     """Which teacher gives the soft labels for every row (same labels for distilled and baselines)."""
     full_data: bool = True
     """Also train a student on the full real training split (upper bound)."""
-    full_data_epochs: int = 15
+    full_data_epochs: int = 8
     random_real_seeds: int = 1
     """Random real subsets drawn (different seeds) for the baseline row; mean and std reported."""
     workers: int = 0

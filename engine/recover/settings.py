@@ -9,11 +9,11 @@ from engine.errors import ConfigError
 
 @dataclass
 class RecoverConfig:
-    iterations: int = 500
+    iterations: int = 200
     """Optimization steps per batch (paper: 1000; SRe2L: 4000)."""
     lr: float = 0.25
     """Adam learning rate on the pixels (normalized space), cosine-decayed to 0."""
-    r_bn: float = 1.0
+    r_bn: float = 10.0
     """Weight of the BN-matching loss against cross-entropy; depends on depth/width and teacher."""
     first_bn_multiplier: float = 10.0
     classes_per_batch: Optional[int] = None
