@@ -72,7 +72,8 @@ def recover_distilled_set(teacher: nn.Module, bundle: DataBundle, cfg: RecoverCo
     aug = resolve_augment(cfg, bundle.image_size, bundle.channels)
     bounds = bundle.pixel_bounds()
     objective = Objective(r_bn=cfg.r_bn, first_bn_multiplier=cfg.first_bn_multiplier,
-                          iterations=cfg.iterations, lr=cfg.lr, log_every=cfg.log_every)
+                          iterations=cfg.iterations,
+                          lr=cfg.real_init_lr if cfg.init == "real" and cfg.real_init_lr else cfg.lr, log_every=cfg.log_every)
     chosen = None
     if cfg.init == "real":
         chosen = select_real_images(teacher, bundle, ipc, cfg.real_init_select, cfg.real_init_pool,

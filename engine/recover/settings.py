@@ -26,6 +26,9 @@ class RecoverConfig:
     real_init_select: str = "confident"
     """With init=real: random | confident (those the teacher classifies most confidently)."""
     real_init_pool: int = 64
+    real_init_lr: Optional[float] = 0.05
+    """Pixel lr with init=real (None: ``lr``); real images need smaller steps than noise
+    (MNIST-5k, IPC 10 student top-1: lr 0.25 -> 78.3%, 0.05 -> 87.3%)."""
     """Candidates per class scored by the teacher for init=real confident."""
     crop_scale: Optional[list[float]] = None
     """Random-resized-crop scale range; None: (0.08, 1) for >=64 px images, (0.5, 1) below."""
@@ -45,8 +48,8 @@ class RecoverConfig:
     def __post_init__(self) -> None:
         if self.iterations < 1:
             raise ConfigError(f"recover.iterations={self.iterations} must be >= 1")
-        if self.lr <= 0:
-            raise ConfigError(f"recover.lr={self.lr} must be > 0")
+        if self.lr <= 0 or (self.real_init_lr is not None and self.real_init_lr <= 0):
+            raise ConfigError(f"recover.lr={self.lr} and recover.real_init_lr={self.real_init_lr} must be > 0")
         if self.r_bn < 0 or self.first_bn_multiplier < 0:
             raise ConfigError("recover.r_bn and recover.first_bn_multiplier must be >= 0")
         if self.init not in ("noise", "real"):
