@@ -27,6 +27,7 @@ from engine.evaluate.relabel import precompute_soft_labels
 from engine.evaluate.settings import EvaluateConfig
 from engine.evaluate.student import StudentRecipe, evaluate_accuracy, train_student
 from engine.io import save_json
+from engine.loaders.settings import LoaderConfig, parse_loader
 from engine.models import ModelConfig, build_model
 from engine.recover.output import DISTILLED_FILE, load_distilled
 from engine.recover.stage import teacher_path
@@ -103,6 +104,8 @@ class Evaluator:
     cfg: EvaluateConfig
     teacher: Optional[torch.nn.Module]
     out_root: Path
+    loader: Optional[LoaderConfig] = None
+    """loader=ffcv|dali: the test split is read through it (loader=torch: in-process batches)."""
 
     def run_row(self, key: str, ipc: Optional[int], train_set: Dataset, epochs: Optional[int] = None,
                 seed_offset: int = 0) -> dict:
@@ -128,10 +131,13 @@ class Evaluator:
         student_cfg = student_model_config(self.cfg, ctx.model_cfg)
         torch.manual_seed(seed)
         student = build_model(student_cfg, bundle.num_classes, bundle.channels, bundle.image_size)
+        test_loader = None
+        if self.loader is not None and self.loader.external:
+            test_loader = self.loader.eval_loader(bundle, "test", batch_size=500)
         result = train_student(student, train_set, bundle.test, bundle.normalize, recipe, ctx.dist.device, seed,
                                teacher=self.teacher if stored is None else None, stored_labels=stored,
                                checkpoint=folder / "student_state.pt", progress=ctx.run.progress,
-                               desc=f"{key} ipc={ipc}" if ipc else key, dist=ctx.dist)
+                               desc=f"{key} ipc={ipc}" if ipc else key, dist=ctx.dist, test_loader=test_loader)
         row = {"top1": result.top1, "top5": result.top5, "images": len(train_set), "epochs": recipe.epochs,
                "seconds": result.seconds, "images_per_s": result.images_per_s, "history": result.history}
         if stored is not None:
@@ -155,14 +161,16 @@ def available_sets(run_dir: Path) -> dict[str, Path]:
             if (run_dir / "recover" / folder / DISTILLED_FILE).is_file()}
 
 
-def evaluate_rows(ctx: RunContext, cfg: EvaluateConfig, sets: dict[str, Path]) -> dict:
+def evaluate_rows(ctx: RunContext, cfg: EvaluateConfig, sets: dict[str, Path],
+                  loader: Optional[LoaderConfig] = None) -> dict:
     """Train every row's student; returns the nested result dict the report is built from."""
     bundle = ctx.data
+    loader = loader or parse_loader(ctx.sections, ctx.data_cfg, bundle)
     teacher = None
     if cfg.loss == "kl":
         teacher, _ = label_teacher(ctx, cfg)
         teacher = teacher.to(ctx.dist.device).eval()
-    evaluator = Evaluator(ctx, cfg, teacher, ctx.run_dir / "evaluate")
+    evaluator = Evaluator(ctx, cfg, teacher, ctx.run_dir / "evaluate", loader)
     results: dict = {"ipc": {}}
     for ipc in sorted(set(ctx.run.ipc)):
         rows = {}
@@ -182,6 +190,7 @@ def evaluate_rows(ctx: RunContext, cfg: EvaluateConfig, sets: dict[str, Path]) -
 
 def run(ctx: RunContext, **overrides) -> dict:
     cfg = build_eval_config(ctx, **overrides)
+    loader = parse_loader(ctx.sections, ctx.data_cfg, ctx.data)
     if any(n < 1 for n in ctx.run.ipc):
         raise ConfigError(f"ipc={ctx.run.ipc} must hold positive images-per-class counts")
     sets = available_sets(ctx.run_dir)
@@ -189,7 +198,7 @@ def run(ctx: RunContext, **overrides) -> dict:
         raise ConfigError(f"no distilled set under {ctx.run_dir / 'recover'}; run `scdd stage=recover` in this "
                           f"run dir first (hydra.run.dir=...)")
     start = time.time()
-    results = evaluate_rows(ctx, cfg, sets)
+    results = evaluate_rows(ctx, cfg, sets, loader)
     results["seconds"] = {"evaluate": time.time() - start}
     from engine.report import write_report
 

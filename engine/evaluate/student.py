@@ -87,14 +87,22 @@ def load_batches(dataset: Dataset, batches: list[np.ndarray], workers: int):
 
 @torch.no_grad()
 def evaluate_accuracy(model: nn.Module, dataset: Dataset, normalize: Callable, device: torch.device,
-                      batch_size: int = 500, workers: int = 0) -> tuple[float, Optional[float]]:
-    """Top-1 (and top-5 when there are more than 10 classes) on a real test split."""
+                      batch_size: int = 500, workers: int = 0, loader=None) -> tuple[float, Optional[float]]:
+    """Top-1 (and top-5 when there are more than 10 classes) on a real test split.
+
+    ``loader``: an engine.loaders BatchLoader of the whole split (eval transform, normalized batches,
+    loader=ffcv|dali) read instead of ``dataset``.
+    """
     model.eval()
     correct1 = correct5 = total = 0
-    order = np.arange(len(dataset))
     has_top5 = None
-    for images, labels in load_batches(dataset, batches_of(order, batch_size), workers):
-        logits = model(normalize(images.to(device)))
+    if loader is None:
+        batches = ((normalize(images.to(device)), labels) for images, labels in
+                   load_batches(dataset, batches_of(np.arange(len(dataset)), batch_size), workers))
+    else:
+        batches = ((images.to(device), labels) for images, labels in loader)
+    for images, labels in batches:
+        logits = model(images)
         labels = labels.to(device)
         if has_top5 is None:
             has_top5 = logits.shape[1] > 10
@@ -110,7 +118,7 @@ def train_student(student: nn.Module, train_set: Dataset, test_set: Dataset, nor
                   recipe: StudentRecipe, device: torch.device, seed: int,
                   teacher: Optional[nn.Module] = None, stored_labels: Optional[Path] = None,
                   checkpoint: Optional[Path] = None, progress: bool = True,
-                  desc: str = "student", dist: Optional[DistEnv] = None) -> StudentResult:
+                  desc: str = "student", dist: Optional[DistEnv] = None, test_loader=None) -> StudentResult:
     """AdamW + per-step cosine lr; soft labels online from ``teacher`` or from ``stored_labels``.
 
     With world size W > 1 (``dist``) every rank loads and augments the same full batch, keeps its
@@ -118,6 +126,7 @@ def train_student(student: nn.Module, train_set: Dataset, test_set: Dataset, nor
     the full-batch gradient of one process. BatchNorm sees each rank's share only, so results are
     close to, not bit-equal with, one process; BN running statistics are averaged over ranks before
     every test, so all ranks report the same accuracy. Rank 0 writes the checkpoint.
+    ``test_loader`` (loader=ffcv|dali) replaces ``test_set`` in those tests.
     """
     if recipe.loss == "kl" and teacher is None and stored_labels is None:
         raise ValueError("soft-label training needs a teacher (online) or stored labels")
@@ -202,7 +211,7 @@ def train_student(student: nn.Module, train_set: Dataset, test_set: Dataset, nor
             if world > 1:
                 average_buffers(student)
             row["top1"], row["top5"] = evaluate_accuracy(student, test_set, normalize, device,
-                                                         workers=recipe.workers)
+                                                         workers=recipe.workers, loader=test_loader)
             bar.set_postfix(loss=f"{row['loss']:.3f}", top1=f"{row['top1']:.3f}")
         history.append(row)
         if (checkpoint is not None and rank == 0 and (epoch + 1) % checkpoint_every == 0

@@ -11,5 +11,8 @@ Choices worth knowing:
   standardization of those features is folded into the saved fc.
 - One device has no cross-GPU shuffle-BN, so MoCo forwards keys in shuffled sub-batches.
 - Training runs channels_last (faster oneDNN/cuDNN kernels); weights are saved in the default layout.
-- Single process only: the stage refuses world size > 1 (no DDP wrapping yet).
+- Several processes (torchrun/srun) train with trainer=ddp|deepspeed: each rank takes its share of
+  every global batch; BN buffers are averaged into the teacher; rank 0 probes and writes files.
+- loader=ffcv|dali (configs/loader/) decode pretraining views (crop+flip) and the probe's splits;
+  the photometric steps stay in augment.augment_color. loader=torch keeps in-process batches.
 """

@@ -15,6 +15,9 @@ Semantics (mirrored by the FFCV/DALI loaders; keep them in step):
   5. Gaussian blur with probability ``blur_prob``, sigma ~ U(blur_sigma), kernel side the odd
      number nearest 10% of the image side (SimCLR's choice), reflect padding.
 
+FFCV/DALI decode steps 1-2 themselves (``LoaderSpec.from_augment``); ``augment_color`` then
+applies steps 3-5 to their [0, 1] views.
+
 All randomness comes from an explicit ``torch.Generator`` on the CPU, so a resumed run replays
 the same views.
 """
@@ -202,9 +205,23 @@ def augment_batch(images: torch.Tensor, spec: AugmentSpec, generator: torch.Gene
     theta = _crop_flip_grid(n, spec, generator).to(x.device)
     grid = F.affine_grid(theta, [n, channels, spec.image_size, spec.image_size], align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return augment_color(x, spec, generator)
+
+
+def augment_color(views: torch.Tensor, spec: AugmentSpec, generator: torch.Generator) -> torch.Tensor:
+    """Steps 3-5 (jitter, grayscale, blur) on already cropped and flipped views.
+
+    For loaders that crop and flip while decoding (FFCV, DALI: ``LoaderSpec.from_augment(spec,
+    normalize=False)``); ``augment_batch`` is the crop/flip grid followed by this function.
+
+    Args:
+        views: [N, C, H, W] float in [0, 1] (uint8 is scaled), on any device.
+    Returns: float [N, C, H, W] in [0, 1] on the views' device.
+    """
+    x = views.float().div_(255.0) if views.dtype == torch.uint8 else views.float()
     if spec.jitter_strength > 0 and spec.jitter_prob > 0:
         x = _color_jitter(x, spec, generator)
-    if channels == 3 and spec.grayscale_prob > 0:
+    if x.shape[1] == 3 and spec.grayscale_prob > 0:
         x = _grayscale(x, spec.grayscale_prob, generator)
     if spec.blur_prob > 0:
         x = _blur(x, spec, generator)

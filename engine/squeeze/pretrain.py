@@ -15,7 +15,7 @@ from tqdm import tqdm
 from engine.distributed import DistEnv, all_reduce_sum
 from engine.errors import ConfigError
 from engine.io import save_torch
-from engine.squeeze.augment import AugmentSpec, augment_batch
+from engine.squeeze.augment import AugmentSpec, augment_batch, augment_color
 from engine.squeeze.trainer import DeepSpeedSettings, build_trainer
 
 
@@ -81,7 +81,7 @@ def train(method: nn.Module, dataset: Dataset, *, schedule: Schedule, spec: Augm
           stop_after_epochs: int | None = None, workers: int = 0, progress: bool = True,
           desc: str = "pretrain", on_epoch: Callable[[dict], None] | None = None,
           trainer: str = "single", dist: DistEnv | None = None,
-          deepspeed: DeepSpeedSettings | None = None) -> list[dict]:
+          deepspeed: DeepSpeedSettings | None = None, loader=None) -> list[dict]:
     """Train ``method`` for ``schedule.epochs``; returns one metrics row per epoch.
 
     After every epoch the whole state (method incl. queue and momentum encoder, optimizer,
@@ -94,6 +94,11 @@ def train(method: nn.Module, dataset: Dataset, *, schedule: Schedule, spec: Augm
     world size W every global batch of ``schedule.batch_size`` is split: rank r takes its
     positions r, r+W, ... (the epoch order is the same on every rank); views are drawn from a
     per-rank generator so ranks do not repeat each other's crops.
+
+    ``loader`` (an engine.loaders BatchLoader of this rank's shard: drop_last, batch_size / W,
+    ``views=num_views``, [0, 1] floats, see engine.squeeze.stage) replaces the in-process batches:
+    FFCV/DALI crop and flip while decoding (their randomness is their own, so a resume replays the
+    order but not the crops), ``augment_color`` adds jitter/grayscale/blur, then ``normalize``.
     """
     dist = dist or DistEnv(device=device)
     world = dist.world_size
@@ -117,7 +122,7 @@ def train(method: nn.Module, dataset: Dataset, *, schedule: Schedule, spec: Augm
     # One process draws views from the order generator (as it always has); several need their own.
     view_generator = generator if world == 1 else torch.Generator().manual_seed(
         int(torch.randint(2**62, (1,), generator=generator)) + dist.rank)
-    steps_per_epoch = len(dataset) // schedule.batch_size
+    steps_per_epoch = len(dataset) // schedule.batch_size if loader is None else len(loader)
     total_steps = steps_per_epoch * schedule.epochs
     warmup_steps = steps_per_epoch * schedule.warmup_epochs
     history: list[dict] = []
@@ -137,12 +142,17 @@ def train(method: nn.Module, dataset: Dataset, *, schedule: Schedule, spec: Augm
     views = getattr(method, "num_views")
     for epoch in range(start_epoch, schedule.epochs):
         method.train()
-        order = torch.randperm(len(dataset), generator=generator)
         step = epoch * steps_per_epoch
         total_loss, seen, aug_seconds = 0.0, 0, 0.0
         started = time.perf_counter()
-        mine = order if world == 1 else rank_order(order, schedule.batch_size, dist.rank, world)
-        bar = tqdm(iterate_batches(dataset, mine, micro_batch, True, workers), total=steps_per_epoch,
+        if loader is None:
+            order = torch.randperm(len(dataset), generator=generator)
+            mine = order if world == 1 else rank_order(order, schedule.batch_size, dist.rank, world)
+            batches = iterate_batches(dataset, mine, micro_batch, True, workers)
+        else:
+            loader.set_epoch(epoch)
+            batches = loader
+        bar = tqdm(batches, total=steps_per_epoch,
                    desc=f"{desc} {epoch + 1}/{schedule.epochs}", disable=not progress or not dist.is_main,
                    leave=False)
         for images, labels in bar:
@@ -150,9 +160,13 @@ def train(method: nn.Module, dataset: Dataset, *, schedule: Schedule, spec: Augm
             for group in optimizer.param_groups:
                 group["lr"] = lr
             t0 = time.perf_counter()
-            images = images.to(device, non_blocking=True)
-            batch = [_view(images, spec, view_generator, normalize).to(wrapped.input_dtype)
-                     for _ in range(views)]
+            if loader is None:
+                images = images.to(device, non_blocking=True)
+                batch = [_view(images, spec, view_generator, normalize).to(wrapped.input_dtype)
+                         for _ in range(views)]
+            else:
+                batch = [v.to(wrapped.input_dtype)
+                         for v in _loader_views(images, views, spec, view_generator, normalize, device)]
             aug_seconds += time.perf_counter() - t0
             loss = wrapped.loss(batch, labels.to(device), view_generator)
             if not torch.isfinite(loss):
@@ -160,8 +174,8 @@ def train(method: nn.Module, dataset: Dataset, *, schedule: Schedule, spec: Augm
                                          f"lower ssl.lr")
             wrapped.backward(loss)
             wrapped.step()
-            total_loss += loss.item() * len(images)
-            seen += len(images)
+            total_loss += loss.item() * len(labels)
+            seen += len(labels)
             step += 1
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.4g}")
         seconds = time.perf_counter() - started
@@ -192,3 +206,18 @@ def _view(images: torch.Tensor, spec: AugmentSpec | None, generator: torch.Gener
     else:
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
     return normalize(x).contiguous(memory_format=torch.channels_last)
+
+
+def _loader_views(images, views: int, spec: AugmentSpec | None, generator: torch.Generator,
+                  normalize: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """A loader batch ([v1, .., vk] cropped+flipped in [0, 1], or one eval batch when ``spec`` is
+    None) -> ``views`` normalized channels_last views with the photometric steps applied."""
+    if not isinstance(images, (list, tuple)):
+        images = [images] * views  # no augmentation: identical views, as _view gives
+    out = []
+    for v in images:
+        v = v.to(device, non_blocking=True)
+        x = augment_color(v, spec, generator) if spec is not None else (
+            v.float() / 255.0 if v.dtype == torch.uint8 else v.float())
+        out.append(normalize(x).contiguous(memory_format=torch.channels_last))
+    return out

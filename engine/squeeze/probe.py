@@ -25,16 +25,24 @@ from engine.squeeze.pretrain import iterate_batches
 @torch.no_grad()
 def extract_features(model: ClassifierNet, dataset: Dataset, normalize: Callable[[torch.Tensor], torch.Tensor],
                      device: torch.device, batch_size: int = 512, workers: int = 0,
-                     head: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled features (or logits with ``head``) [N, D] and labels [N], in dataset order, eval mode."""
+                     head: bool = False, loader=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features (or logits with ``head``) [N, D] and labels [N], in dataset order, eval mode.
+
+    ``loader``: an engine.loaders BatchLoader (eval transform, no shuffle, normalized) read
+    instead of ``dataset`` (loader=ffcv|dali); ``normalize`` is then the loader's.
+    """
     was_training = model.training
     model.eval()
     feats, labels = [], []
-    order = torch.arange(len(dataset))
-    for images, y in iterate_batches(dataset, order, batch_size, False, workers):
+    if loader is None:
+        batches = iterate_batches(dataset, torch.arange(len(dataset)), batch_size, False, workers)
+    else:
+        batches = loader
+    for images, y in batches:
         images = images.to(device)
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-        x = normalize(x)
+        if loader is None:
+            x = normalize(x)
         feats.append((model(x) if head else model.features(x)).float().cpu())
         labels.append(y)
     model.train(was_training)
@@ -54,14 +62,19 @@ def linear_probe(model: ClassifierNet, train: Dataset, test: Dataset,
                  normalize: Callable[[torch.Tensor], torch.Tensor], *, epochs: int, batch_size: int,
                  lr: float, momentum: float, weight_decay: float, schedule: str,
                  milestones: tuple[float, ...], standardize: bool, device: torch.device,
-                 generator: torch.Generator, workers: int = 0, progress: bool = True) -> tuple[list[dict], dict]:
+                 generator: torch.Generator, workers: int = 0, progress: bool = True,
+                 loaders=None) -> tuple[list[dict], dict]:
     """Fit ``model.fc`` on frozen features; returns (per-epoch rows, final metrics).
 
     The backbone is left in eval mode with requires_grad unchanged; only ``model.fc`` is written.
+    ``loaders``: optional {"train": BatchLoader, "test": BatchLoader} (normalized eval batches)
+    that replace ``train``/``test`` for feature extraction (loader=ffcv|dali).
     """
+    loaders = loaders or {}
     started = time.perf_counter()
     model.to(device).eval()
-    train_x, train_y = extract_features(model, train, normalize, device, workers=workers)
+    train_x, train_y = extract_features(model, train, normalize, device, workers=workers,
+                                        loader=loaders.get("train"))
     feature_seconds = time.perf_counter() - started
     mean = train_x.mean(0) if standardize else torch.zeros(train_x.shape[1])
     std = train_x.std(0).clamp_min(1e-6) if standardize else torch.ones(train_x.shape[1])
@@ -94,14 +107,15 @@ def linear_probe(model: ClassifierNet, train: Dataset, test: Dataset,
         folded = weight / std  # fc(x) = W ((x - mean) / std) + b
         model.fc.weight.copy_(folded.to(model.fc.weight))
         model.fc.bias.copy_((bias - folded @ mean).to(model.fc.bias))
-    test_top1 = evaluate_top1(model, test, normalize, device, workers=workers)
+    test_top1 = evaluate_top1(model, test, normalize, device, workers=workers, loader=loaders.get("test"))
     final = {"probe_top1": test_top1, "probe_train_top1": rows[-1]["train_top1"] if rows else None,
              "probe_seconds": time.perf_counter() - started, "probe_feature_seconds": feature_seconds}
     return rows, final
 
 
 def evaluate_top1(model: ClassifierNet, dataset: Dataset, normalize: Callable[[torch.Tensor], torch.Tensor],
-                  device: torch.device, workers: int = 0) -> float:
+                  device: torch.device, workers: int = 0, loader=None) -> float:
     """Top-1 of ``model`` (eval mode, no augmentation) on a split, as a fraction."""
-    logits, labels = extract_features(model, dataset, normalize, device, workers=workers, head=True)
+    logits, labels = extract_features(model, dataset, normalize, device, workers=workers, head=True,
+                                      loader=loader)
     return float((logits.argmax(1) == labels).float().mean())

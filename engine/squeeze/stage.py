@@ -26,6 +26,8 @@ from engine.config import from_mapping
 from engine.context import RunContext
 from engine.errors import ConfigError
 from engine.io import save_json, save_text
+from engine.loaders.common import LoaderSpec
+from engine.loaders.settings import LoaderConfig, parse_loader
 from engine.models import build_model
 from engine.squeeze.augment import spec_for
 from engine.squeeze.bn_stats import bn_variance_summary, plot_bn_variance
@@ -117,11 +119,12 @@ def parse_config(squeeze: dict[str, Any], ssl: dict[str, Any]) -> tuple[SqueezeC
 def run(ctx: RunContext) -> dict:
     cfg, ssl_settings = parse_config(ctx.sections.get("squeeze", {}), ctx.sections.get("ssl", {}))
     trainer, ds_settings = parse_trainer(ctx.sections)
+    loader = parse_loader(ctx.sections, ctx.data_cfg, ctx.data)
     out = ctx.run_dir / "squeeze"
     if cfg.probe_only:
         if ctx.dist.world_size > 1:
             raise ConfigError("squeeze.probe_only=true runs in one process; launch it without torchrun/srun")
-        return _probe_only(ctx, cfg, out)
+        return _probe_only(ctx, cfg, out, loader)
     results: dict[str, dict] = {}
     for kind in cfg.teachers:
         settings = ssl_settings if kind == "ssl" else cfg.supervised
@@ -129,7 +132,7 @@ def run(ctx: RunContext) -> dict:
             settings = dataclasses.replace(settings, epochs=cfg.epochs,
                                            warmup_epochs=min(settings.warmup_epochs, cfg.epochs - 1))
         try:
-            results[kind] = _train_teacher(ctx, cfg, kind, settings, out / kind, trainer, ds_settings)
+            results[kind] = _train_teacher(ctx, cfg, kind, settings, out / kind, trainer, ds_settings, loader)
         except Interrupted as exc:
             log.warning("%s; rerun with resume=true to continue", exc)
             return {"interrupted": kind, "teachers": results}
@@ -168,7 +171,8 @@ def _flip_for(cfg: SqueezeConfig, channels: int) -> bool:
 
 
 def _train_teacher(ctx: RunContext, cfg: SqueezeConfig, kind: str, settings: TrainSettings,
-                   folder: Path, trainer: str = "single", ds_settings: Optional[DeepSpeedSettings] = None) -> dict:
+                   folder: Path, trainer: str = "single", ds_settings: Optional[DeepSpeedSettings] = None,
+                   loader: Optional[LoaderConfig] = None) -> dict:
     bundle = ctx.data
     teacher_path = folder / "teacher.pt"
     if ctx.run.resume and teacher_path.is_file():
@@ -189,6 +193,12 @@ def _train_teacher(ctx: RunContext, cfg: SqueezeConfig, kind: str, settings: Tra
                    "model": dataclasses.asdict(ctx.model_cfg), "data": data_facts(bundle), "seed": ctx.run.seed}
     schedule = Schedule(settings.epochs, settings.batch_size, settings.lr, settings.momentum,
                         settings.weight_decay, settings.warmup_epochs)
+    loader = loader or LoaderConfig()
+    view_loader = None
+    if loader.external:  # loader=torch keeps the in-process batches (and its fingerprint)
+        fingerprint["loader"] = loader.name
+        view_loader = _view_loader(ctx, loader, augment, settings.batch_size, method.num_views,
+                                   ctx.run.seed * 1000 + _SEED_STREAM[kind])
 
     def write_progress(row: dict) -> None:
         if ctx.dist.is_main:
@@ -200,7 +210,8 @@ def _train_teacher(ctx: RunContext, cfg: SqueezeConfig, kind: str, settings: Tra
                     device=device, generator=generator, state_path=folder / "state.pt",
                     fingerprint=fingerprint, resume=ctx.run.resume, stop_after_epochs=cfg.stop_after_epochs,
                     workers=cfg.workers, progress=ctx.run.progress, desc=f"{kind}:{settings.name}",
-                    on_epoch=write_progress, trainer=trainer, dist=ctx.dist, deepspeed=ds_settings)
+                    on_epoch=write_progress, trainer=trainer, dist=ctx.dist, deepspeed=ds_settings,
+                    loader=view_loader)
     state_file = rank_state_path(folder / "state.pt", ctx.dist.rank, ctx.dist.world_size)
     # BN running statistics followed each rank's shard; the teacher gets their mean.
     average_buffers(model)
@@ -213,15 +224,16 @@ def _train_teacher(ctx: RunContext, cfg: SqueezeConfig, kind: str, settings: Tra
                              "pretrain_seconds": pretrain_seconds,
                              "images_per_s": images / pretrain_seconds if pretrain_seconds else 0.0,
                              "augment": fingerprint["augment"], "settings": fingerprint["settings"],
-                             "trainer": trainer, "world_size": ctx.dist.world_size}
+                             "trainer": trainer, "world_size": ctx.dist.world_size, "loader": loader.name}
     if ds_settings is not None:
         final["zero_stage"] = ds_settings.zero_stage
     probe_rows: list[dict] = []
     if kind == "ssl":
-        probe_rows, probe_final = _probe(ctx, cfg, model)
+        probe_rows, probe_final = _probe(ctx, cfg, model, loader)
         final.update(probe_final)
     else:
-        final["top1"] = evaluate_top1(model, bundle.test, bundle.normalize, device, workers=cfg.workers)
+        final["top1"] = evaluate_top1(model, bundle.test, bundle.normalize, device, workers=cfg.workers,
+                                      loader=loader.eval_loader(bundle, "test") if loader.external else None)
     final["seconds"] = pretrain_seconds + final.get("probe_seconds", 0.0)
     final["wall_seconds_this_process"] = time.perf_counter() - started
     final["finished"] = True
@@ -237,20 +249,37 @@ def _train_teacher(ctx: RunContext, cfg: SqueezeConfig, kind: str, settings: Tra
     return _summary(teacher_path, final, skipped=False)
 
 
-def _probe(ctx: RunContext, cfg: SqueezeConfig, model) -> tuple[list[dict], dict]:
+def _view_loader(ctx: RunContext, loader: LoaderConfig, augment, batch_size: int, views: int, seed: int):
+    """This rank's pretraining batches from loader=ffcv|dali: crop+flip while decoding, [0, 1] views
+    (train() adds the photometric steps and normalization), shuffled with ``seed``, full batches."""
+    fields = dict(batch_size=max(1, batch_size // ctx.dist.world_size), shuffle=True, seed=seed,
+                  drop_last=True, normalize=False, num_workers=loader.num_workers,
+                  beton_dir=loader.beton_dir, device=loader.device)
+    if augment is not None:
+        spec = LoaderSpec.from_augment(augment, views=views, **fields)
+    else:  # no augmentation: one eval batch, repeated as identical views
+        spec = LoaderSpec(transform="eval", **fields)
+    return loader.build(ctx.data, "train", spec, ctx.dist.rank, ctx.dist.world_size)
+
+
+def _probe(ctx: RunContext, cfg: SqueezeConfig, model,
+           loader: Optional[LoaderConfig] = None) -> tuple[list[dict], dict]:
     p = cfg.probe
+    loaders = None
+    if loader is not None and loader.external:
+        loaders = {split: loader.eval_loader(ctx.data, split) for split in ("train", "test")}
     generator = torch.Generator().manual_seed(ctx.run.seed * 1000 + _SEED_STREAM["probe"])
     return linear_probe(model, ctx.data.train, ctx.data.test, ctx.data.normalize, epochs=p.epochs,
                         batch_size=p.batch_size, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay,
                         schedule=p.schedule, milestones=tuple(p.milestones), standardize=p.standardize,
                         device=ctx.dist.device, generator=generator, workers=cfg.workers,
-                        progress=ctx.run.progress)
+                        progress=ctx.run.progress, loaders=loaders)
 
 
-def _probe_only(ctx: RunContext, cfg: SqueezeConfig, out: Path) -> dict:
+def _probe_only(ctx: RunContext, cfg: SqueezeConfig, out: Path, loader: Optional[LoaderConfig] = None) -> dict:
     source = Path(ctx.run.teacher) if ctx.run.teacher else out / "ssl" / "teacher.pt"
     model, payload = load_teacher(source, ctx.model_cfg, ctx.data)
-    rows, probe_final = _probe(ctx, cfg, model)
+    rows, probe_final = _probe(ctx, cfg, model, loader)
     kind = payload["kind"]
     # A supervised teacher keeps its own classifier; its probed copy goes next to it.
     slot = "ssl" if kind == "ssl" else f"{kind}_probe"
