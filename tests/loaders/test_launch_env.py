@@ -75,14 +75,17 @@ def test_torchrun_two_processes_join_a_gloo_group(tmp_path):
         "env = init_distributed('cpu')\n"
         "t = torch.tensor([float(env.rank + 1)])\n"
         "dist.all_reduce(t)\n"
-        "print(f'rank={env.rank} world={env.world_size} sum={t.item():g}', flush=True)\n"
+        "import sys, pathlib\n"
+        "pathlib.Path(sys.argv[1], f'rank{env.rank}.txt').write_text(\n"
+        "    f'rank={env.rank} world={env.world_size} sum={t.item():g}')\n"
         "dist.destroy_process_group()\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-           "--nproc_per_node=2", f"--master_port={_free_port()}", str(script)]
+           "--nproc_per_node=2", f"--master_port={_free_port()}", str(script), str(tmp_path)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert sorted(line for line in result.stdout.splitlines() if line.startswith("rank=")) == [
+    # each rank writes its own file: two processes sharing one stdout pipe can interleave lines
+    assert sorted(p.read_text() for p in tmp_path.glob("rank*.txt")) == [
         "rank=0 world=2 sum=3", "rank=1 world=2 sum=3"]
 
 
