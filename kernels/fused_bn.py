@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from engine.recover.synthesize import Objective, synthesize_batch, weighted_bn_l
 from engine.squeeze.augment import AugmentSpec
 from engine.squeeze.augment import augment_batch as ssl_augment
 from engine.squeeze.ssl import TrainSettings, method_spec
+from engine.bench.device_stats import device_name, peak_memory, reset_peak, sync
 from kernels import fused_bn_matching
 
 Normalize = Callable[[torch.Tensor], torch.Tensor]
@@ -63,38 +63,15 @@ class Rate:
         return asdict(self)
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (cuda)"
-    return f"cpu ({torch.get_num_threads()} threads)"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak(device: torch.device) -> tuple[float, str]:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda max allocated"
-    # ru_maxrss is KiB on Linux; it never goes down, so it is the process's peak so far.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu max RSS (process)"
-
-
 def _timed(step: Callable[[int], None], steps: int, warmup: int, device: torch.device) -> float:
     for i in range(warmup):
         step(i)
-    _sync(device)
-    _reset_peak(device)
+    sync(device)
+    reset_peak(device)
     start = time.perf_counter()
     for i in range(steps):
         step(warmup + i)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - start
 
 
@@ -130,14 +107,14 @@ def time_recover(model: nn.Module, variant: str, *, num_classes: int, batch: int
             synthesize_batch(net, modules, init, labels, obj, aug, bounds, gen, channels_last=channels_last)
 
     run(warmup)
-    _sync(device)
-    _reset_peak(device)
+    sync(device)
+    reset_peak(device)
     start = time.perf_counter()
     run(steps)
-    _sync(device)
+    sync(device)
     seconds = time.perf_counter() - start
     model.to(memory_format=torch.contiguous_format)
-    peak, kind = _peak(device)
+    peak, kind = peak_memory(device)
     name = "peer (hooks, copies)" if variant == "peer" else f"engine{' channels_last' if channels_last else ''}"
     return Rate(stage="recover", variant=name, model=model_name, image_size=size, batch=batch, steps=steps,
                 seconds=seconds, rate=batch * steps / seconds, unit="image-iterations/s",
@@ -285,7 +262,7 @@ def time_pretrain(model: nn.Module, settings: TrainSettings, images: torch.Tenso
         optimizer.step()
 
     seconds = _timed(step, steps, warmup, device)
-    peak, kind = _peak(device)
+    peak, kind = peak_memory(device)
     batch = images.shape[0]
     return Rate(stage="pretrain", variant=settings.name, model=model_name, image_size=images.shape[-1],
                 batch=batch, steps=steps, seconds=seconds, rate=batch * steps / seconds, unit="images/s",
@@ -325,7 +302,7 @@ def time_evaluate(student: nn.Module, teacher: Optional[nn.Module], images: torc
         optimizer.step()
 
     seconds = _timed(step, steps, warmup, device)
-    peak, kind = _peak(device)
+    peak, kind = peak_memory(device)
     return Rate(stage="evaluate", variant=f"student {recipe.loss}{'+online teacher' if teacher is not None else ''}",
                 model=model_name, image_size=size, batch=batch, steps=steps, seconds=seconds,
                 rate=batch * steps / seconds, unit="images/s", device=device_name(device), peak_memory_mb=peak,

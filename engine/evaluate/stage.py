@@ -7,7 +7,6 @@ their training images.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from engine.distributed import barrier
 from engine.errors import ConfigError
 from engine.evaluate.relabel import precompute_soft_labels
 from engine.evaluate.settings import EvaluateConfig
-from engine.evaluate.student import StudentRecipe, evaluate_accuracy, train_student
+from engine.evaluate.student import StudentRecipe, train_student
 from engine.io import save_json
 from engine.loaders.settings import LoaderConfig, parse_loader
 from engine.models import ModelConfig, build_model

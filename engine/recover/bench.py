@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import time
 from dataclasses import asdict, dataclass
 
@@ -23,6 +22,7 @@ from engine.models import ModelConfig, bn_layers, build_model
 from engine.recover.augment import augment_batch
 from engine.recover.settings import StepAugment
 from engine.recover.synthesize import Objective, synthesize_batch
+from engine.bench.device_stats import device_name, peak_memory, reset_peak, sync
 from kernels import fused_bn_matching
 
 
@@ -75,17 +75,6 @@ def peer_recover(model, init, labels, objective: Objective, aug: StepAugment, bo
     return x.detach()
 
 
-def _peak_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure(variant: str, model_name: str, image_size: int, batch: int, steps: int, warmup: int,
             device: torch.device, channels: int = 3, num_classes: int = 100,
             channels_last: bool | None = None, backend: str = "auto") -> RecoverBenchRow:
@@ -112,17 +101,16 @@ def measure(variant: str, model_name: str, image_size: int, batch: int, steps: i
                                     channels_last=use_cl).images
 
     run(warmup)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    _sync(device)
+    reset_peak(device)
+    sync(device)
     start = time.perf_counter()
     run(steps)
-    _sync(device)
+    sync(device)
     seconds = time.perf_counter() - start
     name = variant if variant == "peer" else f"engine{'+channels_last' if use_cl else ''}"
     return RecoverBenchRow(variant=name, device=str(device), model=model_name, image_size=image_size,
                            batch=batch, steps=steps, seconds=seconds,
-                           image_iterations_per_s=batch * steps / seconds, peak_memory_mb=_peak_mb(device))
+                           image_iterations_per_s=batch * steps / seconds, peak_memory_mb=peak_memory(device)[0])
 
 
 def main(argv: list[str] | None = None) -> list[RecoverBenchRow]:
@@ -149,7 +137,7 @@ def main(argv: list[str] | None = None) -> list[RecoverBenchRow]:
         rows.append(best)
     peer = rows[0].image_iterations_per_s
     print(f"recover step, {args.model} {args.image_size}px batch {args.batch}, {args.steps} steps, "
-          f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'})")
+          f"device {device_name(device)}")
     print(f"{'variant':<24}{'img-it/s':>12}{'s':>10}{'peak MB':>10}{'vs peer':>9}")
     for row in rows:
         print(f"{row.variant:<24}{row.image_iterations_per_s:>12.1f}{row.seconds:>10.2f}"

@@ -23,7 +23,7 @@ def one_thread():
 
 
 def test_bench_writes_every_figure_and_a_trace(run_scdd, tmp_path):
-    result = run_scdd(*TINY, "bench.trace=true", run_dir=tmp_path)
+    result = run_scdd(*TINY, "bench.trace=true", "evaluate.epochs=7", run_dir=tmp_path)
     saved = json.loads((tmp_path / "bench.json").read_text())
     for key in ("device", "bench", "pretrain_images_per_s", "recover_image_iterations_per_s",
                 "evaluate_images_per_s", "peak_memory_mb", "memory_kind", "measurements", "peer_comparison",
@@ -46,7 +46,7 @@ def test_bench_writes_every_figure_and_a_trace(run_scdd, tmp_path):
     # current target: the configured run's own sizes and schedule
     proj = saved["projection"]
     assert proj["target"]["name"] == "current" and proj["target"]["num_classes"] == 10
-    assert proj["target"]["eval_epochs"] == 300  # evaluate.epochs
+    assert proj["target"]["eval_epochs"] == 7  # evaluate.epochs, as configured
     assert result["projection"]["total_gpu_hours"] == pytest.approx(saved["projection"]["total_gpu_hours"])
 
 

@@ -1,7 +1,6 @@
 """FFCV: write real images to .beton and read them back through engine.loaders."""
 import json
 
-import numpy as np
 import pytest
 import torch
 

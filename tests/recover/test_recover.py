@@ -3,14 +3,13 @@ import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from engine.data import DataConfig, build_data
 from engine.errors import ConfigError
 from engine.models import bn_layers
 from engine.recover.plan import batches_for_rank, plan_batches
-from engine.recover.settings import RecoverConfig, StepAugment
+from engine.recover.settings import StepAugment
 from engine.recover.synthesize import Objective, synthesize_batch
 from engine.checkpoint import load_teacher
 from kernels import fused_bn_matching
