@@ -1,8 +1,11 @@
 """The main job end to end on digits with tiny settings: report.json, report.md and PNGs."""
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
 
 TINY = ("data=digits", "model.width=16", "model.depth=2", "progress=false", "ipc=[1,2]",
         "squeeze.epochs=2", "squeeze.probe.epochs=5", "recover.iterations=5", "evaluate.epochs=3",
@@ -14,7 +17,6 @@ ROWS = ("scdd", "sre2l", "scdd_real_init", "real_init_unrefined", "random_real")
 def pipeline_run(tmp_path_factory):
     from hydra import compose, initialize_config_dir
 
-    from conftest import REPO
     from engine.cli import execute
 
     run_dir = tmp_path_factory.mktemp("pipeline")
@@ -55,7 +57,6 @@ def test_report_table_and_pngs(pipeline_run):
 def test_resume_reuses_finished_rows(pipeline_run):
     from hydra import compose, initialize_config_dir
 
-    from conftest import REPO
     from engine.cli import execute
 
     run_dir, _ = pipeline_run
