@@ -25,7 +25,7 @@ from engine.evaluate.augment import apply_params, sample_params, step_rng
 from engine.evaluate.losses import soft_label_kl
 from engine.evaluate.student import StudentRecipe
 from engine.recover.augment import augment_batch as recover_augment
-from engine.recover.bench import peer_recover
+from engine.bench.peer import peer_recover
 from engine.recover.settings import StepAugment
 from engine.recover.synthesize import Objective, synthesize_batch, weighted_bn_loss
 from engine.squeeze.augment import AugmentSpec
@@ -82,8 +82,8 @@ def time_recover(model: nn.Module, variant: str, *, num_classes: int, batch: int
                  channels_last: bool, backend: str, model_name: str, source: str) -> Rate:
     """Image-iterations/s of the engine's ``synthesize_batch`` or the peer loop (``variant`` engine|peer).
 
-    Same rules as engine.recover.bench.measure (fixed init, seeded augmentation, warm-up run first),
-    but on the given, already built model, so the configured width/depth are the ones timed.
+    Fixed init, seeded augmentation, a warm-up run first; on the given, already built model, so the
+    configured width/depth are the ones timed (engine.recover.bench builds one by name).
     """
     model = model.to(device).eval().requires_grad_(False)
     channels = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
