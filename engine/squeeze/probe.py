@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from engine.evaluate.student import evaluate_accuracy
 from engine.models import ClassifierNet
 from engine.squeeze.pretrain import iterate_batches
 
@@ -115,7 +116,6 @@ def linear_probe(model: ClassifierNet, train: Dataset, test: Dataset,
 
 def evaluate_top1(model: ClassifierNet, dataset: Dataset, normalize: Callable[[torch.Tensor], torch.Tensor],
                   device: torch.device, workers: int = 0, loader=None) -> float:
-    """Top-1 of ``model`` (eval mode, no augmentation) on a split, as a fraction."""
-    logits, labels = extract_features(model, dataset, normalize, device, workers=workers, head=True,
-                                      loader=loader)
-    return float((logits.argmax(1) == labels).float().mean())
+    """Top-1 of ``model`` (eval mode, no augmentation) on a split, as a fraction: the same measure
+    the evaluate stage reports for students, so teacher and student rows are comparable."""
+    return evaluate_accuracy(model, dataset, normalize, device, workers=workers, loader=loader)[0]
