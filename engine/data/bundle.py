@@ -55,21 +55,24 @@ class DataBundle:
     std: list[float]
     class_names: list[str] = field(default_factory=list)
 
+    def _stats(self, like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean, std as [1,C,1,1] tensors on ``like``'s device and dtype (CPU float32 without it)."""
+        kwargs = {} if like is None else {"device": like.device, "dtype": like.dtype}
+        return (torch.tensor(self.mean, **kwargs).view(1, -1, 1, 1),
+                torch.tensor(self.std, **kwargs).view(1, -1, 1, 1))
+
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """Map a batch [N,C,H,W] in [0,1] to the normalized space models see."""
-        mean = torch.tensor(self.mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+        mean, std = self._stats(images)
         return (images - mean) / std
 
     def denormalize(self, images: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+        mean, std = self._stats(images)
         return images * std + mean
 
     def pixel_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel (low, high) of valid pixels in normalized space, shapes [1,C,1,1]."""
-        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
-        std = torch.tensor(self.std).view(1, -1, 1, 1)
+        mean, std = self._stats()
         return (0 - mean) / std, (1 - mean) / std
 
     def labels(self, split: str = "train") -> list[int]:
