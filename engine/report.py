@@ -20,8 +20,14 @@ ROW_TITLES = {
     "sre2l_real_init": "SRe2L-style, real init",
     "random_real": "random real subset",
 }
-RECOVER_FOLDER = {"scdd": "ssl-noise", "sre2l": "supervised-noise", "scdd_real_init": "ssl-real",
-                  "real_init_unrefined": "ssl-real/init", "sre2l_real_init": "supervised-real"}
+# report key -> folder under <run_dir>/recover holding its distilled.pt (and grid.png)
+SET_FOLDERS = {
+    "scdd": "ssl-noise",
+    "sre2l": "supervised-noise",
+    "scdd_real_init": "ssl-real",
+    "real_init_unrefined": "ssl-real/init",
+    "sre2l_real_init": "supervised-real",
+}
 _SUMMARY_KEYS = ("top1", "top1_std", "top5", "images", "epochs", "seconds", "images_per_s",
                  "stored_labels_bytes_per_image_epoch")
 
@@ -67,7 +73,7 @@ def render_table(report: dict) -> str:
             top1 = _fmt(row.get("top1"))
             if "top1_std" in row and row.get("top1_std"):
                 top1 += f" ± {100 * row['top1_std']:.1f}"
-            rec = recover_s.get(RECOVER_FOLDER.get(key, ""), None)
+            rec = recover_s.get(SET_FOLDERS.get(key, ""), None)
             lines.append(f"| {ROW_TITLES.get(key, key)} | {ipc} | {top1} | {_fmt(row.get('top5'))} | "
                          f"{_fmt(rec, pct=False)} | {_fmt(row.get('seconds'), pct=False)} |")
     if "full_data" in report:
@@ -102,7 +108,7 @@ def plot_accuracy(results: dict, path: Path) -> None:
 
 
 def plot_grids(run_dir: Path, keys: list[str], path: Path) -> None:
-    grids = [(key, run_dir / "recover" / RECOVER_FOLDER[key] / "grid.png") for key in keys if key in RECOVER_FOLDER]
+    grids = [(key, run_dir / "recover" / SET_FOLDERS[key] / "grid.png") for key in keys if key in SET_FOLDERS]
     grids = [(k, p) for k, p in grids if p.is_file()]
     if not grids:
         return

@@ -7,6 +7,7 @@ their training images.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,16 +31,7 @@ from engine.loaders.settings import LoaderConfig, parse_loader
 from engine.models import ModelConfig, build_model
 from engine.recover.output import DISTILLED_FILE, load_distilled
 from engine.recover.stage import teacher_path
-
-# report key -> folder under <run_dir>/recover holding its distilled.pt
-SET_FOLDERS = {
-    "scdd": "ssl-noise",
-    "sre2l": "supervised-noise",
-    "scdd_real_init": "ssl-real",
-    "real_init_unrefined": "ssl-real/init",
-    "sre2l_real_init": "supervised-real",
-}
-
+from engine.report import SET_FOLDERS, write_report
 
 class InMemoryImages(Dataset):
     """Float images [N,C,H,W] in [0,1] with labels: the distilled set or a real subset."""
@@ -112,8 +104,6 @@ class Evaluator:
         folder = self.out_root / (f"ipc{ipc}" if ipc else "full") / (key + (f"_s{seed_offset}" if seed_offset else ""))
         result_file = folder / "result.json"
         if ctx.run.resume and result_file.is_file():
-            import json
-
             return json.loads(result_file.read_text())
         recipe = make_recipe(self.cfg, bundle, epochs)
         seed = ctx.run.seed + seed_offset
@@ -199,8 +189,6 @@ def run(ctx: RunContext, **overrides) -> dict:
     start = time.time()
     results = evaluate_rows(ctx, cfg, sets, loader)
     results["seconds"] = {"evaluate": time.time() - start}
-    from engine.report import write_report
-
     if ctx.dist.is_main:
         write_report(ctx, results)
     return results
