@@ -122,17 +122,10 @@ def init_distributed(device: str = "auto", env: Optional[Mapping[str, str]] = No
     facts = read_launch_env(os.environ if env is None else env)
     dev = resolve_device(device, facts["local_rank"])
     dist_env = DistEnv(device=dev, **facts)
-    if dist_env.distributed and not torch.distributed.is_initialized():
-        # DeepSpeed and torch.distributed read these; SLURM launches do not set them.
-        os.environ.setdefault("RANK", str(dist_env.rank))
-        os.environ.setdefault("WORLD_SIZE", str(dist_env.world_size))
-        os.environ.setdefault("LOCAL_RANK", str(dist_env.local_rank))
-        os.environ.setdefault("MASTER_ADDR", dist_env.master_addr)
-        os.environ.setdefault("MASTER_PORT", str(dist_env.master_port))
+    if dist_env.distributed:
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        torch.distributed.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
-                                             rank=dist_env.rank, world_size=dist_env.world_size)
+        ensure_process_group(dist_env)
     _CURRENT = dist_env
     return dist_env
 
@@ -150,6 +143,7 @@ def barrier() -> None:
 def ensure_process_group(env: DistEnv) -> None:
     """Join a process group even with one process (DDP and DeepSpeed need one); no-op if joined."""
     if not torch.distributed.is_initialized():
+        # DeepSpeed and torch.distributed read these; SLURM launches do not set them.
         os.environ.setdefault("RANK", str(env.rank))
         os.environ.setdefault("WORLD_SIZE", str(env.world_size))
         os.environ.setdefault("LOCAL_RANK", str(env.local_rank))

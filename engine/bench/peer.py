@@ -5,7 +5,6 @@ mean/var and torch.norm; autograd does the rest. The engine never uses this loop
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +13,7 @@ from engine.models import bn_layers
 from engine.recover.augment import augment_batch
 from engine.recover.settings import StepAugment
 from engine.recover.synthesize import Objective
+from engine.training.schedule import cosine_lr, set_lr
 
 
 class _PeerBNHook:
@@ -36,8 +36,7 @@ def peer_recover(model, init, labels, objective: Objective, aug: StepAugment, bo
     x = init.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([x], lr=objective.lr, betas=(0.5, 0.9))
     for step in range(objective.iterations):
-        for group in optimizer.param_groups:
-            group["lr"] = 0.5 * objective.lr * (1 + math.cos(math.pi * step / objective.iterations))
+        set_lr(optimizer, cosine_lr(step, objective.iterations, objective.lr))
         out = model(augment_batch(x, aug, generator))
         ce = F.cross_entropy(out, labels)
         bn = objective.first_bn_multiplier * hooks[0].loss + sum(h.loss for h in hooks[1:])

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torchvision.ops import roi_align
 
+from engine.training.crops import CROP_UNIFORMS, crop_boxes
+
 
 @dataclass
 class AugParams:
@@ -32,27 +34,9 @@ def step_rng(seed: int, epoch: int, step: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, step])
 
 
-def sample_crops(rng: np.random.Generator, batch: int, size: int, scale: tuple[float, float],
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
-    """torchvision's RandomResizedCrop rule, vectorized: 10 tries per image, else the whole image."""
-    area = size * size
-    target = area * rng.uniform(scale[0], scale[1], size=(batch, 10))
-    aspect = np.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1]), size=(batch, 10)))
-    w = np.rint(np.sqrt(target * aspect)).astype(np.int64)
-    h = np.rint(np.sqrt(target / aspect)).astype(np.int64)
-    ok = (w > 0) & (w <= size) & (h > 0) & (h <= size)
-    first = np.where(ok.any(1), ok.argmax(1), -1)
-    rows = np.arange(batch)
-    hh = np.where(first >= 0, h[rows, first], size)
-    ww = np.where(first >= 0, w[rows, first], size)
-    top = np.floor(rng.random(batch) * (size - hh + 1)).astype(np.int64)
-    left = np.floor(rng.random(batch) * (size - ww + 1)).astype(np.int64)
-    return np.stack([top, left, hh, ww], axis=1).astype(np.int16)
-
-
 def sample_params(rng: np.random.Generator, batch: int, size: int, crop_scale: tuple[float, float],
                   flip: bool, cutmix_prob: float, cutmix_alpha: float) -> AugParams:
-    boxes = sample_crops(rng, batch, size, crop_scale)
+    boxes = crop_boxes(rng.random((batch, CROP_UNIFORMS)), size, crop_scale)
     flips = (rng.random(batch) < 0.5) if flip else np.zeros(batch, dtype=bool)
     params = AugParams(boxes=boxes, flips=flips)
     if batch > 1 and rng.random() < cutmix_prob:

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from engine.evaluate.augment import AugParams, apply_params, sample_params, step_rng
 from engine.io import save_json, save_torch
+from engine.training.batches import batches_of, epoch_order, load_batches, to_unit_float
 
 
 def epoch_file(folder: Path, epoch: int) -> Path:
@@ -29,8 +30,6 @@ def precompute_soft_labels(teacher: nn.Module, train_set, normalize: Callable, r
                            seed: int, folder: Path, topk: int, dtype: str = "float16",
                            resume: bool = True, progress: bool = True) -> dict:
     """Write one label file per epoch; returns {"bytes": total, "bytes_per_image_epoch": ...}."""
-    from engine.evaluate.student import batches_of, epoch_order, load_batches
-
     import dataclasses
     import json
     import shutil
@@ -57,7 +56,7 @@ def precompute_soft_labels(teacher: nn.Module, train_set, normalize: Callable, r
                                                                recipe.workers)):
             params = sample_params(step_rng(seed, epoch, step), len(images), image_size, recipe.crop_scale,
                                    recipe.flip, recipe.cutmix_prob, recipe.cutmix_alpha)
-            logits = teacher(apply_params(normalize(images.to(device)), params)).float()
+            logits = teacher(apply_params(normalize(to_unit_float(images.to(device))), params)).float()
             k = min(topk, logits.shape[1])
             top = logits.topk(k, dim=1)
             values.append(top.values.to(store_dtype).cpu())

@@ -16,14 +16,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from engine.evaluate.augment import AugParams, apply_params, sample_params, step_rng
 from engine.evaluate.losses import mixed_cross_entropy, soft_label_kl
 from engine.evaluate.relabel import load_epoch_labels, reconstruct_logits
-from engine.distributed import DistEnv, average_buffers, ensure_process_group
+from engine.distributed import DistEnv, average_buffers
 from engine.io import save_torch
+from engine.training.batches import batches_of, epoch_order, load_batches, to_unit_float
+from engine.training.metrics import evaluate_accuracy
+from engine.training.schedule import cosine_lr, set_lr
+from engine.training.trainers import wrap_ddp
 
 
 @dataclass(frozen=True)
@@ -53,67 +57,6 @@ class StudentResult:
     images_per_s: float = 0.0
 
 
-def epoch_order(seed: int, epoch: int, count: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch, 2**31 - 1]).permutation(count)
-
-
-def batches_of(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-class _IndexBatches(torch.utils.data.Sampler):
-    def __init__(self, batches: list[np.ndarray]):
-        self.batches = batches
-
-    def __iter__(self):
-        return iter([b.tolist() for b in self.batches])
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
-def load_batches(dataset: Dataset, batches: list[np.ndarray], workers: int):
-    """Yield (images [B,C,H,W] in [0,1], labels) for the given index batches, in order."""
-    if workers == 0 and hasattr(dataset, "images") and isinstance(dataset.images, torch.Tensor):
-        labels = torch.as_tensor(dataset.labels)
-        for idx in batches:
-            index = torch.from_numpy(idx)
-            images = dataset.images[index]
-            yield (images.float() / 255 if images.dtype == torch.uint8 else images), labels[index]
-        return
-    loader = DataLoader(dataset, batch_sampler=_IndexBatches(batches), num_workers=workers)
-    yield from loader
-
-
-@torch.no_grad()
-def evaluate_accuracy(model: nn.Module, dataset: Dataset, normalize: Callable, device: torch.device,
-                      batch_size: int = 500, workers: int = 0, loader=None) -> tuple[float, Optional[float]]:
-    """Top-1 (and top-5 when there are more than 10 classes) on a real test split.
-
-    ``loader``: an engine.loaders BatchLoader of the whole split (eval transform, normalized batches,
-    loader=ffcv|dali) read instead of ``dataset``.
-    """
-    model.eval()
-    correct1 = correct5 = total = 0
-    has_top5 = None
-    if loader is None:
-        batches = ((normalize(images.to(device)), labels) for images, labels in
-                   load_batches(dataset, batches_of(np.arange(len(dataset)), batch_size), workers))
-    else:
-        batches = ((images.to(device), labels) for images, labels in loader)
-    for images, labels in batches:
-        logits = model(images)
-        labels = labels.to(device)
-        if has_top5 is None:
-            has_top5 = logits.shape[1] > 10
-        correct1 += int((logits.argmax(1) == labels).sum())
-        if has_top5:
-            top5 = logits.topk(5, dim=1).indices
-            correct5 += int((top5 == labels[:, None]).any(1).sum())
-        total += len(labels)
-    return correct1 / total, (correct5 / total if has_top5 else None)
-
-
 def train_student(student: nn.Module, train_set: Dataset, test_set: Dataset, normalize: Callable,
                   recipe: StudentRecipe, device: torch.device, seed: int,
                   teacher: Optional[nn.Module] = None, stored_labels: Optional[Path] = None,
@@ -135,8 +78,7 @@ def train_student(student: nn.Module, train_set: Dataset, test_set: Dataset, nor
     student = student.to(device)
     model = student
     if world > 1:
-        ensure_process_group(dist)
-        model = nn.parallel.DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None)
+        model = wrap_ddp(student, dist)
     if teacher is not None:
         teacher = teacher.to(device).eval()
     optimizer = torch.optim.AdamW(student.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
@@ -166,10 +108,10 @@ def train_student(student: nn.Module, train_set: Dataset, test_set: Dataset, nor
         losses = []
         for step, (images, labels) in enumerate(load_batches(train_set, batches_of(order, recipe.batch_size),
                                                              recipe.workers)):
+            images = to_unit_float(images)
             global_step = epoch * steps_per_epoch + step
-            lr = 0.5 * recipe.lr * (1 + math.cos(math.pi * global_step / total_steps))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = cosine_lr(global_step, total_steps, recipe.lr)
+            set_lr(optimizer, lr)
             if step_params is not None:
                 params: AugParams = step_params[step]
             else:

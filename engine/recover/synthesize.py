@@ -1,7 +1,6 @@
 """Optimize one batch of synthetic images against a frozen teacher (CE + weighted BN matching)."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -10,6 +9,7 @@ from torch import nn
 
 from engine.recover.augment import augment_batch
 from engine.recover.settings import StepAugment
+from engine.training.schedule import cosine_lr, set_lr
 
 
 @dataclass(frozen=True)
@@ -53,9 +53,8 @@ def synthesize_batch(teacher: nn.Module, bn_modules: list, init: torch.Tensor, l
     result = BatchResult(images=init)
     steps = objective.iterations
     for step in range(steps):
-        lr = 0.5 * objective.lr * (1 + math.cos(math.pi * step / steps))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = cosine_lr(step, steps, objective.lr)
+        set_lr(optimizer, lr)
         inputs = augment_batch(x, aug, generator)
         if channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)

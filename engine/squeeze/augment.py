@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.errors import ConfigError
+from engine.training.crops import crop_sides
 
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -112,11 +113,10 @@ def _bernoulli(n: int, p: float, generator: torch.Generator) -> torch.Tensor:
 
 def _crop_flip_grid(n: int, spec: AugmentSpec, generator: torch.Generator) -> torch.Tensor:
     """Affine matrices [n, 2, 3] mapping output coords to input coords (normalized, [-1, 1])."""
-    area = _uniform(n, *spec.crop_scale, generator)
-    log_ratio = _uniform(n, math.log(spec.crop_ratio[0]), math.log(spec.crop_ratio[1]), generator)
-    ratio = log_ratio.exp()
-    w = (area * ratio).sqrt().clamp(max=1.0)  # width fraction
-    h = (area / ratio).sqrt().clamp(max=1.0)
+    area_u = torch.rand(n, generator=generator)
+    ratio_u = torch.rand(n, generator=generator)
+    h, w = crop_sides(area_u, ratio_u, spec.crop_scale, spec.crop_ratio)
+    h, w = h.clamp(max=1.0), w.clamp(max=1.0)  # fractions of the side
     cx = (torch.rand(n, generator=generator) * 2 - 1) * (1 - w)
     cy = (torch.rand(n, generator=generator) * 2 - 1) * (1 - h)
     sign = torch.ones(n)

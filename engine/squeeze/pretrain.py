@@ -1,22 +1,23 @@
 """The epoch loop shared by every method: batches, views, SGD + cosine, epoch checkpoints, resume."""
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from engine.distributed import DistEnv, all_reduce_sum
 from engine.errors import ConfigError
 from engine.io import save_torch
 from engine.squeeze.augment import AugmentSpec, augment_batch, augment_color
-from engine.squeeze.trainer import DeepSpeedSettings, build_trainer
+from engine.training.batches import batches_of, load_batches
+from engine.training.schedule import cosine_lr, set_lr
+from engine.training.trainers import DeepSpeedSettings, build_trainer
 
 
 class Interrupted(Exception):
@@ -31,35 +32,6 @@ class Schedule:
     momentum: float
     weight_decay: float
     warmup_epochs: int = 0
-
-
-def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
-    """Linear warmup then cosine to zero, evaluated per optimizer step (stateless: resume-safe)."""
-    if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * base_lr * (1 + math.cos(math.pi * progress))
-
-
-def iterate_batches(dataset: Dataset, order: torch.Tensor, batch_size: int, drop_last: bool,
-                    workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches (images [B,C,H,W] uint8 or float in [0,1], labels [B]) in the given order.
-
-    In-memory datasets (``.images`` uint8 tensor) are sliced directly; others stream through a
-    DataLoader whose sampler is ``order``, so both paths see the same sequence.
-    """
-    count = len(order) // batch_size * batch_size if drop_last else len(order)
-    images = getattr(dataset, "images", None)
-    if isinstance(images, torch.Tensor):
-        labels = torch.as_tensor(dataset.labels)
-        for start in range(0, count, batch_size):
-            index = order[start:start + batch_size]
-            yield images[index], labels[index]
-        return
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=order[:count].tolist(), num_workers=workers,
-                        drop_last=drop_last, persistent_workers=False)
-    for x, y in loader:
-        yield x, torch.as_tensor(y)
 
 
 def rank_state_path(state_path: Path, rank: int, world_size: int) -> Path:
@@ -90,7 +62,7 @@ def train(method: nn.Module, dataset: Dataset, *, schedule: Schedule, spec: Augm
     uninterrupted run on the CPU. ``fingerprint`` (plain settings) must match the saved one, so a
     resume never mixes configs.
 
-    ``trainer`` (single | ddp | deepspeed, see engine.squeeze.trainer) wraps the method. With
+    ``trainer`` (single | ddp | deepspeed, see engine.training.trainers) wraps the method. With
     world size W every global batch of ``schedule.batch_size`` is split: rank r takes its
     positions r, r+W, ... (the epoch order is the same on every rank); views are drawn from a
     per-rank generator so ranks do not repeat each other's crops.
@@ -148,7 +120,7 @@ def train(method: nn.Module, dataset: Dataset, *, schedule: Schedule, spec: Augm
         if loader is None:
             order = torch.randperm(len(dataset), generator=generator)
             mine = order if world == 1 else rank_order(order, schedule.batch_size, dist.rank, world)
-            batches = iterate_batches(dataset, mine, micro_batch, True, workers)
+            batches = load_batches(dataset, batches_of(mine, micro_batch, drop_last=True), workers)
         else:
             loader.set_epoch(epoch)
             batches = loader
@@ -156,9 +128,8 @@ def train(method: nn.Module, dataset: Dataset, *, schedule: Schedule, spec: Augm
                    desc=f"{desc} {epoch + 1}/{schedule.epochs}", disable=not progress or not dist.is_main,
                    leave=False)
         for images, labels in bar:
-            lr = lr_at(step, total_steps, warmup_steps, schedule.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = cosine_lr(step, total_steps, schedule.lr, warmup_steps)
+            set_lr(optimizer, lr)
             t0 = time.perf_counter()
             if loader is None:
                 images = images.to(device, non_blocking=True)

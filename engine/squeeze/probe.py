@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from engine.evaluate.student import evaluate_accuracy
 from engine.models import ClassifierNet
-from engine.squeeze.pretrain import iterate_batches
+from engine.training.batches import batches_of, load_batches
+from engine.training.metrics import evaluate_accuracy
+from engine.training.schedule import cosine_lr
 
 
 @torch.no_grad()
@@ -36,7 +37,7 @@ def extract_features(model: ClassifierNet, dataset: Dataset, normalize: Callable
     model.eval()
     feats, labels = [], []
     if loader is None:
-        batches = iterate_batches(dataset, torch.arange(len(dataset)), batch_size, False, workers)
+        batches = load_batches(dataset, batches_of(range(len(dataset)), batch_size), workers)
     else:
         batches = loader
     for images, y in batches:
@@ -53,9 +54,7 @@ def extract_features(model: ClassifierNet, dataset: Dataset, normalize: Callable
 def step_or_cosine_lr(epoch: int, epochs: int, base_lr: float, schedule: str,
                       milestones: tuple[float, ...]) -> float:
     if schedule == "cosine":
-        import math
-
-        return 0.5 * base_lr * (1 + math.cos(math.pi * epoch / epochs))
+        return cosine_lr(epoch, epochs, base_lr)
     return base_lr * 0.1 ** sum(epoch >= round(m * epochs) for m in milestones)
 
 

@@ -35,7 +35,7 @@ from engine.distributed import average_buffers, barrier
 from engine.squeeze.pretrain import Interrupted, Schedule, rank_state_path, train
 from engine.squeeze.probe import evaluate_top1, linear_probe
 from engine.squeeze.ssl import SupervisedSettings, TrainSettings, method_spec
-from engine.squeeze.trainer import TRAINERS, DeepSpeedSettings, TrainerConfig, deepspeed_config
+from engine.training.trainers import TRAINERS, DeepSpeedSettings, TrainerConfig, deepspeed_config
 
 log = logging.getLogger("scdd.squeeze")
 

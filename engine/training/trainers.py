@@ -155,12 +155,16 @@ def _single(method, optimizer, dist, ds) -> Trainer:
                    optimizer.load_state_dict, lambda: None)
 
 
-def _ddp(method, optimizer, dist, ds) -> Trainer:
+def wrap_ddp(module: nn.Module, dist: DistEnv, **options) -> nn.parallel.DistributedDataParallel:
+    """DDP around ``module`` (already on ``dist.device``), joining the process group if needed."""
     ensure_process_group(dist)
+    return nn.parallel.DistributedDataParallel(
+        module, device_ids=[dist.device] if dist.device.type == "cuda" else None, **options)
+
+
+def _ddp(method, optimizer, dist, ds) -> Trainer:
     restore = _freeze_untrained(method, [p for g in optimizer.param_groups for p in g["params"]])
-    wrapped = nn.parallel.DistributedDataParallel(
-        _LossModule(method), device_ids=[dist.device] if dist.device.type == "cuda" else None,
-        forward_sync_buffers=False)
+    wrapped = wrap_ddp(_LossModule(method), dist, forward_sync_buffers=False)
 
     def backward(loss: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
