@@ -6,7 +6,7 @@ import time
 from engine.context import RunContext
 from engine.evaluate import stage as evaluate_stage
 from engine.recover import stage as recover_stage
-from engine.report import write_report
+from engine.evaluate.report import write_report
 from engine.squeeze import stage as squeeze_stage
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from engine.checkpoint import save_teacher
+from engine.artifacts.teacher import save_teacher
 from engine.data import DataConfig, build_data
 from engine.models import ModelConfig, build_model
 

@@ -1,13 +1,11 @@
 """Stored relabeling (SRe2L/FKD style): per-epoch crop parameters + the teacher's top-k logits.
 
-One file per epoch holds, for every image of the epoch in the order the student sees them: its
-crop box (int16 x4), flip bit, CutMix partner, and the teacher's top-k logits on the augmented
-batch (fp16 values + int16 class indices). Replaying the file reproduces the online labels for
-the same crops, at ~4k+15 bytes per image-epoch instead of a teacher forward pass.
+For every image of an epoch, in the order the student sees them: its crop box, flip bit, CutMix
+partner, and the teacher's top-k logits on the augmented batch (fp16 values + int16 class
+indices). The files (engine.artifacts.soft_labels) replay the online labels for the same crops.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Callable
 
@@ -16,39 +14,32 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from engine.artifacts import soft_labels
 from engine.evaluate.augment import AugParams, apply_params, sample_params, step_rng
-from engine.io import save_json, save_torch
 from engine.training.batches import batches_of, epoch_order, load_batches, to_unit_float
-
-
-def epoch_file(folder: Path, epoch: int) -> Path:
-    return folder / f"epoch{epoch:05d}.pt"
 
 
 @torch.no_grad()
 def precompute_soft_labels(teacher: nn.Module, train_set, normalize: Callable, recipe, device: torch.device,
                            seed: int, folder: Path, topk: int, dtype: str = "float16",
-                           resume: bool = True, progress: bool = True) -> dict:
-    """Write one label file per epoch; returns {"bytes": total, "bytes_per_image_epoch": ...}."""
-    import dataclasses
-    import json
-    import shutil
+                           fingerprint: dict | None = None, resume: bool = True,
+                           progress: bool = True) -> dict:
+    """Write one label file per epoch; returns {"bytes": total, "bytes_per_image_epoch": ...}.
 
+    ``fingerprint``: what else the labels depend on (the set's and the teacher's digests); the
+    recipe, seed, top-k, dtype and image count are added here.
+    """
     teacher = teacher.to(device).eval()
-    fingerprint = {"recipe": dataclasses.asdict(recipe), "seed": seed, "topk": topk, "dtype": dtype,
-                   "count": len(train_set)}
-    meta = folder / "meta.json"
-    if folder.exists() and (not resume or not meta.is_file()
-                            or json.loads(meta.read_text()) != json.loads(json.dumps(fingerprint))):
-        shutil.rmtree(folder)  # labels made for another recipe would silently mislabel the crops
-    folder.mkdir(parents=True, exist_ok=True)
-    save_json(fingerprint, meta)
     count = len(train_set)
+    import dataclasses
+
+    full = {"recipe": dataclasses.asdict(recipe), "seed": seed, "topk": topk, "dtype": dtype, "count": count,
+            **(fingerprint or {})}
+    soft_labels.open_store(folder, full, resume)
     image_size = train_set[0][0].shape[-1]
     store_dtype = torch.float16 if dtype == "float16" else torch.float32
     for epoch in tqdm(range(recipe.epochs), desc="relabel", disable=not progress, unit="ep", leave=False):
-        path = epoch_file(folder, epoch)
-        if resume and path.is_file():
+        if soft_labels.has_epoch(folder, epoch):
             continue
         order = epoch_order(seed, epoch, count)
         boxes, flips, cutmix, values, indices = [], [], [], [], []
@@ -57,26 +48,24 @@ def precompute_soft_labels(teacher: nn.Module, train_set, normalize: Callable, r
             params = sample_params(step_rng(seed, epoch, step), len(images), image_size, recipe.crop_scale,
                                    recipe.flip, recipe.cutmix_prob, recipe.cutmix_alpha)
             logits = teacher(apply_params(normalize(to_unit_float(images.to(device))), params)).float()
-            k = min(topk, logits.shape[1])
-            top = logits.topk(k, dim=1)
+            top = logits.topk(min(topk, logits.shape[1]), dim=1)
             values.append(top.values.to(store_dtype).cpu())
             indices.append(top.indices.to(torch.int16).cpu())
             boxes.append(params.boxes)
             flips.append(params.flips)
             cutmix.append(None if params.cutmix_partner is None else
                           (params.cutmix_partner.astype(np.int16), params.cutmix_box, params.cutmix_lam))
-        save_torch({"order": order.astype(np.int32), "boxes": np.concatenate(boxes),
-                    "flips": np.concatenate(flips), "cutmix": cutmix, "batch_size": recipe.batch_size,
-                    "values": torch.cat(values), "indices": torch.cat(indices)}, path)
-    total = sum(epoch_file(folder, e).stat().st_size for e in range(recipe.epochs))
+        soft_labels.save_epoch(folder, epoch, {
+            "order": order.astype(np.int32), "boxes": np.concatenate(boxes), "flips": np.concatenate(flips),
+            "cutmix": cutmix, "batch_size": recipe.batch_size, "values": torch.cat(values),
+            "indices": torch.cat(indices)})
+    total = soft_labels.total_bytes(folder, recipe.epochs)
     return {"bytes": total, "bytes_per_image_epoch": total / (count * recipe.epochs)}
 
 
 def load_epoch_labels(folder: Path, epoch: int) -> dict:
-    path = epoch_file(folder, epoch)
-    if not path.is_file():
-        raise FileNotFoundError(f"stored soft labels {path} missing; run the relabel stage first")
-    raw = torch.load(path, map_location="cpu", weights_only=False)
+    """One epoch's order, per-step augmentation parameters and stored logits."""
+    raw = soft_labels.load_epoch(folder, epoch)
     bs = raw["batch_size"]
     params = []
     for step, mix in enumerate(raw["cutmix"]):
@@ -90,9 +79,7 @@ def load_epoch_labels(folder: Path, epoch: int) -> dict:
 
 
 def reconstruct_logits(stored: dict, step: int, num_classes: int) -> torch.Tensor:
-    """[B, K] fp32 logits: the stored top-k, -inf elsewhere (zero probability after softmax)."""
+    """[B, K] fp32 logits of ``step``: the stored top-k, -inf elsewhere."""
     bs = stored["batch_size"]
-    values = stored["values"][step * bs:(step + 1) * bs].float()
-    indices = stored["indices"][step * bs:(step + 1) * bs].long()
-    out = torch.full((values.shape[0], num_classes), -math.inf)
-    return out.scatter_(1, indices, values)
+    rows = slice(step * bs, (step + 1) * bs)
+    return soft_labels.reconstruct_logits(stored["values"][rows], stored["indices"][rows], num_classes)

@@ -42,10 +42,15 @@ class EvaluateConfig:
     """Random real subsets drawn (different seeds) for the baseline row; mean and std reported."""
     workers: int = 0
     """DataLoader workers for streaming (image-folder) training sets."""
+    cache_mb: int = 512
+    """Size rule: a training set (distilled or random real) whose 8-bit pixels (N x C x H x W bytes)
+    fit this many MiB is decoded once into memory; larger sets stream from disk every epoch."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.full_data_epochs < 1:
             raise ConfigError("evaluate.epochs and evaluate.full_data_epochs must be >= 1")
+        if self.cache_mb < 0:
+            raise ConfigError(f"evaluate.cache_mb={self.cache_mb} must be >= 0 (0 streams every set)")
         if self.batch_size < 1:
             raise ConfigError(f"evaluate.batch_size={self.batch_size} must be >= 1")
         if self.temperature <= 0:

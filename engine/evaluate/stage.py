@@ -7,7 +7,7 @@ their training images.
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,55 +17,62 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from engine.checkpoint import load_teacher
+from engine.artifacts import student as student_artifacts
+from engine.artifacts.distilled import (Codec, DistilledSet, is_complete, real_subset_dataset,
+                                        real_subset_indices, save_real_subset)
+from engine.artifacts.fingerprint import announce_overwrite, digest
+from engine.artifacts.layout import SET_FOLDERS, RunLayout
+from engine.artifacts.teacher import data_facts, load_teacher, teacher_digest
 from engine.config import from_mapping
 from engine.context import RunContext
 from engine.data import DataBundle
 from engine.distributed import barrier
 from engine.errors import ConfigError
 from engine.evaluate.relabel import precompute_soft_labels
+from engine.evaluate.report import write_report
 from engine.evaluate.settings import EvaluateConfig
 from engine.evaluate.student import StudentRecipe, train_student
-from engine.io import save_json
 from engine.loaders.settings import LoaderConfig, parse_loader
 from engine.models import ModelConfig, build_model
-from engine.recover.output import DISTILLED_FILE, load_distilled
-from engine.recover.stage import teacher_path
-from engine.report import SET_FOLDERS, write_report
-
-class InMemoryImages(Dataset):
-    """Float images [N,C,H,W] in [0,1] with labels: the distilled set or a real subset."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        self.images = images.float()
-        self.labels = [int(v) for v in labels]
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int):
-        return self.images[index], self.labels[index]
 
 
-def distilled_dataset(path: Path, bundle: DataBundle, ipc: int) -> InMemoryImages:
-    payload = load_distilled(path, max_ipc=ipc)
-    if payload["num_classes"] != bundle.num_classes:
-        raise ConfigError(f"distilled set {path} has {payload['num_classes']} classes but the data has "
+def set_codec(sets: dict[str, Path]) -> Codec:
+    """The codec the distilled sets were stored with (PNG when there are none or they differ)."""
+    codecs = {(index.get("image_format", "png"), index.get("jpeg_quality", 95))
+              for index in (DistilledSet.open(path).index for path in sets.values())}
+    return Codec(*codecs.pop()) if len(codecs) == 1 else Codec()
+
+
+@dataclass
+class TrainingSet:
+    """A row's training images and the digest that names them in the row's fingerprint."""
+
+    dataset: Dataset
+    digest: str
+
+
+def distilled_training_set(folder: Path, bundle: DataBundle, ipc: int, cfg: EvaluateConfig) -> TrainingSet:
+    distilled = DistilledSet.open(folder)
+    if distilled.num_classes != bundle.num_classes:
+        raise ConfigError(f"distilled set {folder} has {distilled.num_classes} classes but the data has "
                           f"{bundle.num_classes}; evaluate it with the data config it was made from")
-    return InMemoryImages(bundle.denormalize(payload["images"]).clamp(0, 1), payload["labels"])
+    return TrainingSet(distilled.dataset(ipc, cfg.cache_mb * 2**20), f"{distilled.digest}/ipc{ipc}")
 
 
-def random_real_subset(bundle: DataBundle, ipc: int, seed: int) -> InMemoryImages:
-    labels = np.asarray(bundle.labels("train"))
-    rng = np.random.default_rng([seed, ipc, 7])
-    picks = []
-    for c in range(bundle.num_classes):
-        idx = np.flatnonzero(labels == c)
-        if len(idx) < ipc:
-            raise ConfigError(f"class {c} has {len(idx)} training images, fewer than ipc={ipc}")
-        picks.extend(idx[rng.permutation(len(idx))[:ipc]].tolist())
-    images = torch.stack([bundle.train[i][0] for i in picks])
-    return InMemoryImages(images, torch.tensor(labels[picks]))
+def random_real_subset(bundle: DataBundle, ipc: int, seed: int, cfg: Optional[EvaluateConfig] = None,
+                       record: Optional[Path] = None, codec: Codec = Codec()) -> TrainingSet:
+    """``ipc`` random real training images per class, served through the distilled sets' codec.
+
+    ``record``: where the index list is written (the row folder's real_subset.json)."""
+    indices = real_subset_indices(bundle.labels("train"), bundle.num_classes, ipc, seed)
+    labels = [bundle.labels("train")[i] for i in indices]
+    fingerprint = {"data": data_facts(bundle), "ipc": ipc, "seed": seed, "codec": dataclasses.asdict(codec)}
+    digest_ = digest({**fingerprint, "indices": indices})
+    if record is not None:
+        save_real_subset(record, indices, labels, fingerprint)
+    dataset = real_subset_dataset(bundle.train, indices, labels, codec, bundle.channels, bundle.image_size,
+                                  (cfg or EvaluateConfig()).cache_mb * 2**20)
+    return TrainingSet(dataset, digest_)
 
 
 def build_eval_config(ctx: RunContext, **overrides) -> EvaluateConfig:
@@ -94,60 +101,80 @@ class Evaluator:
     ctx: RunContext
     cfg: EvaluateConfig
     teacher: Optional[torch.nn.Module]
-    out_root: Path
     loader: Optional[LoaderConfig] = None
     """loader=ffcv|dali: the test split is read through it (loader=torch: in-process batches)."""
 
-    def run_row(self, key: str, ipc: Optional[int], train_set: Dataset, epochs: Optional[int] = None,
+    teacher_digest: Optional[str] = None
+
+    def row_fingerprint(self, recipe: StudentRecipe, student_cfg: ModelConfig, seed: int,
+                        train: TrainingSet) -> dict:
+        stored = ({"topk": self.cfg.stored_topk, "dtype": self.cfg.stored_dtype}
+                  if recipe.loss == "kl" and self.cfg.relabel == "stored" else None)
+        return {"recipe": dataclasses.asdict(recipe), "student": dataclasses.asdict(student_cfg), "seed": seed,
+                "train_set": train.digest, "label_teacher": self.teacher_digest if recipe.loss == "kl" else None,
+                "relabel": self.cfg.relabel if recipe.loss == "kl" else None, "stored": stored}
+
+    def run_row(self, key: str, ipc: Optional[int], train: TrainingSet, epochs: Optional[int] = None,
                 seed_offset: int = 0) -> dict:
         ctx, bundle = self.ctx, self.ctx.data
-        folder = self.out_root / (f"ipc{ipc}" if ipc else "full") / (key + (f"_s{seed_offset}" if seed_offset else ""))
-        result_file = folder / "result.json"
-        if ctx.run.resume and result_file.is_file():
-            return json.loads(result_file.read_text())
+        folder = RunLayout(ctx.run_dir).evaluate_row(ipc, key + (f"_s{seed_offset}" if seed_offset else ""))
         recipe = make_recipe(self.cfg, bundle, epochs)
         seed = ctx.run.seed + seed_offset
-        stored = None
+        student_cfg = student_model_config(self.cfg, ctx.model_cfg)
+        fingerprint = self.row_fingerprint(recipe, student_cfg, seed, train)
+        result_file, state_file = folder / student_artifacts.RESULT_FILE, folder / student_artifacts.STATE_FILE
+        if ctx.run.resume:
+            done = student_artifacts.load_result(result_file, fingerprint)
+            if done is not None:
+                return done
+        elif ctx.dist.is_main and (result_file.is_file() or state_file.is_file()):
+            announce_overwrite(folder, f"student row {key}")
+            result_file.unlink(missing_ok=True)
+            state_file.unlink(missing_ok=True)
+        barrier()
+        stored = storage = None
         if recipe.loss == "kl" and self.cfg.relabel == "stored":
             stored = folder / "labels"
             for turn in ("main", "others"):  # rank 0 writes the labels; the others then find them done
                 if ctx.dist.is_main == (turn == "main"):
-                    storage = precompute_soft_labels(self.teacher, train_set, bundle.normalize, recipe,
-                                                     ctx.dist.device, seed, stored, self.cfg.stored_topk,
-                                                     self.cfg.stored_dtype, resume=True,
-                                                     progress=ctx.run.progress and ctx.dist.is_main)
+                    storage = precompute_soft_labels(
+                        self.teacher, train.dataset, bundle.normalize, recipe, ctx.dist.device, seed, stored,
+                        self.cfg.stored_topk, self.cfg.stored_dtype,
+                        fingerprint={"train_set": train.digest, "teacher": self.teacher_digest},
+                        resume=ctx.run.resume, progress=ctx.run.progress and ctx.dist.is_main)
                 barrier()
-        student_cfg = student_model_config(self.cfg, ctx.model_cfg)
         torch.manual_seed(seed)
         student = build_model(student_cfg, bundle.num_classes, bundle.channels, bundle.image_size)
         test_loader = None
         if self.loader is not None and self.loader.external:
             test_loader = self.loader.eval_loader(bundle, "test", batch_size=500)
-        result = train_student(student, train_set, bundle.test, bundle.normalize, recipe, ctx.dist.device, seed,
+        result = train_student(student, train.dataset, bundle.test, bundle.normalize, recipe, ctx.dist.device, seed,
                                teacher=self.teacher if stored is None else None, stored_labels=stored,
-                               checkpoint=folder / "student_state.pt", progress=ctx.run.progress,
-                               desc=f"{key} ipc={ipc}" if ipc else key, dist=ctx.dist, test_loader=test_loader)
-        row = {"top1": result.top1, "top5": result.top5, "images": len(train_set), "epochs": recipe.epochs,
+                               checkpoint=state_file, progress=ctx.run.progress,
+                               desc=f"{key} ipc={ipc}" if ipc else key, dist=ctx.dist, test_loader=test_loader,
+                               fingerprint=fingerprint)
+        row = {"top1": result.top1, "top5": result.top5, "images": len(train.dataset), "epochs": recipe.epochs,
                "seconds": result.seconds, "images_per_s": result.images_per_s, "history": result.history}
-        if stored is not None:
+        if storage is not None:
             row["stored_labels_bytes_per_image_epoch"] = storage["bytes_per_image_epoch"]
         if ctx.dist.is_main:
-            save_json(row, result_file)
-            (folder / "student_state.pt").unlink(missing_ok=True)
+            student_artifacts.save_result(result_file, row, fingerprint)
+            state_file.unlink(missing_ok=True)
         barrier()
         return row
 
 
 def label_teacher(ctx: RunContext, cfg: EvaluateConfig):
     """The soft-label teacher: teacher=PATH when given, else this run's squeeze teacher."""
-    path = Path(ctx.run.teacher) if ctx.run.teacher else teacher_path(ctx.run_dir, cfg.label_teacher)
+    path = Path(ctx.run.teacher) if ctx.run.teacher else RunLayout(ctx.run_dir).teacher(cfg.label_teacher)
     model, payload = load_teacher(path, ctx.model_cfg, ctx.data)
     return model, payload
 
 
 def available_sets(run_dir: Path) -> dict[str, Path]:
-    return {key: run_dir / "recover" / folder / DISTILLED_FILE for key, folder in SET_FOLDERS.items()
-            if (run_dir / "recover" / folder / DISTILLED_FILE).is_file()}
+    """Report row key -> folder of every complete distilled set in this run dir."""
+    layout = RunLayout(run_dir)
+    return {key: layout.set_for_row(key) for key in SET_FOLDERS if is_complete(layout.set_for_row(key))}
 
 
 def evaluate_rows(ctx: RunContext, cfg: EvaluateConfig, sets: dict[str, Path],
@@ -155,25 +182,31 @@ def evaluate_rows(ctx: RunContext, cfg: EvaluateConfig, sets: dict[str, Path],
     """Train every row's student; returns the nested result dict the report is built from."""
     bundle = ctx.data
     loader = loader or parse_loader(ctx.sections, ctx.data_cfg, bundle)
-    teacher = None
+    teacher = source = None
     if cfg.loss == "kl":
-        teacher, _ = label_teacher(ctx, cfg)
+        teacher, payload = label_teacher(ctx, cfg)
         teacher = teacher.to(ctx.dist.device).eval()
-    evaluator = Evaluator(ctx, cfg, teacher, ctx.run_dir / "evaluate", loader)
+        source = teacher_digest(payload)
+    evaluator = Evaluator(ctx, cfg, teacher, loader, source)
     results: dict = {"ipc": {}}
     for ipc in sorted(set(ctx.run.ipc)):
         rows = {}
         for key, path in sets.items():
-            rows[key] = evaluator.run_row(key, ipc, distilled_dataset(path, bundle, ipc))
-        seeds = [evaluator.run_row("random_real", ipc, random_real_subset(bundle, ipc, ctx.run.seed + s),
-                                   seed_offset=s) for s in range(cfg.random_real_seeds)]
+            rows[key] = evaluator.run_row(key, ipc, distilled_training_set(path, bundle, ipc, cfg))
+        seeds = []
+        for s in range(cfg.random_real_seeds):
+            record = RunLayout(ctx.run_dir).evaluate_row(ipc, "random_real" + (f"_s{s}" if s else "")) / "real_subset.json"
+            subset = random_real_subset(bundle, ipc, ctx.run.seed + s, cfg,
+                                        record=record if ctx.dist.is_main else None, codec=set_codec(sets))
+            seeds.append(evaluator.run_row("random_real", ipc, subset, seed_offset=s))
         rows["random_real"] = dict(seeds[0])
         rows["random_real"]["top1"] = float(np.mean([s["top1"] for s in seeds]))
         rows["random_real"]["top1_std"] = float(np.std([s["top1"] for s in seeds]))
         rows["random_real"]["seconds"] = float(sum(s["seconds"] for s in seeds))
         results["ipc"][str(ipc)] = rows
     if cfg.full_data:
-        results["full_data"] = evaluator.run_row("full_data", None, bundle.train, epochs=cfg.full_data_epochs)
+        full = TrainingSet(bundle.train, digest({"data": data_facts(bundle), "split": "train"}))
+        results["full_data"] = evaluator.run_row("full_data", None, full, epochs=cfg.full_data_epochs)
     return results
 
 
@@ -200,16 +233,18 @@ def run_relabel(ctx: RunContext) -> dict:
     sets = available_sets(ctx.run_dir)
     if not sets:
         raise ConfigError(f"no distilled set under {ctx.run_dir / 'recover'}; run `scdd stage=recover` first")
-    teacher, _ = label_teacher(ctx, cfg)
+    teacher, payload = label_teacher(ctx, cfg)
+    source = teacher_digest(payload)
     out = {}
     for ipc in sorted(set(ctx.run.ipc)):
         for key, path in sets.items():
-            train_set = distilled_dataset(path, ctx.data, ipc)
+            train = distilled_training_set(path, ctx.data, ipc, cfg)
             recipe = make_recipe(cfg, ctx.data)
-            folder = ctx.run_dir / "evaluate" / f"ipc{ipc}" / key / "labels"
+            folder = RunLayout(ctx.run_dir).evaluate_row(ipc, key) / "labels"
             out[f"{key}/ipc{ipc}"] = precompute_soft_labels(
-                teacher, train_set, ctx.data.normalize, recipe, ctx.dist.device, ctx.run.seed, folder,
-                cfg.stored_topk, cfg.stored_dtype, resume=ctx.run.resume, progress=ctx.run.progress)
+                teacher, train.dataset, ctx.data.normalize, recipe, ctx.dist.device, ctx.run.seed, folder,
+                cfg.stored_topk, cfg.stored_dtype, fingerprint={"train_set": train.digest, "teacher": source},
+                resume=ctx.run.resume, progress=ctx.run.progress)
             print(f"relabel {key} ipc={ipc}: {out[f'{key}/ipc{ipc}']['bytes_per_image_epoch']:.1f} "
                   f"bytes per image-epoch -> {folder}")
     return out

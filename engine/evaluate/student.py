@@ -23,7 +23,7 @@ from engine.evaluate.augment import AugParams, apply_params, sample_params, step
 from engine.evaluate.losses import mixed_cross_entropy, soft_label_kl
 from engine.evaluate.relabel import load_epoch_labels, reconstruct_logits
 from engine.distributed import DistEnv, average_buffers
-from engine.io import save_torch
+from engine.artifacts import student as student_artifacts
 from engine.training.batches import batches_of, epoch_order, load_batches, to_unit_float
 from engine.training.metrics import evaluate_accuracy
 from engine.training.schedule import cosine_lr, set_lr
@@ -57,11 +57,32 @@ class StudentResult:
     images_per_s: float = 0.0
 
 
+@dataclass
+class _Run:
+    """What every step of one student's training needs."""
+
+    student: nn.Module
+    model: nn.Module
+    """``student``, or its DDP wrapper when world > 1."""
+    optimizer: torch.optim.Optimizer
+    recipe: StudentRecipe
+    normalize: Callable
+    device: torch.device
+    seed: int
+    teacher: Optional[nn.Module]
+    stored_labels: Optional[Path]
+    rank: int
+    world: int
+    steps_per_epoch: int
+    image_size: int
+
+
 def train_student(student: nn.Module, train_set: Dataset, test_set: Dataset, normalize: Callable,
                   recipe: StudentRecipe, device: torch.device, seed: int,
                   teacher: Optional[nn.Module] = None, stored_labels: Optional[Path] = None,
                   checkpoint: Optional[Path] = None, progress: bool = True,
-                  desc: str = "student", dist: Optional[DistEnv] = None, test_loader=None) -> StudentResult:
+                  desc: str = "student", dist: Optional[DistEnv] = None, test_loader=None,
+                  fingerprint: Optional[dict] = None) -> StudentResult:
     """AdamW + per-step cosine lr; soft labels online from ``teacher`` or from ``stored_labels``.
 
     With world size W > 1 (``dist``) every rank loads and augments the same full batch, keeps its
@@ -70,28 +91,25 @@ def train_student(student: nn.Module, train_set: Dataset, test_set: Dataset, nor
     close to, not bit-equal with, one process; BN running statistics are averaged over ranks before
     every test, so all ranks report the same accuracy. Rank 0 writes the checkpoint.
     ``test_loader`` (loader=ffcv|dali) replaces ``test_set`` in those tests.
+    ``checkpoint`` resumes only a state saved with the same ``fingerprint`` (another is refused).
     """
     if recipe.loss == "kl" and teacher is None and stored_labels is None:
         raise ValueError("soft-label training needs a teacher (online) or stored labels")
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     torch.manual_seed(seed)
     student = student.to(device)
-    model = student
-    if world > 1:
-        model = wrap_ddp(student, dist)
-    if teacher is not None:
-        teacher = teacher.to(device).eval()
-    optimizer = torch.optim.AdamW(student.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    count = len(train_set)
-    steps_per_epoch = math.ceil(count / recipe.batch_size)
-    total_steps = recipe.epochs * steps_per_epoch
-    image_size = train_set[0][0].shape[-1]
+    run = _Run(student=student, model=wrap_ddp(student, dist) if world > 1 else student,
+               optimizer=torch.optim.AdamW(student.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay),
+               recipe=recipe, normalize=normalize, device=device, seed=seed,
+               teacher=teacher.to(device).eval() if teacher is not None else None, stored_labels=stored_labels,
+               rank=rank, world=world, steps_per_epoch=math.ceil(len(train_set) / recipe.batch_size),
+               image_size=train_set[0][0].shape[-1])
     history: list[dict] = []
     start_epoch = 0
-    if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = student_artifacts.load_state(checkpoint, fingerprint) if checkpoint is not None else None
+    if state is not None:
         student.load_state_dict(state["student"])
-        optimizer.load_state_dict(state["optimizer"])
+        run.optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"], state["history"]
     checkpoint_every = max(1, recipe.epochs // 10)
     start = time.time()
@@ -99,56 +117,8 @@ def train_student(student: nn.Module, train_set: Dataset, test_set: Dataset, nor
     bar = tqdm(range(start_epoch, recipe.epochs), desc=desc, disable=not progress, unit="ep",
                dynamic_ncols=True, leave=False)
     for epoch in bar:
-        student.train()
-        if stored_labels is not None:
-            stored = load_epoch_labels(stored_labels, epoch)
-            order, step_params = stored["order"], stored["params"]
-        else:
-            order, step_params = epoch_order(seed, epoch, count), None
-        losses = []
-        for step, (images, labels) in enumerate(load_batches(train_set, batches_of(order, recipe.batch_size),
-                                                             recipe.workers)):
-            images = to_unit_float(images)
-            global_step = epoch * steps_per_epoch + step
-            lr = cosine_lr(global_step, total_steps, recipe.lr)
-            set_lr(optimizer, lr)
-            if step_params is not None:
-                params: AugParams = step_params[step]
-            else:
-                params = sample_params(step_rng(seed, epoch, step), len(labels), image_size,
-                                       recipe.crop_scale, recipe.flip, recipe.cutmix_prob, recipe.cutmix_alpha)
-            x = apply_params(normalize(images.to(device)), params)
-            labels = labels.to(device)
-            partner = None
-            if params.cutmix_partner is not None:
-                partner = labels[torch.from_numpy(params.cutmix_partner).to(device)]
-            full = len(labels)
-            if world > 1:  # this rank's share of the batch (partners were looked up in the whole batch)
-                x, labels = x[rank::world], labels[rank::world]
-                partner = partner[rank::world] if partner is not None else None
-            logits = model(x)
-            if len(labels) == 0:  # a last batch smaller than the world leaves some ranks nothing
-                loss = logits.sum() * 0.0
-            elif recipe.loss == "hard":
-                if partner is not None:
-                    loss = mixed_cross_entropy(logits, labels, partner, params.cutmix_lam)
-                else:
-                    loss = F.cross_entropy(logits, labels)
-            else:
-                if stored_labels is not None:
-                    target = reconstruct_logits(stored, step, logits.shape[1])[rank::world].to(device)
-                else:
-                    with torch.no_grad():
-                        target = teacher(x)
-                loss = soft_label_kl(logits, target, recipe.temperature)
-            optimizer.zero_grad(set_to_none=True)
-            # DDP averages over ranks; weighting by the share makes it the full batch's mean
-            (loss * (len(labels) * world / full) if world > 1 else loss).backward()
-            optimizer.step()
-            if len(labels):
-                losses.append(float(loss.detach()))
-            seen += full
-        row = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": lr}
+        row, images = _train_epoch(run, train_set, epoch)
+        seen += images
         if (epoch + 1) % recipe.eval_every == 0 or epoch + 1 == recipe.epochs:
             if world > 1:
                 average_buffers(student)
@@ -158,9 +128,67 @@ def train_student(student: nn.Module, train_set: Dataset, test_set: Dataset, nor
         history.append(row)
         if (checkpoint is not None and rank == 0 and (epoch + 1) % checkpoint_every == 0
                 and epoch + 1 < recipe.epochs):
-            save_torch({"student": student.state_dict(), "optimizer": optimizer.state_dict(),
-                        "epoch": epoch + 1, "history": history}, checkpoint)
+            student_artifacts.save_state(checkpoint, {"student": student.state_dict(),
+                                                      "optimizer": run.optimizer.state_dict(),
+                                                      "epoch": epoch + 1, "history": history}, fingerprint)
     seconds = time.time() - start
     final = history[-1]
     return StudentResult(top1=final["top1"], top5=final["top5"], history=history, seconds=seconds,
                          images_per_s=seen / seconds if seconds > 0 else 0.0)
+
+
+def _train_epoch(run: _Run, train_set: Dataset, epoch: int) -> tuple[dict, int]:
+    """One epoch of optimizer steps; returns (its metrics row, images seen)."""
+    run.student.train()
+    stored = None
+    if run.stored_labels is not None:
+        stored = load_epoch_labels(run.stored_labels, epoch)
+        order, step_params = stored["order"], stored["params"]
+    else:
+        order, step_params = epoch_order(run.seed, epoch, len(train_set)), None
+    losses, seen, lr = [], 0, run.recipe.lr
+    batches = load_batches(train_set, batches_of(order, run.recipe.batch_size), run.recipe.workers)
+    for step, (images, labels) in enumerate(batches):
+        lr = cosine_lr(epoch * run.steps_per_epoch + step, run.recipe.epochs * run.steps_per_epoch, run.recipe.lr)
+        set_lr(run.optimizer, lr)
+        params = step_params[step] if step_params is not None else sample_params(
+            step_rng(run.seed, epoch, step), len(labels), run.image_size, run.recipe.crop_scale,
+            run.recipe.flip, run.recipe.cutmix_prob, run.recipe.cutmix_alpha)
+        loss = _train_step(run, to_unit_float(images), labels, params, stored, step)
+        if loss is not None:
+            losses.append(loss)
+        seen += len(labels)
+    return {"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": lr}, seen
+
+
+def _train_step(run: _Run, images: torch.Tensor, labels: torch.Tensor, params: AugParams,
+                stored: Optional[dict], step: int) -> Optional[float]:
+    """One optimizer step on this rank's share of the batch; returns its loss (None: empty share)."""
+    rank, world = run.rank, run.world
+    x = apply_params(run.normalize(images.to(run.device)), params)
+    labels = labels.to(run.device)
+    partner = None
+    if params.cutmix_partner is not None:
+        partner = labels[torch.from_numpy(params.cutmix_partner).to(run.device)]
+    full = len(labels)
+    if world > 1:  # this rank's share of the batch (partners were looked up in the whole batch)
+        x, labels = x[rank::world], labels[rank::world]
+        partner = partner[rank::world] if partner is not None else None
+    logits = run.model(x)
+    if len(labels) == 0:  # a last batch smaller than the world leaves some ranks nothing
+        loss = logits.sum() * 0.0
+    elif run.recipe.loss == "hard":
+        loss = (mixed_cross_entropy(logits, labels, partner, params.cutmix_lam) if partner is not None
+                else F.cross_entropy(logits, labels))
+    else:
+        if stored is not None:
+            target = reconstruct_logits(stored, step, logits.shape[1])[rank::world].to(run.device)
+        else:
+            with torch.no_grad():
+                target = run.teacher(x)
+        loss = soft_label_kl(logits, target, run.recipe.temperature)
+    run.optimizer.zero_grad(set_to_none=True)
+    # DDP averages over ranks; weighting by the share makes it the full batch's mean
+    (loss * (len(labels) * world / full) if world > 1 else loss).backward()
+    run.optimizer.step()
+    return float(loss.detach()) if len(labels) else None

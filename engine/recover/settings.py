@@ -44,6 +44,10 @@ class RecoverConfig:
     """Run the teacher in channels_last (measured faster on CPU too: convnet 28 px 1.5x, ResNet-18 32 px)."""
     log_every: int = 10
     """Write one loss-log row every this many steps (and at the first and last)."""
+    image_format: str = "png"
+    """How the set's images are stored: png (lossless 8-bit) | jpeg (at ``jpeg_quality``)."""
+    jpeg_quality: int = 95
+    """JPEG quality for image_format=jpeg; 90-100."""
 
     def __post_init__(self) -> None:
         if self.iterations < 1:
@@ -63,6 +67,9 @@ class RecoverConfig:
             raise ConfigError(f"recover.crop_scale={self.crop_scale} must be [low, high] in (0, 1]")
         if self.backend not in ("auto", "triton", "torch"):
             raise ConfigError(f"recover.backend={self.backend!r} is not one of auto|triton|torch")
+        if self.image_format not in ("png", "jpeg") or not 90 <= self.jpeg_quality <= 100:
+            raise ConfigError(f"recover.image_format={self.image_format!r} must be png|jpeg and "
+                              f"recover.jpeg_quality={self.jpeg_quality} in [90, 100]")
         bad = [t for t in self.teachers if t not in ("ssl", "supervised")]
         if bad:
             raise ConfigError(f"recover.teachers has {bad}; use ssl and/or supervised")

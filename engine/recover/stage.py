@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.checkpoint import load_teacher
+from engine.artifacts.layout import RunLayout
+from engine.artifacts.teacher import load_teacher, teacher_digest
 from engine.config import from_mapping
 from engine.context import RunContext
 from engine.errors import ConfigError
@@ -11,20 +12,11 @@ from engine.recover.distill import recover_distilled_set
 from engine.recover.settings import RecoverConfig
 
 
-def teacher_path(run_dir: Path, kind: str) -> Path:
-    """Where the squeeze stage of a run writes its teacher of ``kind`` (ssl | supervised)."""
-    return run_dir / "squeeze" / kind / "teacher.pt"
-
-
-def recover_dir(run_dir: Path, teacher_name: str, init: str) -> Path:
-    return run_dir / "recover" / f"{teacher_name}-{init}"
-
-
 def requested_teachers(ctx: RunContext, cfg: RecoverConfig) -> list[Path]:
     if ctx.run.teacher:
         return [Path(ctx.run.teacher)]
-    existing = [teacher_path(ctx.run_dir, kind) for kind in cfg.teachers
-                if teacher_path(ctx.run_dir, kind).is_file()]
+    layout = RunLayout(ctx.run_dir)
+    existing = [layout.teacher(kind) for kind in cfg.teachers if layout.teacher(kind).is_file()]
     if not existing:
         raise ConfigError(f"no teacher checkpoint in {ctx.run_dir / 'squeeze'}; run `scdd stage=squeeze` "
                           f"in this run dir first (hydra.run.dir=...) or pass teacher=PATH")
@@ -47,16 +39,18 @@ def run(ctx: RunContext, **overrides) -> dict:
     for path in requested_teachers(ctx, cfg):
         teacher, payload = load_teacher(path, ctx.model_cfg, bundle)
         name = payload["kind"]
-        out_dir = recover_dir(ctx.run_dir, name, cfg.init)
+        out_dir = RunLayout(ctx.run_dir).recover_set(name, cfg.init)
+        source = teacher_digest(payload)
         result = recover_distilled_set(
             teacher, bundle, cfg, ipc, out_dir, ctx.dist, ctx.run.seed, resume=ctx.run.resume,
-            progress=ctx.run.progress, meta={"teacher": str(path), "teacher_kind": payload["kind"]})
+            progress=ctx.run.progress, teacher_digest=source,
+            meta={"teacher": str(path), "teacher_kind": payload["kind"], "teacher_digest": source})
         results[f"{name}-{cfg.init}"] = {
-            "path": str(result.distilled), "init_path": str(result.init) if result.init else None,
+            "path": str(result.out_dir), "init_path": str(result.init) if result.init else None,
             "seconds": result.seconds, "first_ratio": result.first_ratio,
             "image_iterations_per_s": result.image_iterations_per_s}
         if ctx.dist.is_main:
             print(f"recover {name}-{cfg.init}: {ipc} ipc x {bundle.num_classes} classes in "
                   f"{result.seconds:.1f}s ({result.image_iterations_per_s:.0f} image-iterations/s) "
-                  f"-> {result.distilled}")
+                  f"-> {result.out_dir}")
     return {"sets": results}

@@ -1,7 +1,7 @@
 """`scdd stage=squeeze`: config -> typed settings -> pretrain, probe, checkpoints, BN summaries.
 
 Layout written under ``<run_dir>/squeeze/``:
-  ssl/teacher.pt, supervised/teacher.pt     teachers (engine.checkpoint format), read by later stages
+  ssl/teacher.pt, supervised/teacher.pt     teachers (engine.artifacts.teacher format), read by later stages
   <kind>/metrics.json, <kind>/metrics.csv   per-epoch rows (pretrain, probe) and final figures
   <kind>/bn_stats.json                      per-layer BN running-variance summary
   <kind>/state.pt                           last epoch checkpoint while training (removed when done)
@@ -21,7 +21,9 @@ from typing import Any, Optional
 
 import torch
 
-from engine.checkpoint import data_facts, load_teacher, read_teacher, save_teacher
+from engine.artifacts.fingerprint import announce_overwrite, require_match
+from engine.artifacts.layout import TEACHER_KINDS, RunLayout
+from engine.artifacts.teacher import data_facts, load_teacher, read_teacher, save_teacher
 from engine.config import from_mapping
 from engine.context import RunContext
 from engine.errors import ConfigError
@@ -39,7 +41,6 @@ from engine.training.trainers import TRAINERS, DeepSpeedSettings, TrainerConfig,
 
 log = logging.getLogger("scdd.squeeze")
 
-TEACHER_KINDS = ("ssl", "supervised")
 _SEED_STREAM = {"ssl": 1, "supervised": 2, "probe": 3}
 
 
@@ -174,12 +175,7 @@ def _train_teacher(ctx: RunContext, cfg: SqueezeConfig, kind: str, settings: Tra
                    folder: Path, trainer: str = "single", ds_settings: Optional[DeepSpeedSettings] = None,
                    loader: Optional[LoaderConfig] = None) -> dict:
     bundle = ctx.data
-    teacher_path = folder / "teacher.pt"
-    if ctx.run.resume and teacher_path.is_file():
-        payload = read_teacher(teacher_path)
-        if payload["metrics"].get("finished"):
-            log.info("%s teacher already finished at %s; skipping (resume=true)", kind, teacher_path)
-            return _summary(teacher_path, payload["metrics"], skipped=True)
+    teacher_path = RunLayout(ctx.run_dir).teacher(kind)
     started = time.perf_counter()
     device = ctx.dist.device
     torch.manual_seed(ctx.run.seed)
@@ -191,12 +187,23 @@ def _train_teacher(ctx: RunContext, cfg: SqueezeConfig, kind: str, settings: Tra
     fingerprint = {"settings": dataclasses.asdict(settings),
                    "augment": dataclasses.asdict(augment) if augment else None,
                    "model": dataclasses.asdict(ctx.model_cfg), "data": data_facts(bundle), "seed": ctx.run.seed}
+    if loader is not None and loader.external:
+        fingerprint["loader"] = loader.name
+    # The teacher records what made it: the pretraining fingerprint, plus the probe for an SSL teacher.
+    teacher_fingerprint = {**fingerprint, "probe": dataclasses.asdict(cfg.probe) if kind == "ssl" else None}
+    if teacher_path.is_file():
+        payload = read_teacher(teacher_path)
+        if ctx.run.resume and payload["metrics"].get("finished"):
+            require_match(teacher_path, payload.get("fingerprint"), teacher_fingerprint, f"{kind} teacher")
+            log.info("%s teacher already finished at %s; skipping (resume=true)", kind, teacher_path)
+            return _summary(teacher_path, payload["metrics"], skipped=True)
+        if not ctx.run.resume and ctx.dist.is_main:
+            announce_overwrite(teacher_path, f"{kind} teacher")
     schedule = Schedule(settings.epochs, settings.batch_size, settings.lr, settings.momentum,
                         settings.weight_decay, settings.warmup_epochs)
     loader = loader or LoaderConfig()
     view_loader = None
     if loader.external:  # loader=torch keeps the in-process batches (and its fingerprint)
-        fingerprint["loader"] = loader.name
         view_loader = _view_loader(ctx, loader, augment, settings.batch_size, method.num_views,
                                    ctx.run.seed * 1000 + _SEED_STREAM[kind])
 
@@ -241,7 +248,8 @@ def _train_teacher(ctx: RunContext, cfg: SqueezeConfig, kind: str, settings: Tra
     bn = bn_variance_summary(model, cfg.bn_hist_bins)
     save_json({"teacher": kind, "method": settings.name, "layers": bn}, folder / "bn_stats.json")
     _write_metrics(folder, pretrain=history, probe=probe_rows, final=final)
-    save_teacher(teacher_path, model, kind=spec.kind, model_cfg=ctx.model_cfg, bundle=bundle, metrics=final)
+    save_teacher(teacher_path, model, kind=spec.kind, model_cfg=ctx.model_cfg, bundle=bundle, metrics=final,
+                 fingerprint=teacher_fingerprint)
     state_file.unlink(missing_ok=True)
     accuracy = (f"probe top-1 {final['probe_top1']:.4f}" if kind == "ssl" else f"top-1 {final['top1']:.4f}")
     log.info("%s teacher (%s): %s, pretrain %.1fs at %.0f images/s, total %.1fs -> %s", kind, settings.name,
@@ -277,7 +285,7 @@ def _probe(ctx: RunContext, cfg: SqueezeConfig, model,
 
 
 def _probe_only(ctx: RunContext, cfg: SqueezeConfig, out: Path, loader: Optional[LoaderConfig] = None) -> dict:
-    source = Path(ctx.run.teacher) if ctx.run.teacher else out / "ssl" / "teacher.pt"
+    source = Path(ctx.run.teacher) if ctx.run.teacher else RunLayout(ctx.run_dir).teacher("ssl")
     model, payload = load_teacher(source, ctx.model_cfg, ctx.data)
     rows, probe_final = _probe(ctx, cfg, model, loader)
     kind = payload["kind"]
@@ -289,8 +297,9 @@ def _probe_only(ctx: RunContext, cfg: SqueezeConfig, out: Path, loader: Optional
     save_json({"teacher": slot, "method": metrics.get("method"),
                "layers": bn_variance_summary(model, cfg.bn_hist_bins)}, folder / "bn_stats.json")
     _write_metrics(folder, pretrain=[], probe=rows, final=metrics)
-    path = save_teacher(folder / "teacher.pt", model, kind=kind, model_cfg=ctx.model_cfg, bundle=ctx.data,
-                        metrics=metrics)
+    path = save_teacher(RunLayout(ctx.run_dir).teacher(slot), model, kind=kind, model_cfg=ctx.model_cfg,
+                        bundle=ctx.data, metrics=metrics,
+                        fingerprint={"probed_from": payload.get("fingerprint"), "probe": dataclasses.asdict(cfg.probe)})
     log.info("probe of %s: top-1 %.4f -> %s", source, metrics["probe_top1"], path)
     return {"teachers": {slot: _summary(path, metrics, skipped=False)}}
 

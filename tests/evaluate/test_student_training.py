@@ -62,7 +62,7 @@ def _recipe(**kw):
 
 @pytest.fixture(scope="module")
 def digits_and_teacher(tmp_path_factory):
-    from engine.checkpoint import load_teacher
+    from engine.artifacts.teacher import load_teacher
 
     bundle = build_data(DataConfig(name="digits"))
     path = train_digits_teacher(tmp_path_factory.mktemp("t") / "teacher.pt")
@@ -72,7 +72,7 @@ def digits_and_teacher(tmp_path_factory):
 
 def test_online_and_stored_relabel_give_the_same_student(digits_and_teacher, tmp_path):
     bundle, teacher = digits_and_teacher
-    train_set = random_real_subset(bundle, 5, seed=0)
+    train_set = random_real_subset(bundle, 5, seed=0).dataset
     recipe = _recipe()
     device = torch.device("cpu")
     torch.manual_seed(0)
@@ -105,7 +105,7 @@ def test_students_beat_chance_on_real_data(digits_and_teacher):
     assert result.top1 > 0.5
     assert evaluate_accuracy(student, bundle.test, bundle.normalize, torch.device("cpu"))[0] == result.top1
     soft = build_model(SMALL_MODEL, 10, 1, 8)
-    res_soft = train_student(soft, random_real_subset(bundle, 10, 0), bundle.test, bundle.normalize,
+    res_soft = train_student(soft, random_real_subset(bundle, 10, 0).dataset, bundle.test, bundle.normalize,
                              _recipe(epochs=30, eval_every=30, lr=1e-2, cutmix_prob=0.0, crop_scale=(1.0, 1.0)),
                              torch.device("cpu"), 0, teacher=teacher,
                              progress=False)
@@ -115,8 +115,12 @@ def test_students_beat_chance_on_real_data(digits_and_teacher):
 def test_random_real_subset_is_stratified_and_seeded():
     bundle = build_data(DataConfig(name="digits"))
     a, b, c = (random_real_subset(bundle, 3, s) for s in (0, 0, 1))
-    assert np.bincount(a.labels).tolist() == [3] * 10
-    assert torch.equal(a.images, b.images) and not torch.equal(a.images, c.images)
+    assert np.bincount(a.dataset.labels).tolist() == [3] * 10
+    assert torch.equal(a.dataset.images, b.dataset.images) and not torch.equal(a.dataset.images, c.dataset.images)
+    assert a.digest == b.digest != c.digest  # the digest names the subset in the row's fingerprint
+    # served through the PNG codec: 8-bit copies of real training images
+    assert a.dataset.images.dtype == torch.uint8
+    assert any(torch.equal(a.dataset.images[0], img) for img in bundle.train.images)
 
 
 @pytest.mark.parametrize("kw,message", [({"loss": "mse"}, "kl|hard"), ({"relabel": "cached"}, "online|stored"),

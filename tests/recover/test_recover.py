@@ -11,7 +11,8 @@ from engine.models import bn_layers
 from engine.recover.plan import batches_for_rank, plan_batches
 from engine.recover.settings import StepAugment
 from engine.recover.synthesize import Objective, synthesize_batch
-from engine.checkpoint import load_teacher
+from engine.artifacts.distilled import DistilledSet
+from engine.artifacts.teacher import load_teacher
 from kernels import fused_bn_matching
 from teachers import MODEL_OVERRIDES, SMALL_MODEL
 
@@ -123,8 +124,8 @@ def test_stage_writes_every_output_and_is_deterministic(run_scdd, digits_teacher
     args = (*FAST, f"teacher={digits_teacher}", "ipc=[1,2]", "recover.iterations=8")
     result = run_scdd(*args, run_dir=tmp_path / "a")
     out = tmp_path / "a" / "recover" / "supervised-noise"
-    payload = torch.load(out / "distilled.pt", weights_only=False)
-    assert payload["images"].shape == (20, 1, 8, 8)
+    payload = DistilledSet.open(out).tensors()
+    assert payload["images"].shape == (20, 1, 8, 8) and payload["images"].dtype == torch.uint8
     assert sorted(payload["labels"].tolist()) == sorted(list(range(10)) * 2)
     assert (payload["ipc_index"] < 2).all()
     pngs = sorted((out / "images").rglob("*.png"))
@@ -136,7 +137,7 @@ def test_stage_writes_every_output_and_is_deterministic(run_scdd, digits_teacher
     assert result["sets"]["supervised-noise"]["first_ratio"] > 0
     # a rerun with the same config gives identical images
     run_scdd(*args, run_dir=tmp_path / "b")
-    again = torch.load(tmp_path / "b" / "recover" / "supervised-noise" / "distilled.pt", weights_only=False)
+    again = DistilledSet.open(tmp_path / "b" / "recover" / "supervised-noise").tensors()
     assert torch.equal(payload["images"], again["images"])
 
 
@@ -145,18 +146,19 @@ def test_resume_after_kill_gives_the_uninterrupted_images(run_scdd, digits_teach
             "recover.classes_per_batch=5")
     run_scdd(*args, run_dir=tmp_path / "full")
     full = tmp_path / "full" / "recover" / "supervised-noise"
-    # A killed run: two of six batches finished, no assembled set yet.
+    # A killed run: two of six batches finished (images + records), no index yet, one torn record.
     killed = tmp_path / "killed" / "recover" / "supervised-noise"
-    (killed / "batches").mkdir(parents=True)
-    for name in ("b000000.pt", "b000003.pt"):
-        shutil.copy(full / "batches" / name, killed / "batches" / name)
-    (killed / "batches" / "b000004.pt").write_bytes(b"half-written")  # a torn write is redone
-    stamp = (killed / "batches" / "b000000.pt").stat().st_mtime_ns
+    shutil.copytree(full, killed)
+    (killed / "index.json").unlink()
+    for name in ("b000001.json", "b000002.json", "b000005.json"):
+        (killed / "batches" / name).unlink()
+    (killed / "batches" / "b000004.json").write_bytes(b"half-written")  # a torn write is redone
+    stamp = (killed / "batches" / "b000000.json").stat().st_mtime_ns
     result = run_scdd(*args, "resume=true", run_dir=tmp_path / "killed")
     assert result["sets"]["supervised-noise"]["first_ratio"] > 0
-    assert (killed / "batches" / "b000000.pt").stat().st_mtime_ns == stamp  # not redone
-    a = torch.load(full / "distilled.pt", weights_only=False)
-    b = torch.load(killed / "distilled.pt", weights_only=False)
+    assert (killed / "batches" / "b000000.json").stat().st_mtime_ns == stamp  # not redone
+    a = DistilledSet.open(full).tensors()
+    b = DistilledSet.open(killed).tensors()
     assert torch.equal(a["images"], b["images"]) and torch.equal(a["labels"], b["labels"])
 
 
@@ -164,16 +166,16 @@ def test_real_init_keeps_unrefined_images(run_scdd, digits_teacher, tmp_path):
     run_scdd(*FAST, f"teacher={digits_teacher}", "ipc=[2]", "recover.iterations=4",
              "recover.init=real", run_dir=tmp_path)
     out = tmp_path / "recover" / "supervised-real"
-    refined = torch.load(out / "distilled.pt", weights_only=False)
-    unrefined = torch.load(out / "init" / "distilled.pt", weights_only=False)
-    assert unrefined["unrefined"] and not refined["unrefined"]
+    refined, unrefined = DistilledSet.open(out), DistilledSet.open(out / "init")
+    assert unrefined.index["unrefined"] and not refined.index["unrefined"]
+    refined, unrefined = refined.tensors(), unrefined.tensors()
     assert torch.equal(refined["labels"], unrefined["labels"])
-    assert not torch.allclose(refined["images"], unrefined["images"])
-    # the starting images are real training images of their own class
+    assert not torch.equal(refined["images"], unrefined["images"])
+    # the starting images are real training images of their own class (8-bit files: exact)
     bundle = build_data(DataConfig(name="digits"))
-    train = bundle.normalize(bundle.train.images.float() / 255)
+    train = bundle.train.images.int()
     for image, label in zip(unrefined["images"][:5], unrefined["labels"][:5]):
-        match = (train - image).flatten(1).abs().amax(1) < 1e-5
+        match = (train - image.int()).flatten(1).abs().amax(1) <= 1
         assert match.any() and all(bundle.train.labels[i] == label for i in match.nonzero().flatten())
 
 
@@ -201,7 +203,7 @@ def test_missing_and_mismatched_teacher(run_scdd, digits_teacher, tmp_path):
 def test_grouped_ipc_batches_write_every_class_and_index(run_scdd, digits_teacher, tmp_path):
     run_scdd(*FAST, f"teacher={digits_teacher}", "ipc=[3]", "recover.iterations=3", "recover.ipc_per_batch=2",
              run_dir=tmp_path)
-    payload = torch.load(tmp_path / "recover" / "supervised-noise" / "distilled.pt", weights_only=False)
+    payload = DistilledSet.open(tmp_path / "recover" / "supervised-noise").tensors()
     pairs = sorted(zip(payload["ipc_index"].tolist(), payload["labels"].tolist()))
     assert pairs == [(i, c) for i in range(3) for c in range(10)]
-    assert len(list((tmp_path / "recover" / "supervised-noise" / "batches").glob("*.pt"))) == 2
+    assert len(list((tmp_path / "recover" / "supervised-noise" / "batches").glob("*.json"))) == 2

@@ -4,7 +4,8 @@ import json
 import pytest
 import torch
 
-from engine.checkpoint import read_teacher
+from engine.artifacts.distilled import DistilledSet
+from engine.artifacts.teacher import read_teacher
 from engine.errors import ConfigError
 from teachers import MODEL_OVERRIDES
 
@@ -38,8 +39,8 @@ def test_zero1_two_processes_write_a_plain_teacher_that_recover_loads(torchrun, 
     recovered = run_scdd("data=digits", *MODEL_OVERRIDES, "stage=recover", "progress=false",
                          "recover.iterations=3", "recover.classes_per_batch=10", "ipc=[1]",
                          f"teacher={folder / 'teacher.pt'}", run_dir=tmp_path / "recover")
-    distilled = torch.load(recovered["sets"]["ssl-noise"]["path"], weights_only=False)
-    assert distilled["images"].shape == (10, 1, 8, 8) and torch.isfinite(distilled["images"]).all()
+    distilled = DistilledSet.open(recovered["sets"]["ssl-noise"]["path"])
+    assert distilled.index["teacher_kind"] == "ssl" and distilled.tensors()["images"].shape == (10, 1, 8, 8)
 
 
 @pytest.mark.parametrize("content, message", [

@@ -4,7 +4,8 @@ import torch
 
 from engine.errors import ConfigError
 
-from engine.recover.stage import recover_dir
+from engine.artifacts.distilled import DistilledSet
+from engine.artifacts.layout import RunLayout
 from teachers import MODEL_OVERRIDES
 
 # ipc 2 x (10 classes / 5 per batch) = 4 class batches: 2 per rank.
@@ -13,7 +14,7 @@ RECOVER = ("data=digits", *MODEL_OVERRIDES, "stage=recover", "progress=false", "
 
 
 def _distilled(run_dir):
-    return torch.load(recover_dir(run_dir, "supervised", "noise") / "distilled.pt", weights_only=False)
+    return DistilledSet.open(RunLayout(run_dir).recover_set("supervised", "noise")).tensors()
 
 
 def _single_process(run_scdd, teacher, run_dir):
@@ -39,17 +40,17 @@ def test_two_processes_assemble_the_single_process_set_and_resume_skips_finished
     assert result.stdout.count("recover supervised-noise:") == 1  # only rank 0 reports
 
     # Simulated kill: one unfinished batch on each rank (plan[r::2]) and no assembled set yet.
-    out = recover_dir(two_dir, "supervised", "noise")
+    out = RunLayout(two_dir).recover_set("supervised", "noise")
     batches = out / "batches"
-    (out / "distilled.pt").unlink()
-    for lost in ("b000002.pt", "b000003.pt"):  # rank 0 owns 0, 2; rank 1 owns 1, 3
+    (out / "index.json").unlink()
+    for lost in ("b000002.json", "b000003.json"):  # rank 0 owns 0, 2; rank 1 owns 1, 3
         (batches / lost).unlink()
-    kept = {name: (batches / name).stat().st_ino for name in ("b000000.pt", "b000001.pt")}
+    kept = {name: (batches / name).stat().st_ino for name in ("b000000.json", "b000001.json")}
     result = torchrun(2, *RECOVER, f"teacher={digits_teacher_ckpt}", "resume=true", run_dir=two_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     # finished batches are kept as they were (a rewrite would replace the file: new inode)
     assert {name: (batches / name).stat().st_ino for name in kept} == kept
-    assert sorted(p.name for p in batches.glob("b*.pt")) == [f"b00000{i}.pt" for i in range(4)]
+    assert sorted(p.name for p in batches.glob("b*.json")) == [f"b00000{i}.json" for i in range(4)]
     assert torch.equal(_distilled(two_dir)["images"], one["images"])
 
 

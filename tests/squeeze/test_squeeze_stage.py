@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.checkpoint import load_teacher, read_teacher
+from engine.artifacts.teacher import load_teacher, read_teacher
 from engine.data import DataConfig, build_data
 from engine.errors import ConfigError
 from engine.models import ModelConfig

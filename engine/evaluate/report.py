@@ -9,6 +9,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from engine.artifacts.layout import SET_FOLDERS, RunLayout  # noqa: E402
+from engine.artifacts.teacher import read_teacher  # noqa: E402
 from engine.context import RunContext  # noqa: E402
 from engine.io import save_figure, save_json, save_text  # noqa: E402
 
@@ -20,26 +22,15 @@ ROW_TITLES = {
     "sre2l_real_init": "SRe2L-style, real init",
     "random_real": "random real subset",
 }
-# report key -> folder under <run_dir>/recover holding its distilled.pt (and grid.png)
-SET_FOLDERS = {
-    "scdd": "ssl-noise",
-    "sre2l": "supervised-noise",
-    "scdd_real_init": "ssl-real",
-    "real_init_unrefined": "ssl-real/init",
-    "sre2l_real_init": "supervised-real",
-}
 _SUMMARY_KEYS = ("top1", "top1_std", "top5", "images", "epochs", "seconds", "images_per_s",
                  "stored_labels_bytes_per_image_epoch")
 
 
-def teacher_metrics(run_dir: Path) -> dict:
-    import torch
-
+def teacher_metrics(layout: RunLayout) -> dict:
     out = {}
     for kind, key, metric in (("ssl", "ssl_probe_top1", "probe_top1"), ("supervised", "supervised_top1", "top1")):
-        path = run_dir / "squeeze" / kind / "teacher.pt"
-        if path.is_file():
-            out[key] = float(torch.load(path, map_location="cpu", weights_only=False)["metrics"][metric])
+        if layout.teacher(kind).is_file():
+            out[key] = float(read_teacher(layout.teacher(kind))["metrics"][metric])
     return out
 
 
@@ -107,8 +98,8 @@ def plot_accuracy(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_grids(run_dir: Path, keys: list[str], path: Path) -> None:
-    grids = [(key, run_dir / "recover" / SET_FOLDERS[key] / "grid.png") for key in keys if key in SET_FOLDERS]
+def plot_grids(layout: RunLayout, keys: list[str], path: Path) -> None:
+    grids = [(key, layout.set_for_row(key) / "grid.png") for key in keys if key in SET_FOLDERS]
     grids = [(k, p) for k, p in grids if p.is_file()]
     if not grids:
         return
@@ -127,17 +118,17 @@ def write_report(ctx: RunContext, results: dict, seconds: dict | None = None,
                  recover_seconds: dict | None = None) -> dict:
     if not ctx.dist.is_main:
         return {}
-    run_dir = ctx.run_dir
-    report = build_report(results, teacher_metrics(run_dir), seconds or results.get("seconds", {}),
+    layout = RunLayout(ctx.run_dir)
+    report = build_report(results, teacher_metrics(layout), seconds or results.get("seconds", {}),
                           recover_seconds or {})
     table = render_table(report)
     header = (f"# SC-DD report: data={ctx.data_cfg.name}, model={ctx.model_cfg.name}, "
               f"ipc={sorted(set(ctx.run.ipc))}, seed={ctx.run.seed}\n\n")
-    plot_accuracy(results, run_dir / "accuracy_per_epoch.png")
+    plot_accuracy(results, layout.accuracy_plot)
     keys = list(next(iter(results["ipc"].values())).keys()) if results["ipc"] else []
-    plot_grids(run_dir, keys, run_dir / "distilled_grids.png")
-    save_json(report, run_dir / "report.json")
-    save_text(header + table + "\nFigures: accuracy_per_epoch.png, distilled_grids.png\n", run_dir / "report.md")
+    plot_grids(layout, keys, layout.grids_plot)
+    save_json(report, layout.report_json)
+    save_text(header + table + "\nFigures: accuracy_per_epoch.png, distilled_grids.png\n", layout.report_md)
     print("\n" + header + table)
-    print(f"report: {run_dir / 'report.md'}")
+    print(f"report: {layout.report_md}")
     return report

@@ -1,4 +1,5 @@
-"""Teacher checkpoints: one file with backbone + classifier, the configs it came from, its metrics."""
+"""Teacher checkpoints: one file with backbone + classifier, the configs it came from, its metrics
+and the fingerprint of the settings that made it."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,10 +10,12 @@ import torch
 
 from engine.data import DataBundle
 from engine.errors import ConfigError
+from engine.artifacts.fingerprint import digest
 from engine.io import save_torch
 from engine.models import ClassifierNet, ModelConfig, build_model
 
 FORMAT = "scdd-teacher-v1"
+"""Unchanged since v1: the fingerprint is an optional key (absent in files from older versions)."""
 
 
 def data_facts(bundle: DataBundle) -> dict[str, Any]:
@@ -22,9 +25,10 @@ def data_facts(bundle: DataBundle) -> dict[str, Any]:
 
 
 def save_teacher(path: str | Path, model: ClassifierNet, *, kind: str, model_cfg: ModelConfig,
-                 bundle: DataBundle, metrics: dict[str, Any]) -> Path:
+                 bundle: DataBundle, metrics: dict[str, Any], fingerprint: dict[str, Any] | None = None) -> Path:
+    """``fingerprint``: the settings the teacher was trained with (squeeze checks it on resume)."""
     payload = {"format": FORMAT, "kind": kind, "model": dataclasses.asdict(model_cfg),
-               "data": data_facts(bundle), "metrics": metrics,
+               "data": data_facts(bundle), "metrics": metrics, "fingerprint": fingerprint,
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
     return save_torch(payload, path)
 
@@ -61,3 +65,17 @@ def load_teacher(path: str | Path, model_cfg: ModelConfig, bundle: DataBundle) -
     model = build_model(model_cfg, bundle.num_classes, bundle.channels, bundle.image_size)
     model.load_state_dict(payload["state_dict"])
     return model, payload
+
+
+def teacher_digest(payload: dict[str, Any]) -> str:
+    """What downstream fingerprints record of a teacher: its own fingerprint's digest, or, for a
+    file without one, a digest of its weights."""
+    if payload.get("fingerprint") is not None:
+        return digest(payload["fingerprint"])
+    import hashlib
+
+    h = hashlib.sha256()
+    for key in sorted(payload["state_dict"]):
+        h.update(key.encode())
+        h.update(payload["state_dict"][key].float().numpy().tobytes())
+    return h.hexdigest()[:16]

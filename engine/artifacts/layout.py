@@ -1,0 +1,79 @@
+"""The run directory, in one place: every stage asks here where an artifact lives.
+
+    <run>/squeeze/<kind>/teacher.pt          kind: ssl | supervised
+    <run>/squeeze/<kind>/state.pt            epoch checkpoint while training (removed when done)
+    <run>/squeeze/<kind>/{metrics.json,metrics.csv,bn_stats.json}
+    <run>/squeeze/bn_variance.png
+    <run>/recover/<kind>-<init>/             a distilled set: images/<class>/ipcNNNN.png + index.json
+    <run>/recover/<kind>-<init>/batches/     one record per finished class batch (resume)
+    <run>/recover/ssl-real/init/             the unrefined real-init set (same format)
+    <run>/evaluate/ipc<n>/<row>/             result.json, student_state.pt, labels/ (stored relabel)
+    <run>/evaluate/full/full_data/           the full-data student
+    <run>/report.{md,json}, accuracy_per_epoch.png, distilled_grids.png
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+TEACHER_KINDS = ("ssl", "supervised")
+
+SET_FOLDERS = {
+    "scdd": "ssl-noise",
+    "sre2l": "supervised-noise",
+    "scdd_real_init": "ssl-real",
+    "real_init_unrefined": "ssl-real/init",
+    "sre2l_real_init": "supervised-real",
+}
+"""Report row key -> distilled-set folder under <run>/recover."""
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    # squeeze
+    def squeeze_dir(self, kind: str) -> Path:
+        return self.root / "squeeze" / kind
+
+    def teacher(self, kind: str) -> Path:
+        return self.squeeze_dir(kind) / "teacher.pt"
+
+    def squeeze_state(self, kind: str) -> Path:
+        return self.squeeze_dir(kind) / "state.pt"
+
+    @property
+    def bn_variance_plot(self) -> Path:
+        return self.root / "squeeze" / "bn_variance.png"
+
+    # recover
+    def recover_set(self, teacher_kind: str, init: str) -> Path:
+        return self.root / "recover" / f"{teacher_kind}-{init}"
+
+    def set_for_row(self, key: str) -> Path:
+        return self.root / "recover" / SET_FOLDERS[key]
+
+    # evaluate
+    def evaluate_row(self, ipc: Optional[int], key: str) -> Path:
+        return self.root / "evaluate" / (f"ipc{ipc}" if ipc else "full") / key
+
+    # report
+    @property
+    def report_md(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def report_json(self) -> Path:
+        return self.root / "report.json"
+
+    @property
+    def accuracy_plot(self) -> Path:
+        return self.root / "accuracy_per_epoch.png"
+
+    @property
+    def grids_plot(self) -> Path:
+        return self.root / "distilled_grids.png"
