@@ -83,7 +83,7 @@ def time_recover(model: nn.Module, variant: str, *, num_classes: int, batch: int
     """Image-iterations/s of the engine's ``synthesize_batch`` or the peer loop (``variant`` engine|peer).
 
     Fixed init, seeded augmentation, a warm-up run first; on the given, already built model, so the
-    configured width/depth are the ones timed (engine.recover.bench builds one by name).
+    configured width/depth are the ones timed (engine.bench.recover_cli builds one by name).
     """
     model = model.to(device).eval().requires_grad_(False)
     channels = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
