@@ -214,8 +214,9 @@ def phase_times(events, *, on_device: bool) -> dict:
     * CUDA: the device time of every kernel, counted for the innermost range open when the operator
       that launched it started. Autograd runs CUDA backward ops on a thread of its own, which is why
       this goes by time rather than by parent: their kernels still land in ``backward``. Kernel time
-      is busy device time, without the idle gaps between kernels. If the profile holds no kernel
-      time (no CUPTI), the CPU times are used instead.
+      is busy device time, without the idle gaps between kernels; the GPU-side copies of
+      ``record_function`` ranges, which the profiler links to their ranges like kernels, are left
+      out. If the profile holds no kernel time (no CUPTI), the CPU times are used instead.
 
     Returns ``fractions`` (PHASES, summing to 1), ``basis``, ``step_us`` (summed over the steps),
     ``wall_step_us`` (the step ranges' summed wall time) and ``top_ops`` (self time inside the steps).
@@ -232,12 +233,15 @@ def phase_times(events, *, on_device: bool) -> dict:
     own: dict[str, float] = dict.fromkeys(PHASES, 0.0)
     ops: dict[str, list] = {}
     if on_device:
+        # A record_function range's GPU-side copy is linked to it like a kernel; it is not device work.
+        annotations = {e.name for e in events if getattr(e, "is_user_annotation", False)}
         for event in events:
             kernels = getattr(event, "kernels", None)
             inner = innermost(event.time_range.start) if kernels and event.device_type == DeviceType.CPU else None
             for kernel in kernels if inner is not None else ():
-                own[PHASE_RANGES[inner.name]] += kernel.duration
-                _add_op(ops, kernel.name, kernel.duration)
+                if kernel.name not in annotations:
+                    own[PHASE_RANGES[inner.name]] += kernel.duration
+                    _add_op(ops, kernel.name, kernel.duration)
     basis = "cuda kernel time" if sum(own.values()) > 0 else "cpu time"
     if basis == "cpu time":
         for start, end, r in segments:

@@ -190,9 +190,13 @@ def _profile(cuda: bool):
     ranges = [("recover/step", 0, 100), ("recover/augment", 1, 11), ("recover/teacher_forward", 11, 41),
               ("recover/bn_statistics", 20, 30), ("recover/bn_loss", 42, 45), ("recover/backward", 45, 85),
               ("recover/optimizer", 85, 95)]
-    events = [_Event(n, a, b, annotation=True) for n, a, b in ranges]
-    events += [_Event(n, a + 1000, b + 1000, device="cuda", annotation=True) for n, a, b in ranges]  # GPU copies
+    # on CUDA each range has a GPU-side copy, linked to the CPU range like a kernel (not device work)
+    events = [_Event(n, a, b, annotation=True, kernels=[(n, b - a + 5.0)] if cuda else []) for n, a, b in ranges]
+    events += [_Event(n, a + 1000, b + 1000, device="cuda", annotation=True) for n, a, b in ranges]
     if cuda:
+        events += [_Event("Optimizer.step#Adam.step", 85.5, 94, annotation=True,
+                          kernels=[("Optimizer.step#Adam.step", 7.0)]),
+                   _Event("Optimizer.step#Adam.step", 1085.5, 1094, device="cuda", annotation=True)]
         events += [_Event("aten::flip", 2, 3, kernels=[("flip_k", 4.0)]),
                    _Event("aten::conv", 12, 13, kernels=[("conv_k", 10.0)]),
                    _Event("bn_kernel", 20, 30, kernels=[("bn_k", 6.0)]),  # launched by the range itself
