@@ -1,5 +1,6 @@
 # `make demo`: set up .venv and run the main job on the built-in data.
 # `make test`: set up .venv and run the test suite.
+# `make bench`: set up .venv and run `scdd stage=bench` (throughput, recover breakdown, projection).
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
@@ -22,6 +23,9 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/python -m pytest -q tests $(ARGS)
+
+bench: setup
+	$(VENV)/bin/scdd stage=bench $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs multirun *.egg-info

@@ -42,7 +42,9 @@ def resolve_stage(name: str):
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name and exc.name.startswith(module_name.rsplit(".", 1)[0]):
+        # Only the stage module itself (or its package) being absent means "not in this build"; a
+        # module it imports that is missing (or any other ImportError) is a real error, raised as is.
+        if exc.name and (exc.name == module_name or module_name.startswith(exc.name + ".")):
             raise ConfigError(f"stage '{name}' is not available in this build") from exc
         raise
     return getattr(module, func_name)

@@ -67,3 +67,20 @@ def test_bad_input_fails_with_one_line(tmp_path, args, message):
     lines = [line for line in out.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_resolve_stage_reports_only_a_missing_stage_module_as_unavailable(monkeypatch, tmp_path):
+    """A stage module that is absent -> ConfigError; one that imports a missing package -> that error."""
+    from engine import cli
+
+    (tmp_path / "scdd_broken_stage.py").write_text("import scdd_no_such_package  # noqa: F401\n\ndef run(ctx):\n    return {}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(cli.STAGES, "broken", "scdd_broken_stage:run")
+    monkeypatch.setitem(cli.STAGES, "absent", "engine.scdd_no_such_stage:run")
+    with pytest.raises(ModuleNotFoundError) as info:
+        cli.resolve_stage("broken")
+    assert info.value.name == "scdd_no_such_package"
+    monkeypatch.setitem(cli.STAGES, "absent_package", "scdd_no_such_stage_package.stage:run")
+    for name in ("absent", "absent_package"):
+        with pytest.raises(ConfigError, match=f"stage '{name}' is not available in this build"):
+            cli.resolve_stage(name)

@@ -151,74 +151,20 @@ def _real_batches(ctx: RunContext):
 
 def run(ctx: RunContext) -> dict:
     bench = parse_bench(ctx)
-    bundle = ctx.data
-    device = ctx.dist.device
+    plan = _plan(ctx, bench)
+    rates = measure_all(ctx, ctx.model_cfg, _current_shapes(ctx), plan, real_batch=_real_batches(ctx),
+                        normalize=ctx.data.normalize, peer=bench.peer)
+    breakdown = _breakdown(ctx, bench, plan) if bench.breakdown_steps else None
+    target, target_rates = _target(ctx, bench)
+    basis = target_rates or rates  # the rates the projection rests on
     recover_cfg = build_recover_config(ctx)
-    eval_cfg = build_eval_config(ctx)
-    squeeze_cfg, ssl = parse_config(ctx.sections.get("squeeze", {}), ctx.sections.get("ssl", {}))
-    if any(n < 1 for n in ctx.run.ipc):
-        raise ConfigError(f"ipc={ctx.run.ipc} must hold positive images-per-class counts")
-    current = Shapes(bundle.num_classes, bundle.image_size, bundle.channels)
-    run_batch = recover_cfg.classes_per_batch or min(50, bundle.num_classes)
-    plan = Plan(steps=bench.steps, warmup=bench.warmup, recover_batch=bench.batch or run_batch,
-                pretrain_batch=bench.pretrain_batch or min(ssl.batch_size, len(bundle.train)),
-                eval_batch=bench.eval_batch or eval_cfg.batch_size, source=f"configured data ({bundle.name})",
-                repeats=bench.repeats)
-    _ssl_settings(ctx, plan.pretrain_batch)  # a bad pretrain batch fails here, before any timing
-
-    rates = measure_all(ctx, ctx.model_cfg, current, plan, real_batch=_real_batches(ctx),
-                        normalize=bundle.normalize, peer=bench.peer)
-
-    breakdown = None
-    if bench.breakdown_steps:
-        aug = resolve_augment(recover_cfg, bundle.image_size, bundle.channels)
-        torch.manual_seed(ctx.run.seed)
-        model = build_model(ctx.model_cfg, bundle.num_classes, bundle.channels, bundle.image_size)
-        breakdown = recover_breakdown(
-            model, num_classes=bundle.num_classes, batch=plan.recover_batch, aug=aug,
-            objective=Objective(r_bn=recover_cfg.r_bn, first_bn_multiplier=recover_cfg.first_bn_multiplier,
-                                iterations=bench.breakdown_steps, lr=recover_cfg.lr),
-            steps=bench.breakdown_steps, device=device,
-            channels_last=recover_cfg.channels_last,
-            backend=recover_cfg.backend, trace_path=ctx.run_dir / TRACE_FILE if bench.trace else None)
-
-    # The run to project and the rates it rests on.
-    basis, target_rates = rates, None
-    if bench.target == "current":
-        target = dict(name="current", num_classes=bundle.num_classes, train_images=len(bundle.train),
-                      image_size=bundle.image_size, channels=bundle.channels, model=ctx.model_cfg.name,
-                      ssl_epochs=squeeze_cfg.epochs or ssl.epochs, eval_epochs=eval_cfg.epochs)
-    else:
-        target = dataclasses.asdict(TARGETS[bench.target])
-        differs = (target["model"] != ctx.model_cfg.name or target["image_size"] != bundle.image_size
-                   or target["channels"] != bundle.channels)
-        if differs and bench.measure_target:
-            on_cpu = device.type != "cuda"
-            t_batch = bench.target_batch or (CPU_TARGET_BATCH if on_cpu else None)
-            t_plan = Plan(steps=bench.target_steps or (CPU_TARGET_STEPS if on_cpu else bench.steps),
-                          warmup=bench.target_warmup if bench.target_warmup is not None else
-                          (CPU_TARGET_WARMUP if on_cpu else bench.warmup),
-                          recover_batch=t_batch or bench.batch or min(50, target["num_classes"]),
-                          pretrain_batch=t_batch or bench.pretrain_batch or ssl.batch_size,
-                          eval_batch=t_batch or bench.eval_batch or eval_cfg.batch_size,
-                          source=f"synthetic {bench.target} shapes",
-                          repeats=1 if on_cpu else bench.repeats)
-            target_rates = measure_all(ctx, ModelConfig(name=target["model"]),
-                                       Shapes(target["num_classes"], target["image_size"], target["channels"]),
-                                       t_plan, peer=bench.peer)
-            basis = target_rates
-    if bench.ssl_epochs:
-        target["ssl_epochs"] = bench.ssl_epochs
-    if bench.eval_epochs:
-        target["eval_epochs"] = bench.eval_epochs
     projection = project_run(num_classes=target["num_classes"], train_images=target["train_images"],
                              ipcs=list(ctx.run.ipc), iterations=recover_cfg.iterations,
                              ssl_epochs=target["ssl_epochs"], eval_epochs=target["eval_epochs"],
                              recover_rate=basis["recover"].rate, pretrain_rate=basis["pretrain"].rate,
                              eval_rate=basis["evaluate"].rate, gpus=bench.gpus)
-
     result = {
-        "device": device_name(device),
+        "device": device_name(ctx.dist.device),
         "bench": dataclasses.asdict(bench),
         "pretrain_images_per_s": rates["pretrain"].rate,
         "recover_image_iterations_per_s": rates["recover"].rate,
@@ -247,6 +193,82 @@ def run(ctx: RunContext) -> dict:
         save_json(result, ctx.run_dir / BENCH_FILE)
         print(render(result))
     return result
+
+
+def _current_shapes(ctx: RunContext) -> Shapes:
+    return Shapes(ctx.data.num_classes, ctx.data.image_size, ctx.data.channels)
+
+
+def _plan(ctx: RunContext, bench: BenchConfig) -> Plan:
+    """Batches and step counts on the configured data; bad ipc or pretrain batch fail here, before any timing."""
+    bundle = ctx.data
+    recover_cfg = build_recover_config(ctx)
+    eval_cfg = build_eval_config(ctx)
+    _, ssl = parse_config(ctx.sections.get("squeeze", {}), ctx.sections.get("ssl", {}))
+    if any(n < 1 for n in ctx.run.ipc):
+        raise ConfigError(f"ipc={ctx.run.ipc} must hold positive images-per-class counts")
+    run_batch = recover_cfg.classes_per_batch or min(50, bundle.num_classes)
+    plan = Plan(steps=bench.steps, warmup=bench.warmup, recover_batch=bench.batch or run_batch,
+                pretrain_batch=bench.pretrain_batch or min(ssl.batch_size, len(bundle.train)),
+                eval_batch=bench.eval_batch or eval_cfg.batch_size, source=f"configured data ({bundle.name})",
+                repeats=bench.repeats)
+    _ssl_settings(ctx, plan.pretrain_batch)
+    return plan
+
+
+def _breakdown(ctx: RunContext, bench: BenchConfig, plan: Plan) -> dict:
+    """Profile ``bench.breakdown_steps`` steps of the real recover loop on the configured model."""
+    bundle = ctx.data
+    recover_cfg = build_recover_config(ctx)
+    aug = resolve_augment(recover_cfg, bundle.image_size, bundle.channels)
+    torch.manual_seed(ctx.run.seed)
+    model = build_model(ctx.model_cfg, bundle.num_classes, bundle.channels, bundle.image_size)
+    return recover_breakdown(
+        model, num_classes=bundle.num_classes, batch=plan.recover_batch, aug=aug,
+        objective=Objective(r_bn=recover_cfg.r_bn, first_bn_multiplier=recover_cfg.first_bn_multiplier,
+                            iterations=bench.breakdown_steps, lr=recover_cfg.lr),
+        steps=bench.breakdown_steps, device=ctx.dist.device, channels_last=recover_cfg.channels_last,
+        backend=recover_cfg.backend, trace_path=ctx.run_dir / TRACE_FILE if bench.trace else None)
+
+
+def _target(ctx: RunContext, bench: BenchConfig) -> tuple[dict, Optional[dict[str, Rate]]]:
+    """The run to project (sizes and epochs) and, when its model/size differ, its own measured rates."""
+    bundle = ctx.data
+    eval_cfg = build_eval_config(ctx)
+    squeeze_cfg, ssl = parse_config(ctx.sections.get("squeeze", {}), ctx.sections.get("ssl", {}))
+    target_rates = None
+    if bench.target == "current":
+        target = dict(name="current", num_classes=bundle.num_classes, train_images=len(bundle.train),
+                      image_size=bundle.image_size, channels=bundle.channels, model=ctx.model_cfg.name,
+                      ssl_epochs=squeeze_cfg.epochs or ssl.epochs, eval_epochs=eval_cfg.epochs)
+    else:
+        target = dataclasses.asdict(TARGETS[bench.target])
+        differs = (target["model"] != ctx.model_cfg.name or target["image_size"] != bundle.image_size
+                   or target["channels"] != bundle.channels)
+        if differs and bench.measure_target:
+            target_rates = measure_all(ctx, ModelConfig(name=target["model"]),
+                                       Shapes(target["num_classes"], target["image_size"], target["channels"]),
+                                       _target_plan(ctx, bench, target, ssl.batch_size, eval_cfg.batch_size),
+                                       peer=bench.peer)
+    if bench.ssl_epochs:
+        target["ssl_epochs"] = bench.ssl_epochs
+    if bench.eval_epochs:
+        target["eval_epochs"] = bench.eval_epochs
+    return target, target_rates
+
+
+def _target_plan(ctx: RunContext, bench: BenchConfig, target: dict, ssl_batch: int, eval_batch: int) -> Plan:
+    """Target-shape measurements: the bench's own counts on CUDA, kept short on CPU (big models)."""
+    on_cpu = ctx.dist.device.type != "cuda"
+    t_batch = bench.target_batch or (CPU_TARGET_BATCH if on_cpu else None)
+    return Plan(steps=bench.target_steps or (CPU_TARGET_STEPS if on_cpu else bench.steps),
+                warmup=bench.target_warmup if bench.target_warmup is not None else
+                (CPU_TARGET_WARMUP if on_cpu else bench.warmup),
+                recover_batch=t_batch or bench.batch or min(50, target["num_classes"]),
+                pretrain_batch=t_batch or bench.pretrain_batch or ssl_batch,
+                eval_batch=t_batch or bench.eval_batch or eval_batch,
+                source=f"synthetic {bench.target} shapes",
+                repeats=1 if on_cpu else bench.repeats)
 
 
 def _comparison(rates: Optional[dict[str, Rate]]) -> Optional[dict]:
@@ -285,8 +307,9 @@ def render(result: dict) -> str:
     b = result["breakdown"]
     if b:
         shares = ", ".join(f"{k.replace('_', ' ')} {b['fractions'][k] * 100:.0f}%" for k in PHASES)
-        out.append(f"recover step breakdown (torch.profiler, {b['steps']} steps, batch {b['batch']}, "
-                   f"{b['step_ms']:.1f} ms/step profiled): {shares}")
+        out.append(f"recover step breakdown (torch.profiler on synthesize_batch, {b['steps']} steps, "
+                   f"batch {b['batch']}, {b['step_ms']:.2f} ms/step of {b['basis']}, "
+                   f"{b['wall_step_ms']:.2f} ms/step wall): {shares}")
         if b["trace"]:
             out.append(f"  chrome trace: {b['trace']} (open in chrome://tracing or ui.perfetto.dev)")
     p = result["projection"]

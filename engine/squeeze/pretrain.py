@@ -17,7 +17,7 @@ from engine.io import save_torch
 from engine.squeeze.augment import AugmentSpec, augment_batch, augment_color
 from engine.training.batches import batches_of, load_batches
 from engine.training.schedule import cosine_lr, set_lr
-from engine.training.trainers import DeepSpeedSettings, build_trainer
+from engine.training.trainers import DeepSpeedSettings, Trainer, build_trainer
 
 
 class Interrupted(Exception):
@@ -72,7 +72,58 @@ def train(method: nn.Module, dataset: Dataset, *, schedule: Schedule, spec: Augm
     FFCV/DALI crop and flip while decoding (their randomness is their own, so a resume replays the
     order but not the crops), ``augment_color`` adds jitter/grayscale/blur, then ``normalize``.
     """
-    dist = dist or DistEnv(device=device)
+    run = _setup(method, dataset, schedule=schedule, spec=spec, normalize=normalize, device=device,
+                 generator=generator, state_path=state_path, fingerprint=fingerprint, workers=workers,
+                 progress=progress, desc=desc, trainer=trainer, dist=dist or DistEnv(device=device),
+                 deepspeed=deepspeed, loader=loader)
+    history, start_epoch = _restore(run) if resume else ([], 0)
+    for epoch in range(start_epoch, schedule.epochs):
+        row = _run_epoch(run, epoch)
+        history.append(row)
+        _save(run, epoch + 1, history)
+        if on_epoch is not None:
+            on_epoch(row)
+        if stop_after_epochs is not None and epoch + 1 >= stop_after_epochs and epoch + 1 < schedule.epochs:
+            raise Interrupted(f"{desc} stopped after epoch {epoch + 1} (squeeze.stop_after_epochs)")
+    run.wrapped.close()
+    method.to(memory_format=torch.contiguous_format)
+    return history
+
+
+@dataclass
+class _Run:
+    """What every epoch of ``train`` uses, set up once by ``_setup``."""
+
+    method: nn.Module
+    wrapped: Trainer
+    dataset: Dataset
+    loader: object
+    schedule: Schedule
+    spec: AugmentSpec | None
+    normalize: Callable[[torch.Tensor], torch.Tensor]
+    device: torch.device
+    dist: DistEnv
+    generator: torch.Generator
+    """Draws each epoch's order (and, in one process, the views)."""
+    view_generator: torch.Generator
+    state_path: Path
+    """This rank's state file."""
+    fingerprint: dict
+    micro_batch: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    views: int
+    workers: int
+    progress: bool
+    desc: str
+
+
+def _setup(method: nn.Module, dataset: Dataset, *, schedule: Schedule, spec: AugmentSpec | None,
+           normalize: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
+           generator: torch.Generator, state_path: Path, fingerprint: dict, workers: int, progress: bool,
+           desc: str, trainer: str, dist: DistEnv, deepspeed: DeepSpeedSettings | None, loader) -> _Run:
+    """Check the batch split, place and wrap the method with its SGD, derive the per-rank state."""
     world = dist.world_size
     if len(dataset) < schedule.batch_size:
         raise ConfigError(f"batch_size={schedule.batch_size} exceeds the {len(dataset)} training images; "
@@ -88,86 +139,97 @@ def train(method: nn.Module, dataset: Dataset, *, schedule: Schedule, spec: Augm
     optimizer = torch.optim.SGD(method.trainable(), lr=schedule.lr, momentum=schedule.momentum,
                                 weight_decay=schedule.weight_decay)
     wrapped = build_trainer(trainer, method, optimizer, dist, (deepspeed or DeepSpeedSettings(), micro_batch))
-    optimizer = wrapped.optimizer
-    state_path = rank_state_path(state_path, dist.rank, world)
-    fingerprint = {**fingerprint, "world_size": world} if world > 1 else fingerprint
     # One process draws views from the order generator (as it always has); several need their own.
     view_generator = generator if world == 1 else torch.Generator().manual_seed(
         int(torch.randint(2**62, (1,), generator=generator)) + dist.rank)
     steps_per_epoch = len(dataset) // schedule.batch_size if loader is None else len(loader)
-    total_steps = steps_per_epoch * schedule.epochs
-    warmup_steps = steps_per_epoch * schedule.warmup_epochs
-    history: list[dict] = []
-    start_epoch = 0
-    if resume and state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        if state["fingerprint"] != fingerprint:
-            raise ConfigError(f"{state_path} was written with other settings; resume with the same "
-                              f"config or start over with resume=false")
-        method.load_state_dict(state["method"])
-        wrapped.load_optimizer_state(state["optimizer"])
-        generator.set_state(state["generator"])
-        if world > 1:
-            view_generator.set_state(state["view_generator"])
-        history = state["history"]
-        start_epoch = state["epoch"]
-    views = getattr(method, "num_views")
-    for epoch in range(start_epoch, schedule.epochs):
-        method.train()
-        step = epoch * steps_per_epoch
-        total_loss, seen, aug_seconds = 0.0, 0, 0.0
-        started = time.perf_counter()
-        if loader is None:
-            order = torch.randperm(len(dataset), generator=generator)
-            mine = order if world == 1 else rank_order(order, schedule.batch_size, dist.rank, world)
-            batches = load_batches(dataset, batches_of(mine, micro_batch, drop_last=True), workers)
-        else:
-            loader.set_epoch(epoch)
-            batches = loader
-        bar = tqdm(batches, total=steps_per_epoch,
-                   desc=f"{desc} {epoch + 1}/{schedule.epochs}", disable=not progress or not dist.is_main,
-                   leave=False)
-        for images, labels in bar:
-            lr = cosine_lr(step, total_steps, schedule.lr, warmup_steps)
-            set_lr(optimizer, lr)
-            t0 = time.perf_counter()
-            if loader is None:
-                images = images.to(device, non_blocking=True)
-                batch = [_view(images, spec, view_generator, normalize).to(wrapped.input_dtype)
-                         for _ in range(views)]
-            else:
-                batch = [v.to(wrapped.input_dtype)
-                         for v in _loader_views(images, views, spec, view_generator, normalize, device)]
-            aug_seconds += time.perf_counter() - t0
-            loss = wrapped.loss(batch, labels.to(device), view_generator)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}; "
-                                         f"lower ssl.lr")
-            wrapped.backward(loss)
-            wrapped.step()
-            total_loss += loss.item() * len(labels)
-            seen += len(labels)
-            step += 1
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.4g}")
-        seconds = time.perf_counter() - started
-        if world > 1:  # the row reports the whole world: mean loss over all images, total throughput
-            total_loss, seen = all_reduce_sum([total_loss, float(seen)])
-            seen = int(seen)
-        row = {"epoch": epoch + 1, "loss": total_loss / seen, "lr": lr, "seconds": seconds,
-               "images_per_s": seen / seconds, "augment_fraction": aug_seconds / seconds}
-        history.append(row)
-        state = {"epoch": epoch + 1, "method": method.state_dict(), "optimizer": wrapped.optimizer_state(),
-                 "generator": generator.get_state(), "history": history, "fingerprint": fingerprint}
-        if world > 1:
-            state["view_generator"] = view_generator.get_state()
-        save_torch(state, state_path)
-        if on_epoch is not None:
-            on_epoch(row)
-        if stop_after_epochs is not None and epoch + 1 >= stop_after_epochs and epoch + 1 < schedule.epochs:
-            raise Interrupted(f"{desc} stopped after epoch {epoch + 1} (squeeze.stop_after_epochs)")
-    wrapped.close()
-    method.to(memory_format=torch.contiguous_format)
-    return history
+    return _Run(method=method, wrapped=wrapped, dataset=dataset, loader=loader, schedule=schedule, spec=spec,
+                normalize=normalize, device=device, dist=dist, generator=generator,
+                view_generator=view_generator, state_path=rank_state_path(state_path, dist.rank, world),
+                fingerprint={**fingerprint, "world_size": world} if world > 1 else fingerprint,
+                micro_batch=micro_batch, steps_per_epoch=steps_per_epoch,
+                total_steps=steps_per_epoch * schedule.epochs,
+                warmup_steps=steps_per_epoch * schedule.warmup_epochs, views=getattr(method, "num_views"),
+                workers=workers, progress=progress, desc=desc)
+
+
+def _restore(run: _Run) -> tuple[list[dict], int]:
+    """(history, first epoch to run) from this rank's state file, loading the state into ``run``."""
+    if not run.state_path.is_file():
+        return [], 0
+    state = torch.load(run.state_path, map_location="cpu", weights_only=False)
+    if state["fingerprint"] != run.fingerprint:
+        raise ConfigError(f"{run.state_path} was written with other settings; resume with the same "
+                          f"config or start over with resume=false")
+    run.method.load_state_dict(state["method"])
+    run.wrapped.load_optimizer_state(state["optimizer"])
+    run.generator.set_state(state["generator"])
+    if run.dist.world_size > 1:
+        run.view_generator.set_state(state["view_generator"])
+    return state["history"], state["epoch"]
+
+
+def _save(run: _Run, epochs_done: int, history: list[dict]) -> None:
+    """The whole state after ``epochs_done`` epochs, atomically to this rank's state file."""
+    state = {"epoch": epochs_done, "method": run.method.state_dict(), "optimizer": run.wrapped.optimizer_state(),
+             "generator": run.generator.get_state(), "history": history, "fingerprint": run.fingerprint}
+    if run.dist.world_size > 1:
+        state["view_generator"] = run.view_generator.get_state()
+    save_torch(state, run.state_path)
+
+
+def _epoch_batches(run: _Run, epoch: int):
+    """This rank's (images, labels) batches of ``epoch``: a fresh order, or the loader's."""
+    if run.loader is not None:
+        run.loader.set_epoch(epoch)
+        return run.loader
+    world = run.dist.world_size
+    order = torch.randperm(len(run.dataset), generator=run.generator)
+    mine = order if world == 1 else rank_order(order, run.schedule.batch_size, run.dist.rank, world)
+    return load_batches(run.dataset, batches_of(mine, run.micro_batch, drop_last=True), run.workers)
+
+
+def _run_epoch(run: _Run, epoch: int) -> dict:
+    """One epoch of SGD steps; returns its metrics row (loss and throughput over the whole world)."""
+    run.method.train()
+    step = epoch * run.steps_per_epoch
+    total_loss, seen, aug_seconds = 0.0, 0, 0.0
+    started = time.perf_counter()
+    bar = tqdm(_epoch_batches(run, epoch), total=run.steps_per_epoch,
+               desc=f"{run.desc} {epoch + 1}/{run.schedule.epochs}",
+               disable=not run.progress or not run.dist.is_main, leave=False)
+    for images, labels in bar:
+        lr = cosine_lr(step, run.total_steps, run.schedule.lr, run.warmup_steps)
+        set_lr(run.wrapped.optimizer, lr)
+        t0 = time.perf_counter()
+        batch = _step_views(run, images)
+        aug_seconds += time.perf_counter() - t0
+        loss = run.wrapped.loss(batch, labels.to(run.device), run.view_generator)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{run.desc}: loss became {loss.item()} at epoch {epoch + 1}; "
+                                     f"lower ssl.lr")
+        run.wrapped.backward(loss)
+        run.wrapped.step()
+        total_loss += loss.item() * len(labels)
+        seen += len(labels)
+        step += 1
+        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.4g}")
+    seconds = time.perf_counter() - started
+    if run.dist.world_size > 1:  # the row reports the whole world: mean loss over all images, total throughput
+        total_loss, seen = all_reduce_sum([total_loss, float(seen)])
+        seen = int(seen)
+    return {"epoch": epoch + 1, "loss": total_loss / seen, "lr": lr, "seconds": seconds,
+            "images_per_s": seen / seconds, "augment_fraction": aug_seconds / seconds}
+
+
+def _step_views(run: _Run, images) -> list[torch.Tensor]:
+    """The method's ``views`` augmented, normalized views of one batch, in the trainer's input dtype."""
+    if run.loader is None:
+        images = images.to(run.device, non_blocking=True)
+        return [_view(images, run.spec, run.view_generator, run.normalize).to(run.wrapped.input_dtype)
+                for _ in range(run.views)]
+    return [v.to(run.wrapped.input_dtype)
+            for v in _loader_views(images, run.views, run.spec, run.view_generator, run.normalize, run.device)]
 
 
 def _view(images: torch.Tensor, spec: AugmentSpec | None, generator: torch.Generator,

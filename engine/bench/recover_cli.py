@@ -1,6 +1,6 @@
 """Recover throughput: this engine's step against a straightforward peer-style loop, same shapes.
 
-    python -m engine.recover.bench --model resnet18_cifar --image-size 32 --batch 100
+    python -m engine.bench.recover_cli --model resnet18_cifar --image-size 32 --batch 100
 
 The peer loop (engine.bench.peer) is the one SRe2L-style scripts use: a forward hook per BN layer
 that copies its input (permute + contiguous + view), eager mean/var, torch.norm, autograd. Both
