@@ -13,6 +13,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from engine import config_store
 from engine.config import from_mapping
 from engine.context import RunConfig, RunContext
 from engine.data import DataConfig
@@ -33,6 +34,9 @@ STAGES = {
 }
 
 log = logging.getLogger("scdd")
+
+# Every group option and the top-level keys come from the dataclasses; @hydra.main composes from them.
+config_store.register()
 
 
 def resolve_stage(name: str):

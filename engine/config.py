@@ -1,8 +1,10 @@
 """Turn Hydra/OmegaConf nodes into plain typed dataclasses.
 
 Only the CLI entry point reads Hydra config; library code receives these dataclasses.
-Each default lives in the YAML under configs/; dataclass defaults exist only so library code and
-tests can build a config without Hydra.
+Every default lives once, in the dataclasses (and, for groups with variants such as ``model=``, in
+the named presets next to them, e.g. ``engine.models.MODEL_PRESETS``); ``engine.config_store``
+registers them as Hydra's config groups. configs/ holds only config.yaml (defaults list, hydra
+settings) and the experiment presets' overrides.
 """
 from __future__ import annotations
 
@@ -13,6 +15,10 @@ from typing import Any, TypeVar
 from engine.errors import ConfigError
 
 T = TypeVar("T")
+
+MISSING = "???"
+"""A preset value the command line must give (OmegaConf's mandatory-value marker), e.g. data.root of
+data=imagefolder; ``scdd --cfg job`` shows it as ``???``."""
 
 
 def from_mapping(cls: type[T], mapping: Any, where: str = "") -> T:

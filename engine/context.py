@@ -13,13 +13,18 @@ from engine.models import ModelConfig
 
 @dataclass
 class RunConfig:
-    """Top-level keys of configs/config.yaml."""
+    """Top-level keys of the composed config (registered as ``run_config`` in configs/config.yaml's
+    defaults list by engine.config_store)."""
 
     stage: str = "pipeline"
+    """squeeze | recover | relabel | evaluate | pipeline | bench."""
     seed: int = 0
     device: str = "auto"
+    """auto (CUDA when present) | cpu | cuda."""
     resume: bool = False
+    """Continue an interrupted run in the same run directory (hydra.run.dir=...)."""
     ipc: list[int] = field(default_factory=lambda: [1, 10])
+    """Images per class; a list runs recover/evaluate for each."""
     teacher: str | None = None
     """Teacher checkpoint for stages run alone; None means the one squeeze wrote in this run dir."""
     progress: bool = True

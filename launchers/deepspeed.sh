@@ -6,7 +6,7 @@
 #
 # Environment:
 #   DS_CONFIG    DeepSpeed config choice, passed as `deepspeed=$DS_CONFIG` (default zero1); a name
-#                from configs/deepspeed/ or, when it ends in .json, a path passed as deepspeed.path
+#                of the deepspeed= group (zero0|zero1|zero2) or, when it ends in .json, a path passed as deepspeed.path
 #   NPROC, MASTER_PORT, PYTHON   as in launchers/torchrun.sh
 # Every argument is forwarded to engine.cli after `trainer=deepspeed`. Later arguments win, so
 # `trainer=...` on the command line overrides this wrapper's choice.

@@ -14,6 +14,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _config_store():
+    """The config groups come from the dataclasses (engine.config_store), as `scdd` registers them at
+    import; every Hydra compose in the suite, through the fixture below or directly, needs them."""
+    from engine.config_store import register
+
+    register()
+
+
 @pytest.fixture
 def compose():
     """Compose the real Hydra config with overrides, as `scdd` would."""

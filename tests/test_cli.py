@@ -6,13 +6,13 @@ from pathlib import Path
 import pytest
 
 from engine.config import from_mapping
+from engine.config_store import group_options
 from engine.data import DataConfig
 from engine.errors import ConfigError
 from engine.models import ModelConfig
 
 REPO = Path(__file__).resolve().parent.parent
-GROUPS = {d.name: sorted(p.stem for p in d.glob("*.yaml"))
-          for d in (REPO / "configs").iterdir() if d.is_dir() and d.name not in ("experiment", "deepspeed")}
+GROUPS = {group: sorted(options) for group, options in group_options().items()}
 
 
 def scdd(*args, cwd):

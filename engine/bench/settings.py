@@ -1,4 +1,4 @@
-"""Typed settings of the bench stage (defaults live in configs/bench/default.yaml)."""
+"""Typed settings of the bench stage (``bench=default``: these dataclass defaults)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,6 +9,8 @@ from engine.errors import ConfigError
 
 @dataclass
 class BenchConfig:
+    """Bench: throughput of every stage, a recover-step breakdown, and a projection of a full run."""
+
     target: str = "current"
     """Run to project: current (the configured data) | imagenet1k | tinyimagenet | cifar100."""
     gpus: int = 1

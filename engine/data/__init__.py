@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Callable
 
 from engine.data.builtin import load_digits, load_mnist5k
-from engine.data.bundle import DataBundle, DataConfig
+from engine.data.bundle import DATA_PRESETS, DataBundle, DataConfig
 from engine.data.cifar import load_cifar
 from engine.data.imagefolder import load_imagefolder
 from engine.errors import ConfigError
@@ -24,4 +24,4 @@ def build_data(cfg: DataConfig) -> DataBundle:
     return DATASETS[cfg.name](cfg)
 
 
-__all__ = ["DATASETS", "DataBundle", "DataConfig", "build_data"]
+__all__ = ["DATASETS", "DATA_PRESETS", "DataBundle", "DataConfig", "build_data"]

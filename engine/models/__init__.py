@@ -17,13 +17,25 @@ from engine.models.resnet import resnet18_cifar, resnet_imagenet
 
 @dataclass
 class ModelConfig:
-    """Config of the ``model=`` group."""
+    """Config of the ``model=`` group; each option is a preset in ``MODEL_PRESETS``."""
 
     name: str = "convnet"
+    """A ``MODELS`` entry: convnet | resnet18_cifar | resnet18 | resnet50."""
     width: int = 64
     """ConvNet channels per block (ignored by ResNets)."""
     depth: int = 3
     """ConvNet blocks; each halves the image side (ignored by ResNets)."""
+
+
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    # Small ConvNet-BN for CPU runs on small images (28x28 MNIST, 8x8 digits with depth<=3).
+    "convnet": ModelConfig(name="convnet"),
+    # The ResNets ignore width/depth.
+    "resnet18": ModelConfig(name="resnet18"),
+    "resnet18_cifar": ModelConfig(name="resnet18_cifar"),
+    "resnet50": ModelConfig(name="resnet50"),
+}
+"""The ``model=`` options (``scdd model=NAME``), registered with Hydra by engine.config_store."""
 
 
 class ClassifierNet(nn.Module):
@@ -75,4 +87,4 @@ def bn_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
     return [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
 
 
-__all__ = ["MODELS", "ClassifierNet", "ModelConfig", "bn_layers", "build_model"]
+__all__ = ["MODELS", "MODEL_PRESETS", "ClassifierNet", "ModelConfig", "bn_layers", "build_model"]

@@ -13,6 +13,6 @@ Choices worth knowing:
 - Training runs channels_last (faster oneDNN/cuDNN kernels); weights are saved in the default layout.
 - Several processes (torchrun/srun) train with trainer=ddp|deepspeed: each rank takes its share of
   every global batch; BN buffers are averaged into the teacher; rank 0 probes and writes files.
-- loader=ffcv|dali (configs/loader/) decode pretraining views (crop+flip) and the probe's splits;
+- loader=ffcv|dali (the loader= group) decode pretraining views (crop+flip) and the probe's splits;
   the photometric steps stay in augment.augment_color. loader=torch keeps in-process batches.
 """

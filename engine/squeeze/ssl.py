@@ -21,17 +21,22 @@ from engine.squeeze.losses import infonce_moco, momentum_update, nt_xent
 
 @dataclass
 class TrainSettings:
-    """Optimization shared by every method (SGD with momentum, per-step cosine after warmup)."""
+    """Optimization shared by every method (SGD with momentum, per-step cosine after warmup).
+
+    Each method's subclass sets its own defaults (``ssl=mocov2|simclr|supervised``, ``SSL_PRESETS``);
+    the ones here are MoCo v2's."""
 
     name: str = "mocov2"
-    epochs: int = 30
-    batch_size: int = 256
+    """The ``METHODS`` entry: mocov2 | simclr | supervised."""
+    epochs: int = 12
+    batch_size: int = 128
     lr: float = 0.06
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_epochs: int = 0
     augment: str = "strong"
-    """View recipe: strong (small/large image spec by size) | weak (crop + flip) | none."""
+    """View recipe: strong (small-image spec for <=32 px, large-image spec with blur above) |
+    weak (mild crop + flip on RGB) | none."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -49,12 +54,17 @@ class TrainSettings:
 
 @dataclass
 class MoCoSettings(TrainSettings):
+    """MoCo v2 (the paper's public recipe: SGD, cosine, MLP head, T 0.2, queue), sized for MNIST-5k
+    on CPU: 15 epochs x 31 steps of 128 reach ~95% probe top-1 (10 epochs: 94.9%).
+    Paper: lr 0.03-0.06, batch 256, 200 epochs. (name, epochs, batch_size, lr: TrainSettings'.)"""
+
     temperature: float = 0.2
     proj_hidden_dim: int = 512
     proj_dim: int = 128
     queue_size: int = 4096
     key_momentum: float = 0.99
-    """MoCo's m for the key encoder (0.999 in the paper's 200-epoch ImageNet recipe)."""
+    """MoCo's m for the key encoder (0.999 in the paper's 200-epoch ImageNet recipe; the few steps
+    here need faster keys)."""
     shuffle_groups: int = 4
     """Keys are forwarded in this many shuffled sub-batches: MoCo's shuffle-BN on one device."""
 
@@ -72,6 +82,12 @@ class MoCoSettings(TrainSettings):
 
 @dataclass
 class SimCLRSettings(TrainSettings):
+    """SimCLR: NT-Xent over two views of each image."""
+
+    name: str = "simclr"
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 0.3
     temperature: float = 0.5
     proj_hidden_dim: int = 512
     proj_dim: int = 128
@@ -84,6 +100,16 @@ class SimCLRSettings(TrainSettings):
 
 @dataclass
 class SupervisedSettings(TrainSettings):
+    """Supervised teacher (SRe2L-style): backbone + classifier trained with cross-entropy.
+    MNIST-5k, 8 epochs: batch 64 / lr 0.1 / no augmentation 97.5% top-1; batch 128 lr 0.1: 97.3%;
+    weak augmentation (crop 0.5-1): 96.6%."""
+
+    name: str = "supervised"
+    epochs: int = 8
+    batch_size: int = 64
+    lr: float = 0.1
+    augment: str = "none"
+    """none | weak: mild crop (+ flip on RGB) | strong: the SSL views."""
     label_smoothing: float = 0.0
 
 
@@ -202,6 +228,15 @@ METHODS: dict[str, MethodSpec] = {
     "simclr": MethodSpec(SimCLRSettings, SimCLR, "ssl"),
     "supervised": MethodSpec(SupervisedSettings, Supervised, "supervised"),
 }
+
+
+SSL_PRESETS: dict[str, TrainSettings] = {
+    "mocov2": MoCoSettings(),
+    "simclr": SimCLRSettings(),
+    "supervised": SupervisedSettings(),
+}
+"""The ``ssl=`` options (``scdd ssl=NAME``): each method's settings with their defaults, registered
+with Hydra by engine.config_store (``supervised`` is also squeeze.supervised's default)."""
 
 
 def method_spec(name: str) -> MethodSpec:

@@ -46,11 +46,12 @@ _SEED_STREAM = {"ssl": 1, "supervised": 2, "probe": 3}
 
 @dataclass
 class ProbeConfig:
-    """Linear probe on the frozen SSL backbone (configs/squeeze/default.yaml: probe)."""
+    """Linear probe on the frozen SSL backbone (``squeeze.probe``)."""
 
     epochs: int = 100
     batch_size: int = 256
     lr: float = 1.0
+    """Large, as in the paper's probe (30 on raw ResNet features); features are standardized here."""
     momentum: float = 0.9
     weight_decay: float = 0.0
     schedule: str = "step"
@@ -58,6 +59,7 @@ class ProbeConfig:
     milestones: tuple[float, ...] = (0.6, 0.8)
     """Fractions of ``epochs`` where the step schedule divides lr by 10."""
     standardize: bool = True
+    """Standardize features with the train mean/std (folded into the saved fc afterwards)."""
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
@@ -71,20 +73,29 @@ class ProbeConfig:
 
 @dataclass
 class SqueezeConfig:
-    """configs/squeeze/default.yaml."""
+    """Squeeze stage (``squeeze=default``): pretrain teachers, linear-probe the SSL one, summarize BN
+    statistics. The SSL teacher's hyper-parameters come from the ``ssl=`` group (mocov2 | simclr)."""
 
     teachers: list[str] = field(default_factory=lambda: ["ssl", "supervised"])
+    """Which teachers to train: ssl (objective chosen by ssl=) and/or supervised."""
     epochs: Optional[int] = None
-    """Overrides every teacher's epochs when set."""
+    """None: each method's own epochs; a number overrides every teacher's epochs (quick runs)."""
     flip: Optional[bool] = None
-    """None: flip RGB views only (a mirrored digit is another glyph)."""
+    """Horizontal flip in the views; None: on for RGB, off for 1-channel data (a mirrored digit is
+    another glyph)."""
     crop_scale: Optional[tuple[float, float]] = None
+    """None: the recipe's crop area range; [low, high] overrides it."""
     workers: int = 4
+    """DataLoader workers for streaming datasets (in-memory built-ins are sliced directly)."""
     probe_only: bool = False
+    """Only linear-probe an existing teacher (teacher=PATH, else this run's squeeze/ssl/teacher.pt)."""
     stop_after_epochs: Optional[int] = None
+    """Stop each pretraining after this many epochs, as if killed (resume=true continues)."""
     bn_hist_bins: int = 20
+    """Bins of the BN running-variance histogram whose entropy bn_stats.json reports."""
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     supervised: SupervisedSettings = field(default_factory=SupervisedSettings)
+    """The supervised teacher's hyper-parameters (defaults: ``ssl=supervised``'s)."""
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.teachers) - set(TEACHER_KINDS))

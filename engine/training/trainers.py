@@ -33,7 +33,7 @@ ZERO_STAGES = (0, 1, 2)
 
 @dataclass
 class DeepSpeedSettings:
-    """configs/deepspeed/*.yaml (the ``deepspeed=`` group, used with ``trainer=deepspeed``)."""
+    """The ``deepspeed=`` group (used with ``trainer=deepspeed``); options in ``DEEPSPEED_PRESETS``."""
 
     zero_stage: int = 1
     bf16: Optional[bool] = None
@@ -53,12 +53,39 @@ class DeepSpeedSettings:
                               f"{list(ZERO_STAGES)} (deepspeed=zero0|zero1|zero2)")
 
 
+DEEPSPEED_PRESETS: dict[str, DeepSpeedSettings] = {
+    # Stage 0: plain data parallel, no partitioning.
+    "zero0": DeepSpeedSettings(zero_stage=0),
+    # Stage 1: optimizer state partitioned across ranks.
+    "zero1": DeepSpeedSettings(zero_stage=1),
+    # Stage 2: optimizer state and gradients partitioned.
+    "zero2": DeepSpeedSettings(zero_stage=2),
+}
+"""The ``deepspeed=`` options (``scdd trainer=deepspeed deepspeed=NAME``), registered with Hydra by
+engine.config_store."""
+
+DEEPSPEED_DEFAULT = "zero1"
+"""The ``deepspeed=`` option ``trainer=deepspeed`` selects when none is given."""
+
+
 @dataclass
 class TrainerConfig:
-    """configs/trainer/*.yaml."""
+    """The ``trainer=`` group; options in ``TRAINER_PRESETS``."""
 
     name: str = "single"
-    """single | ddp | deepspeed."""
+    """single: one process trains the teacher | ddp: DistributedDataParallel, each rank takes
+    ssl.batch_size / world images of every batch (a world of 1 works too) | deepspeed: DeepSpeed ZeRO
+    (torch SGD; the stage comes from the deepspeed= group). Under torchrun pick ddp or deepspeed;
+    rank 0 writes the teacher as squeeze/<kind>/teacher.pt (plain checkpoint) in every case."""
+
+
+TRAINER_PRESETS: dict[str, TrainerConfig] = {
+    "single": TrainerConfig(name="single"),
+    "ddp": TrainerConfig(name="ddp"),
+    "deepspeed": TrainerConfig(name="deepspeed"),
+}
+"""The ``trainer=`` options (``scdd trainer=NAME``), registered with Hydra by engine.config_store
+(trainer=deepspeed also selects ``deepspeed=DEEPSPEED_DEFAULT``)."""
 
 
 def deepspeed_config(settings: DeepSpeedSettings, micro_batch: int, world_size: int,

@@ -52,10 +52,10 @@ def test_normalize_roundtrip_and_bounds():
 
 
 def test_every_registry_entry_is_named_in_configs():
-    from pathlib import Path
+    from engine.data import DATA_PRESETS
 
-    names = {p.stem for p in (Path(__file__).parents[2] / "configs" / "data").glob("*.yaml")}
-    assert names == set(DATASETS)
+    assert set(DATA_PRESETS) == set(DATASETS)
+    assert all(cfg.name == name for name, cfg in DATA_PRESETS.items())
 
 
 def test_unknown_name_and_bad_values():

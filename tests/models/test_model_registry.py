@@ -22,10 +22,10 @@ def test_forward_backward(name, size, channels):
 
 
 def test_every_registry_entry_is_named_in_configs():
-    from pathlib import Path
+    from engine.models import MODEL_PRESETS
 
-    names = {p.stem for p in (Path(__file__).parents[2] / "configs" / "model").glob("*.yaml")}
-    assert names == set(MODELS)
+    assert set(MODEL_PRESETS) == set(MODELS)
+    assert all(cfg.name == name for name, cfg in MODEL_PRESETS.items())
 
 
 def test_bad_model_inputs():
