@@ -1,8 +1,8 @@
 """The package's import arrows follow the data flow: stages are siblings over shared layers.
 
 squeeze, recover and evaluate import only what lies below them (data, loaders, models,
-distributed, kernels, the artifact layer, training helpers), never each other; pipeline, bench and
-the CLI sit on top; nothing imports in a cycle. Every import counts, function-local ones included.
+distributed, kernels, the artifact layer, training helpers), never each other; pipeline, bench, the
+CLI and its config registry sit on top; nothing imports in a cycle. Every import counts, function-local ones included.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("engine.squeeze", "engine.recover", "engine.evaluate")
-TOP = ("engine.pipeline", "engine.bench", "engine.cli")
+TOP = ("engine.pipeline", "engine.bench", "engine.cli", "engine.config_store")  # config_store: the CLI's Hydra registry
 
 
 def _module_name(path: Path) -> str:

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from engine.artifacts.fingerprint import require_match
 from engine.distributed import DistEnv, all_reduce_sum
 from engine.errors import ConfigError
 from engine.io import save_torch
@@ -158,9 +159,7 @@ def _restore(run: _Run) -> tuple[list[dict], int]:
     if not run.state_path.is_file():
         return [], 0
     state = torch.load(run.state_path, map_location="cpu", weights_only=False)
-    if state["fingerprint"] != run.fingerprint:
-        raise ConfigError(f"{run.state_path} was written with other settings; resume with the same "
-                          f"config or start over with resume=false")
+    require_match(run.state_path, state.get("fingerprint"), run.fingerprint, "pretraining checkpoint")
     run.method.load_state_dict(state["method"])
     run.wrapped.load_optimizer_state(state["optimizer"])
     run.generator.set_state(state["generator"])

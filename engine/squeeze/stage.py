@@ -182,6 +182,21 @@ def _flip_for(cfg: SqueezeConfig, channels: int) -> bool:
     return cfg.flip if cfg.flip is not None else channels == 3
 
 
+def _finished_teacher(ctx: RunContext, kind: str, path: Path, fingerprint: dict) -> Optional[dict]:
+    """With resume=true, the summary of a finished teacher made with ``fingerprint`` (one made with other
+    settings is refused); None when it has to be trained (resume=false announces the replacement)."""
+    if not path.is_file():
+        return None
+    payload = read_teacher(path)
+    if ctx.run.resume and payload["metrics"].get("finished"):
+        require_match(path, payload.get("fingerprint"), fingerprint, f"{kind} teacher")
+        log.info("%s teacher already finished at %s; skipping (resume=true)", kind, path)
+        return _summary(path, payload["metrics"], skipped=True)
+    if not ctx.run.resume and ctx.dist.is_main:
+        announce_overwrite(path, f"{kind} teacher")
+    return None
+
+
 def _train_teacher(ctx: RunContext, cfg: SqueezeConfig, kind: str, settings: TrainSettings,
                    folder: Path, trainer: str = "single", ds_settings: Optional[DeepSpeedSettings] = None,
                    loader: Optional[LoaderConfig] = None) -> dict:
@@ -202,14 +217,9 @@ def _train_teacher(ctx: RunContext, cfg: SqueezeConfig, kind: str, settings: Tra
         fingerprint["loader"] = loader.name
     # The teacher records what made it: the pretraining fingerprint, plus the probe for an SSL teacher.
     teacher_fingerprint = {**fingerprint, "probe": dataclasses.asdict(cfg.probe) if kind == "ssl" else None}
-    if teacher_path.is_file():
-        payload = read_teacher(teacher_path)
-        if ctx.run.resume and payload["metrics"].get("finished"):
-            require_match(teacher_path, payload.get("fingerprint"), teacher_fingerprint, f"{kind} teacher")
-            log.info("%s teacher already finished at %s; skipping (resume=true)", kind, teacher_path)
-            return _summary(teacher_path, payload["metrics"], skipped=True)
-        if not ctx.run.resume and ctx.dist.is_main:
-            announce_overwrite(teacher_path, f"{kind} teacher")
+    finished = _finished_teacher(ctx, kind, teacher_path, teacher_fingerprint)
+    if finished is not None:
+        return finished
     schedule = Schedule(settings.epochs, settings.batch_size, settings.lr, settings.momentum,
                         settings.weight_decay, settings.warmup_epochs)
     loader = loader or LoaderConfig()

@@ -56,6 +56,18 @@ def test_squeeze_teacher_with_changed_settings_is_refused(run_scdd, tmp_path):
     assert teacher.stat().st_mtime_ns == stamp  # the refused artifact is untouched
 
 
+def test_interrupted_pretraining_state_with_changed_settings_is_refused(run_scdd, tmp_path):
+    run_dir = tmp_path / "run"
+    cut = (*SQUEEZE[:-2], "squeeze.supervised.epochs=2", "squeeze.supervised.batch_size=128")
+    out = run_scdd(*cut, "squeeze.stop_after_epochs=1", run_dir=run_dir)
+    assert out["interrupted"] == "supervised"
+    with pytest.raises(StaleArtifact) as exc:
+        run_scdd(*cut, "resume=true", "squeeze.supervised.momentum=0.5", run_dir=run_dir)
+    assert "pretraining checkpoint" in _one_line(exc) and "settings.momentum: 0.9 -> 0.5" in _one_line(exc)
+    finished = run_scdd(*cut, "resume=true", run_dir=run_dir)  # the same settings continue it
+    assert not finished["teachers"]["supervised"]["skipped"]
+
+
 def test_recover_set_with_changed_settings_or_teacher_is_refused(run_scdd, teacher_ckpt, tmp_path):
     run_dir = tmp_path / "run"
     run_scdd(*RECOVER, f"teacher={teacher_ckpt}", "recover.iterations=3", run_dir=run_dir)
