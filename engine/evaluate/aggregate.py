@@ -1,0 +1,64 @@
+"""Mean and spread of several runs' reports: `python -m engine.evaluate.aggregate RUN_DIR ...`.
+
+Each RUN_DIR holds the report.json of one `scdd` run (typically the same settings with seed=0,1,2);
+prints one markdown table of top-1 % as mean +- sample standard deviation per row and ipc.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from engine.evaluate.report import ROW_TITLES
+
+
+def collect(reports: list[dict]) -> dict[str, dict[str, list[float]]]:
+    """row title -> column (ipc, or 'all') -> top-1 values, one per report that has the row."""
+    table: dict[str, dict[str, list[float]]] = {}
+    for report in reports:
+        for ipc, rows in report["ipc"].items():
+            for key, row in rows.items():
+                table.setdefault(ROW_TITLES.get(key, key), {}).setdefault(ipc, []).append(row["top1"])
+        if "full_data" in report:
+            table.setdefault("full training data", {}).setdefault("all", []).append(report["full_data"]["top1"])
+        for key, title in (("ssl_probe_top1", "teacher: SSL + linear probe"),
+                           ("supervised_top1", "teacher: supervised")):
+            if key in report.get("teacher", {}):
+                table.setdefault(title, {}).setdefault("all", []).append(report["teacher"][key])
+    return table
+
+
+def format_cell(values: list[float]) -> str:
+    mean = 100 * statistics.fmean(values)
+    spread = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.1f} ± {spread:.1f}" if len(values) > 1 else f"{mean:.1f}"
+
+
+def render(table: dict[str, dict[str, list[float]]], runs: int) -> str:
+    columns = sorted({c for cols in table.values() for c in cols if c != "all"}, key=int)
+    head = "| method | " + " | ".join(f"IPC {c} top-1 %" for c in columns) + " | all |"
+    lines = [f"top-1 % over {runs} runs, mean ± sample sd", "", head, "|---" * (len(columns) + 2) + "|"]
+    for title, cols in table.items():
+        cells = [format_cell(cols[c]) if c in cols else "-" for c in columns]
+        lines.append(f"| {title} | " + " | ".join(cells) + f" | {format_cell(cols['all']) if 'all' in cols else '-'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories holding report.json")
+    args = parser.parse_args(argv)
+    missing = [str(r) for r in args.runs if not (r / "report.json").is_file()]
+    if missing:
+        print(f"aggregate: error: no report.json in {', '.join(missing)}; pass finished `scdd` run dirs",
+              file=sys.stderr)
+        return 2
+    reports = [json.loads((r / "report.json").read_text()) for r in args.runs]
+    print(render(collect(reports), len(reports)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
