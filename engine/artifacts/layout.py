@@ -46,6 +46,9 @@ class RunLayout:
     def squeeze_state(self, kind: str) -> Path:
         return self.squeeze_dir(kind) / "state.pt"
 
+    def bn_stats(self, kind: str) -> Path:
+        return self.squeeze_dir(kind) / "bn_stats.json"
+
     @property
     def bn_variance_plot(self) -> Path:
         return self.root / "squeeze" / "bn_variance.png"

@@ -132,11 +132,11 @@ def run(ctx: RunContext) -> dict:
     cfg, ssl_settings = parse_config(ctx.sections.get("squeeze", {}), ctx.sections.get("ssl", {}))
     trainer, ds_settings = parse_trainer(ctx.sections)
     loader = parse_loader(ctx.sections, ctx.data_cfg, ctx.data)
-    out = ctx.run_dir / "squeeze"
+    layout = RunLayout(ctx.run_dir)
     if cfg.probe_only:
         if ctx.dist.world_size > 1:
             raise ConfigError("squeeze.probe_only=true runs in one process; launch it without torchrun/srun")
-        return _probe_only(ctx, cfg, out, loader)
+        return _probe_only(ctx, cfg, loader)
     results: dict[str, dict] = {}
     for kind in cfg.teachers:
         settings = ssl_settings if kind == "ssl" else cfg.supervised
@@ -144,7 +144,8 @@ def run(ctx: RunContext) -> dict:
             settings = dataclasses.replace(settings, epochs=cfg.epochs,
                                            warmup_epochs=min(settings.warmup_epochs, cfg.epochs - 1))
         try:
-            results[kind] = _train_teacher(ctx, cfg, kind, settings, out / kind, trainer, ds_settings, loader)
+            results[kind] = _train_teacher(ctx, cfg, kind, settings, layout.squeeze_dir(kind), trainer,
+                                           ds_settings, loader)
         except Interrupted as exc:
             log.warning("%s; rerun with resume=true to continue", exc)
             return {"interrupted": kind, "teachers": results}
@@ -152,11 +153,11 @@ def run(ctx: RunContext) -> dict:
     barrier()
     if not ctx.dist.is_main:
         return result
-    summaries = {kind: _read_json(out / kind / "bn_stats.json")["layers"] for kind in TEACHER_KINDS
-                 if (out / kind / "bn_stats.json").is_file()}
+    summaries = {kind: _read_json(layout.bn_stats(kind))["layers"] for kind in TEACHER_KINDS
+                 if layout.bn_stats(kind).is_file()}
     if summaries:
-        result["bn_plot"] = str(plot_bn_variance(summaries, out / "bn_variance.png"))
-        result["bn_stats"] = {kind: str(out / kind / "bn_stats.json") for kind in summaries}
+        result["bn_plot"] = str(plot_bn_variance(summaries, layout.bn_variance_plot))
+        result["bn_stats"] = {kind: str(layout.bn_stats(kind)) for kind in summaries}
     return result
 
 
@@ -235,12 +236,12 @@ def _train_teacher(ctx: RunContext, cfg: SqueezeConfig, kind: str, settings: Tra
 
     history_so_far: list[dict] = []
     history = train(method, bundle.train, schedule=schedule, spec=augment, normalize=bundle.normalize,
-                    device=device, generator=generator, state_path=folder / "state.pt",
+                    device=device, generator=generator, state_path=RunLayout(ctx.run_dir).squeeze_state(kind),
                     fingerprint=fingerprint, resume=ctx.run.resume, stop_after_epochs=cfg.stop_after_epochs,
                     workers=cfg.workers, progress=ctx.run.progress, desc=f"{kind}:{settings.name}",
                     on_epoch=write_progress, trainer=trainer, dist=ctx.dist, deepspeed=ds_settings,
                     loader=view_loader)
-    state_file = rank_state_path(folder / "state.pt", ctx.dist.rank, ctx.dist.world_size)
+    state_file = rank_state_path(RunLayout(ctx.run_dir).squeeze_state(kind), ctx.dist.rank, ctx.dist.world_size)
     # BN running statistics followed each rank's shard; the teacher gets their mean.
     average_buffers(model)
     if not ctx.dist.is_main:  # probe, summaries and the teacher file are rank 0's
@@ -267,7 +268,7 @@ def _train_teacher(ctx: RunContext, cfg: SqueezeConfig, kind: str, settings: Tra
     final["finished"] = True
     model.cpu()
     bn = bn_variance_summary(model, cfg.bn_hist_bins)
-    save_json({"teacher": kind, "method": settings.name, "layers": bn}, folder / "bn_stats.json")
+    save_json({"teacher": kind, "method": settings.name, "layers": bn}, RunLayout(ctx.run_dir).bn_stats(kind))
     _write_metrics(folder, pretrain=history, probe=probe_rows, final=final)
     save_teacher(teacher_path, model, kind=spec.kind, model_cfg=ctx.model_cfg, bundle=bundle, metrics=final,
                  fingerprint=teacher_fingerprint)
@@ -305,18 +306,18 @@ def _probe(ctx: RunContext, cfg: SqueezeConfig, model,
                         progress=ctx.run.progress, loaders=loaders)
 
 
-def _probe_only(ctx: RunContext, cfg: SqueezeConfig, out: Path, loader: Optional[LoaderConfig] = None) -> dict:
+def _probe_only(ctx: RunContext, cfg: SqueezeConfig, loader: Optional[LoaderConfig] = None) -> dict:
     source = Path(ctx.run.teacher) if ctx.run.teacher else RunLayout(ctx.run_dir).teacher("ssl")
     model, payload = load_teacher(source, ctx.model_cfg, ctx.data)
     rows, probe_final = _probe(ctx, cfg, model, loader)
     kind = payload["kind"]
     # A supervised teacher keeps its own classifier; its probed copy goes next to it.
     slot = "ssl" if kind == "ssl" else f"{kind}_probe"
-    folder = out / slot
+    folder = RunLayout(ctx.run_dir).squeeze_dir(slot)
     metrics = {**payload["metrics"], **probe_final, "probed_from": str(source), "finished": True}
     model.cpu()
     save_json({"teacher": slot, "method": metrics.get("method"),
-               "layers": bn_variance_summary(model, cfg.bn_hist_bins)}, folder / "bn_stats.json")
+               "layers": bn_variance_summary(model, cfg.bn_hist_bins)}, RunLayout(ctx.run_dir).bn_stats(slot))
     _write_metrics(folder, pretrain=[], probe=rows, final=metrics)
     path = save_teacher(RunLayout(ctx.run_dir).teacher(slot), model, kind=kind, model_cfg=ctx.model_cfg,
                         bundle=ctx.data, metrics=metrics,
