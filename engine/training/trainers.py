@@ -125,13 +125,14 @@ def deepspeed_config(settings: DeepSpeedSettings, micro_batch: int, world_size: 
         if "optimizer" in user or "scheduler" in user:
             raise ConfigError(f"deepspeed.path={path} sets 'optimizer'/'scheduler'; remove them: the engine "
                               f"steps its own SGD with the ssl.* learning-rate schedule")
-        cast = [key for key in ("bf16", "fp16") if (user.get(key) or {}).get("enabled")]
-        if cast:
-            raise ConfigError(f"deepspeed.path={path} enables DeepSpeed's {cast[0]} mode, which casts the whole "
-                              f"module (MoCo's key encoder, the BN running statistics); remove it and set "
-                              f"deepspeed.bf16=true (autocast, fp32 weights) or a 'torch_autocast' section")
         config.update(user)
         config.setdefault("zero_allow_untested_optimizer", True)
+    cast = [key for key in ("bf16", "fp16") if isinstance(config.get(key), dict) and config[key].get("enabled")]
+    if cast:
+        source = f"deepspeed.path={settings.path}" if settings.path else "deepspeed.extra"
+        raise ConfigError(f"{source} enables DeepSpeed's {cast[0]} mode, which casts the whole module (MoCo's "
+                          f"key encoder, the BN running statistics); remove it and set deepspeed.bf16=true "
+                          f"(autocast, fp32 weights) or a 'torch_autocast' section")
     stage = (config.get("zero_optimization") or {}).get("stage", 0)
     if stage not in ZERO_STAGES:
         raise ConfigError(f"DeepSpeed zero_optimization.stage={stage!r} is not supported; use one of "
@@ -168,8 +169,6 @@ class Trainer:
     close: Callable[[], None]
     input_dtype: torch.dtype = torch.float32
     """Views are handed over in fp32 by every trainer: a bf16 one casts inside its autocast region."""
-    autocast: Optional[torch.dtype] = None
-    """The dtype the forward runs in under torch.autocast (None: fp32); parameters stay fp32."""
 
 
 def _freeze_untrained(method: nn.Module, trainable: list[nn.Parameter]) -> Callable[[], None]:
@@ -241,8 +240,7 @@ def _deepspeed(method, optimizer, dist, ds) -> Trainer:
             ds_optimizer.load_state_dict(state)
 
     return Trainer("deepspeed", ds_optimizer, engine, engine.backward, engine.step, ds_optimizer.state_dict,
-                   load_optimizer_state, restore,
-                   autocast=engine.torch_autocast_dtype() if engine.torch_autocast_enabled() else None)
+                   load_optimizer_state, restore)
 
 
 def resolve_trainer(name: str, world_size: int) -> str:

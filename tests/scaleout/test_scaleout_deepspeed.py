@@ -64,3 +64,16 @@ def test_unknown_zero_stage_and_missing_json_are_refused(run_scdd):
         run_scdd(*SQUEEZE, "trainer=deepspeed", "deepspeed.zero_stage=3")
     with pytest.raises(ConfigError, match="deepspeed.path=.*does not exist"):
         run_scdd(*SQUEEZE, "trainer=deepspeed", "deepspeed.path=/nonexistent/ds.json")
+
+
+def test_bf16_is_autocast_around_an_fp32_module(run_scdd):
+    from engine.training.trainers import DeepSpeedSettings, deepspeed_config
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for settings, device, on in ((DeepSpeedSettings(), cpu, False), (DeepSpeedSettings(), cuda, True),
+                                 (DeepSpeedSettings(bf16=True), cpu, True), (DeepSpeedSettings(bf16=False), cuda, False)):
+        config = deepspeed_config(settings, 8, 2, device)
+        assert config["torch_autocast"] == {"enabled": on, "dtype": "bfloat16"}
+        assert not config["bf16"]["enabled"] and not config["fp16"]["enabled"]  # DeepSpeed never casts the module
+    with pytest.raises(ConfigError, match="deepspeed.extra enables DeepSpeed's bf16 mode"):
+        run_scdd(*SQUEEZE, "trainer=deepspeed", "+deepspeed.extra.bf16={enabled: true}")
