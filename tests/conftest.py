@@ -77,6 +77,18 @@ def pytest_terminal_summary(terminalreporter, config):
                                     f"run them with `TRITON_INTERPRET=0 pytest -m gpu tests/gpu` (make test-gpu)")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _torch_threads_per_module():
+    """A module that changes torch's thread count (a loader library, a fixture) gives it back: with 2
+    threads on a loaded 2-core machine, tiny-tensor runs later in the session got 10-40x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _default_determinism():
     """A run with deterministic=true switches PyTorch's process-wide flags; the next test starts from

@@ -11,6 +11,15 @@ from teachers import MODEL_OVERRIDES, train_digits_teacher
 SMALL = ("data=digits", *MODEL_OVERRIDES, "device=cpu")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: a second OpenMP thread only adds barrier waits on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     return train_digits_teacher(tmp_path_factory.mktemp("teacher") / "teacher.pt", epochs=2)
