@@ -1,11 +1,12 @@
 # `make demo`: set up .venv and run the main job on the built-in data.
-# `make test`: set up .venv and run the test suite.
+# `make test`: set up .venv and run the test suite (the GPU tier deselected: pytest reports "N deselected").
+# `make test-gpu`: the GPU tier alone (compiled Triton kernels on CUDA, CUDA determinism); needs a CUDA GPU.
 # `make bench`: set up .venv and run `scdd stage=bench` (throughput, recover breakdown, projection).
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-gpu bench clean
 
 setup: $(STAMP)
 
@@ -22,7 +23,10 @@ demo: setup
 	$(VENV)/bin/scdd $(ARGS)
 
 test: setup
-	$(VENV)/bin/python -m pytest -q tests $(ARGS)
+	$(VENV)/bin/python -m pytest -q tests -m "not gpu" $(ARGS)
+
+test-gpu: setup
+	TRITON_INTERPRET=0 $(VENV)/bin/python -m pytest -q -m gpu tests/gpu $(ARGS)
 
 bench: setup
 	$(VENV)/bin/scdd stage=bench $(ARGS)

@@ -113,6 +113,18 @@ def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def configure_determinism(enabled: bool) -> None:
+    """``deterministic=true``: deterministic kernels only (an op without one raises), cuDNN's
+    deterministic algorithms without autotuning, and the cuBLAS workspace setting deterministic
+    matrix products need (read when cuBLAS first initializes, so set before any CUDA work).
+    ``False`` restores PyTorch's defaults (CPU kernels are deterministic either way)."""
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled)
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = False
+
+
 _CURRENT: Optional[DistEnv] = None
 
 

@@ -236,15 +236,17 @@ def run_relabel(ctx: RunContext) -> dict:
     teacher, payload = label_teacher(ctx, cfg)
     source = teacher_digest(payload)
     out = {}
-    for ipc in sorted(set(ctx.run.ipc)):
-        for key, path in sets.items():
-            train = distilled_training_set(path, ctx.data, ipc, cfg)
-            recipe = make_recipe(cfg, ctx.data)
-            folder = RunLayout(ctx.run_dir).evaluate_row(ipc, key) / "labels"
-            out[f"{key}/ipc{ipc}"] = precompute_soft_labels(
-                teacher, train.dataset, ctx.data.normalize, recipe, ctx.dist.device, ctx.run.seed, folder,
-                cfg.stored_topk, cfg.stored_dtype, fingerprint={"train_set": train.digest, "teacher": source},
-                resume=ctx.run.resume, progress=ctx.run.progress)
-            print(f"relabel {key} ipc={ipc}: {out[f'{key}/ipc{ipc}']['bytes_per_image_epoch']:.1f} "
-                  f"bytes per image-epoch -> {folder}")
+    items = [(ipc, key, path) for ipc in sorted(set(ctx.run.ipc)) for key, path in sets.items()]
+    # Each label folder is written by one rank (items r, r+W, ...); the others wait at the barrier.
+    for ipc, key, path in items[ctx.dist.rank::ctx.dist.world_size]:
+        train = distilled_training_set(path, ctx.data, ipc, cfg)
+        recipe = make_recipe(cfg, ctx.data)
+        folder = RunLayout(ctx.run_dir).evaluate_row(ipc, key) / "labels"
+        out[f"{key}/ipc{ipc}"] = precompute_soft_labels(
+            teacher, train.dataset, ctx.data.normalize, recipe, ctx.dist.device, ctx.run.seed, folder,
+            cfg.stored_topk, cfg.stored_dtype, fingerprint={"train_set": train.digest, "teacher": source},
+            resume=ctx.run.resume, progress=ctx.run.progress)
+        print(f"relabel {key} ipc={ipc}: {out[f'{key}/ipc{ipc}']['bytes_per_image_epoch']:.1f} "
+              f"bytes per image-epoch -> {folder}")
+    barrier()
     return out

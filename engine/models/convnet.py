@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine.models.pooling import GlobalAvgPool
+
 
 class ConvNetBN(nn.Module):
     """``depth`` blocks of conv3x3 -> BN -> ReLU -> avgpool2, then global average pooling.
@@ -20,7 +22,7 @@ class ConvNetBN(nn.Module):
                        nn.ReLU(inplace=True), nn.AvgPool2d(2)]
             channels = width
         self.body = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = GlobalAvgPool()  # = AdaptiveAvgPool2d(1), deterministic CUDA backward
         self.out_dim = width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

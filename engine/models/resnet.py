@@ -4,10 +4,13 @@ from __future__ import annotations
 import torchvision
 from torch import nn
 
+from engine.models.pooling import GlobalAvgPool
+
 
 def _strip_head(net: nn.Module) -> nn.Module:
     net.out_dim = net.fc.in_features
     net.fc = nn.Identity()
+    net.avgpool = GlobalAvgPool()  # = AdaptiveAvgPool2d(1), deterministic CUDA backward
     return net
 
 

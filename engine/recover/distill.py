@@ -9,6 +9,7 @@ any batch is reused.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ from engine.recover.plan import SynthBatch, batches_for_rank, plan_batches
 from engine.recover.settings import RecoverConfig, resolve_augment
 from engine.recover.synthesize import Objective, synthesize_batch
 from kernels import fused_bn_matching
+
+log = logging.getLogger("scdd.recover")
 
 NON_SEMANTIC_KEYS = ("log_every", "teachers", "backend", "channels_last")
 """RecoverConfig fields that change how a set is made, not what it holds (beyond float rounding)."""
@@ -72,6 +75,9 @@ def recover_distilled_set(teacher: nn.Module, bundle: DataBundle, cfg: RecoverCo
                              first_ratio=float("nan"), image_iterations_per_s=0.0)
     plan = plan_batches(bundle.num_classes, ipc, cfg.classes_per_batch, cfg.ipc_per_batch)
     mine = batches_for_rank(plan, dist.rank, dist.world_size)
+    if not mine:  # more processes than class batches: this rank only joins the barriers
+        log.info("rank %d of %d has no class batch of %s (%d in all); it waits for the others",
+                 dist.rank, dist.world_size, out_dir.name, len(plan))
     if dist.is_main:
         store.prepare_set_dir(out_dir, fingerprint, resume)
     barrier()

@@ -54,7 +54,8 @@ def plan_batches(num_classes: int, ipc: int, classes_per_batch: int | None,
 
 
 def batches_for_rank(plan: list[SynthBatch], rank: int, world_size: int) -> list[SynthBatch]:
-    if world_size > len(plan):
-        raise ConfigError(f"world size {world_size} exceeds the {len(plan)} class batches to "
-                          f"synthesize; use at most {len(plan)} processes or a smaller classes_per_batch")
+    """Rank r's share: batches r, r+W, ... of the plan. With more processes than batches the ranks
+    past the last batch get an empty share: they synthesize nothing and only join the barriers."""
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"rank {rank} is outside world size {world_size}; fix the launcher's variables")
     return plan[rank::world_size]

@@ -163,6 +163,7 @@ class MoCo(nn.Module):
         size = self.queue.shape[0]
         ptr = int(self.queue_ptr)
         index = (torch.arange(keys.shape[0], device=keys.device) + ptr) % size
+        keys = keys.to(self.queue.dtype)  # bf16 keys under autocast; the queue stays fp32
         self.queue[index] = keys[-size:] if keys.shape[0] > size else keys
         self.queue_ptr.fill_((ptr + keys.shape[0]) % size)
 

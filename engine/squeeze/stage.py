@@ -37,7 +37,7 @@ from engine.distributed import average_buffers, barrier
 from engine.squeeze.pretrain import Interrupted, Schedule, rank_state_path, train
 from engine.squeeze.probe import evaluate_top1, linear_probe
 from engine.squeeze.ssl import SupervisedSettings, TrainSettings, method_spec
-from engine.training.trainers import TRAINERS, DeepSpeedSettings, TrainerConfig, deepspeed_config
+from engine.training.trainers import DeepSpeedSettings, TrainerConfig, deepspeed_config, resolve_trainer
 
 log = logging.getLogger("scdd.squeeze")
 
@@ -130,7 +130,7 @@ def parse_config(squeeze: dict[str, Any], ssl: dict[str, Any]) -> tuple[SqueezeC
 
 def run(ctx: RunContext) -> dict:
     cfg, ssl_settings = parse_config(ctx.sections.get("squeeze", {}), ctx.sections.get("ssl", {}))
-    trainer, ds_settings = parse_trainer(ctx.sections)
+    trainer, ds_settings = parse_trainer(ctx.sections, ctx.dist.world_size)
     loader = parse_loader(ctx.sections, ctx.data_cfg, ctx.data)
     layout = RunLayout(ctx.run_dir)
     if cfg.probe_only:
@@ -161,16 +161,16 @@ def run(ctx: RunContext) -> dict:
     return result
 
 
-def parse_trainer(sections: dict[str, Any]) -> tuple[str, Optional[DeepSpeedSettings]]:
-    """The trainer= name and, for trainer=deepspeed, the deepspeed= settings."""
+def parse_trainer(sections: dict[str, Any], world_size: int = 1) -> tuple[str, Optional[DeepSpeedSettings]]:
+    """The trainer that runs (trainer=auto resolved for ``world_size``: single for one process, ddp
+    for more) and, for trainer=deepspeed, the deepspeed= settings."""
     trainer = from_mapping(TrainerConfig, sections.get("trainer") or {}, "trainer")
-    if trainer.name not in TRAINERS:
-        raise ConfigError(f"unknown trainer '{trainer.name}'; choose trainer= one of {sorted(TRAINERS)}")
-    if trainer.name != "deepspeed":
-        return trainer.name, None
+    name = resolve_trainer(trainer.name, world_size)
+    if name != "deepspeed":
+        return name, None
     settings = from_mapping(DeepSpeedSettings, sections.get("deepspeed") or {}, "deepspeed")
     deepspeed_config(settings, 1, 1, torch.device("cpu"))  # a bad JSON or ZeRO stage fails before training
-    return trainer.name, settings
+    return name, settings
 
 
 def _read_json(path: Path) -> Any:
@@ -256,6 +256,8 @@ def _train_teacher(ctx: RunContext, cfg: SqueezeConfig, kind: str, settings: Tra
                              "trainer": trainer, "world_size": ctx.dist.world_size, "loader": loader.name}
     if ds_settings is not None:
         final["zero_stage"] = ds_settings.zero_stage
+        # bf16 = autocast around the forward; the weights and BN statistics saved here stay fp32
+        final["bf16"] = deepspeed_config(ds_settings, 1, 1, device)["torch_autocast"]["enabled"]
     probe_rows: list[dict] = []
     if kind == "ssl":
         probe_rows, probe_final = _probe(ctx, cfg, model, loader)

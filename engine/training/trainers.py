@@ -37,7 +37,11 @@ class DeepSpeedSettings:
 
     zero_stage: int = 1
     bf16: Optional[bool] = None
-    """None: bf16 on CUDA, fp32 on the CPU."""
+    """None: bf16 on CUDA, fp32 on the CPU. bf16 runs the forward under torch.autocast(bfloat16)
+    (DeepSpeed's ``torch_autocast``; convolution/linear gradients are all-reduced in bf16); weights,
+    optimizer state, the MoCo key encoder and the BN running statistics recover matches stay fp32.
+    DeepSpeed's own ``bf16`` mode would cast the whole module: MoCo's momentum update (1 - m =
+    0.01-0.001 of a weight) is below bf16's resolution and the BN statistics would be rounded."""
     path: Optional[str] = None
     """A user DeepSpeed JSON; its keys win over the generated ones except batch sizes, which the
     engine sets from ssl.batch_size and the world size."""
@@ -72,14 +76,16 @@ DEEPSPEED_DEFAULT = "zero1"
 class TrainerConfig:
     """The ``trainer=`` group; options in ``TRAINER_PRESETS``."""
 
-    name: str = "single"
-    """single: one process trains the teacher | ddp: DistributedDataParallel, each rank takes
-    ssl.batch_size / world images of every batch (a world of 1 works too) | deepspeed: DeepSpeed ZeRO
-    (torch SGD; the stage comes from the deepspeed= group). Under torchrun pick ddp or deepspeed;
-    rank 0 writes the teacher as squeeze/<kind>/teacher.pt (plain checkpoint) in every case."""
+    name: str = "auto"
+    """auto: single for one process, ddp when torchrun/srun start more (the launchers need no
+    trainer=) | single: one process trains the teacher (refused with more) | ddp:
+    DistributedDataParallel, each rank takes ssl.batch_size / world images of every batch (a world
+    of 1 works too) | deepspeed: DeepSpeed ZeRO (torch SGD; the stage comes from the deepspeed=
+    group). Rank 0 writes the teacher as squeeze/<kind>/teacher.pt (plain checkpoint) in every case."""
 
 
 TRAINER_PRESETS: dict[str, TrainerConfig] = {
+    "auto": TrainerConfig(name="auto"),
     "single": TrainerConfig(name="single"),
     "ddp": TrainerConfig(name="ddp"),
     "deepspeed": TrainerConfig(name="deepspeed"),
@@ -94,7 +100,9 @@ def deepspeed_config(settings: DeepSpeedSettings, micro_batch: int, world_size: 
     bf16 = settings.bf16 if settings.bf16 is not None else device.type == "cuda"
     config: dict[str, Any] = {
         "zero_optimization": {"stage": settings.zero_stage},
-        "bf16": {"enabled": bool(bf16)},
+        # bf16 as autocast around the forward: the module stays fp32 (see DeepSpeedSettings.bf16)
+        "torch_autocast": {"enabled": bool(bf16), "dtype": "bfloat16"},
+        "bf16": {"enabled": False},
         "fp16": {"enabled": False},
         # our optimizer is torch SGD (no fused op to compile); ZeRO refuses it without this
         "zero_allow_untested_optimizer": True,
@@ -119,6 +127,12 @@ def deepspeed_config(settings: DeepSpeedSettings, micro_batch: int, world_size: 
                               f"steps its own SGD with the ssl.* learning-rate schedule")
         config.update(user)
         config.setdefault("zero_allow_untested_optimizer", True)
+    cast = [key for key in ("bf16", "fp16") if isinstance(config.get(key), dict) and config[key].get("enabled")]
+    if cast:
+        source = f"deepspeed.path={settings.path}" if settings.path else "deepspeed.extra"
+        raise ConfigError(f"{source} enables DeepSpeed's {cast[0]} mode, which casts the whole module (MoCo's "
+                          f"key encoder, the BN running statistics); remove it and set deepspeed.bf16=true "
+                          f"(autocast, fp32 weights) or a 'torch_autocast' section")
     stage = (config.get("zero_optimization") or {}).get("stage", 0)
     if stage not in ZERO_STAGES:
         raise ConfigError(f"DeepSpeed zero_optimization.stage={stage!r} is not supported; use one of "
@@ -154,6 +168,7 @@ class Trainer:
     load_optimizer_state: Callable[[dict], None]
     close: Callable[[], None]
     input_dtype: torch.dtype = torch.float32
+    """Views are handed over in fp32 by every trainer: a bf16 one casts inside its autocast region."""
 
 
 def _freeze_untrained(method: nn.Module, trainable: list[nn.Parameter]) -> Callable[[], None]:
@@ -172,7 +187,8 @@ def _freeze_untrained(method: nn.Module, trainable: list[nn.Parameter]) -> Calla
 def _single(method, optimizer, dist, ds) -> Trainer:
     if dist.world_size > 1:
         raise ConfigError(f"trainer=single runs one process but the world size is {dist.world_size}; "
-                          f"use trainer=ddp or trainer=deepspeed under torchrun/srun")
+                          f"use trainer=ddp or trainer=deepspeed under torchrun/srun (or leave trainer= "
+                          f"unset: auto picks ddp)")
 
     def backward(loss: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -224,11 +240,24 @@ def _deepspeed(method, optimizer, dist, ds) -> Trainer:
             ds_optimizer.load_state_dict(state)
 
     return Trainer("deepspeed", ds_optimizer, engine, engine.backward, engine.step, ds_optimizer.state_dict,
-                   load_optimizer_state, restore,
-                   input_dtype=torch.bfloat16 if config["bf16"].get("enabled") else torch.float32)
+                   load_optimizer_state, restore)
 
 
-TRAINERS: dict[str, Callable[..., Trainer]] = {"single": _single, "ddp": _ddp, "deepspeed": _deepspeed}
+def resolve_trainer(name: str, world_size: int) -> str:
+    """The trainer that runs: ``auto`` is single for one process and ddp for more; others as named."""
+    if name not in TRAINERS:
+        raise ConfigError(f"unknown trainer '{name}'; choose trainer= one of {sorted(TRAINERS)}")
+    if name == "auto":
+        return "single" if world_size == 1 else "ddp"
+    return name
+
+
+def _auto(method, optimizer, dist, ds) -> Trainer:
+    return TRAINERS[resolve_trainer("auto", dist.world_size)](method, optimizer, dist, ds)
+
+
+TRAINERS: dict[str, Callable[..., Trainer]] = {"auto": _auto, "single": _single, "ddp": _ddp,
+                                               "deepspeed": _deepspeed}
 
 
 def build_trainer(name: str, method: nn.Module, optimizer: torch.optim.Optimizer, dist: DistEnv,

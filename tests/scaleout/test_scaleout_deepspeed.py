@@ -1,4 +1,5 @@
-"""SSL pretraining under DeepSpeed ZeRO-1 with 2 torchrun processes, its teacher into recover, bad configs."""
+"""SSL pretraining under DeepSpeed ZeRO-1 with 2 processes (launchers/deepspeed.sh), its teacher into recover, bad
+configs (DeepSpeed JSONs, ZeRO stages, DeepSpeed's own bf16/fp16 modes)."""
 import json
 
 import pytest
@@ -14,12 +15,12 @@ SQUEEZE = ("data=digits", *MODEL_OVERRIDES, "stage=squeeze", "progress=false", "
            "squeeze.workers=0")
 
 
-def test_zero1_two_processes_write_a_plain_teacher_that_recover_loads(torchrun, run_scdd, tmp_path,
-                                                                      monkeypatch):
-    ext = tmp_path / "torch_extensions"
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(ext))  # overrides the fixture's cache: must stay empty
+def test_zero1_two_processes_write_a_plain_teacher_that_recover_loads(launcher, run_scdd, tmp_path):
+    """launchers/README.md: `NPROC=2 DS_CONFIG=zero1 launchers/deepspeed.sh stage=squeeze data=digits`."""
+    ext = tmp_path / "torch_extensions"  # replaces the shared cache: must stay empty
     run_dir = tmp_path / "run"
-    result = torchrun(2, *SQUEEZE, "trainer=deepspeed", "deepspeed=zero1", run_dir=run_dir)
+    result = launcher("deepspeed.sh", *SQUEEZE, run_dir=run_dir,
+                      env={"NPROC": "2", "DS_CONFIG": "zero1", "TORCH_EXTENSIONS_DIR": str(ext)})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "untested optimizer" in result.stdout + result.stderr  # DeepSpeed's ZeRO wrapped torch SGD
     folder = run_dir / "squeeze" / "ssl"
@@ -47,6 +48,8 @@ def test_zero1_two_processes_write_a_plain_teacher_that_recover_loads(torchrun, 
     ('{"zero_optimization": {"stage": 1,}', "is not valid JSON"),
     ('{"zero_optimization": {"stage": 5}}', "zero_optimization.stage=5 is not supported"),
     ('{"optimizer": {"type": "Adam"}}', "remove them"),
+    ('{"bf16": {"enabled": true}}', "enables DeepSpeed's bf16 mode, which casts the whole module"),
+    ('{"fp16": {"enabled": true}}', "enables DeepSpeed's fp16 mode"),
 ])
 def test_bad_deepspeed_json_is_one_config_error(run_scdd, tmp_path, content, message):
     path = tmp_path / "ds.json"
@@ -61,3 +64,16 @@ def test_unknown_zero_stage_and_missing_json_are_refused(run_scdd):
         run_scdd(*SQUEEZE, "trainer=deepspeed", "deepspeed.zero_stage=3")
     with pytest.raises(ConfigError, match="deepspeed.path=.*does not exist"):
         run_scdd(*SQUEEZE, "trainer=deepspeed", "deepspeed.path=/nonexistent/ds.json")
+
+
+def test_bf16_is_autocast_around_an_fp32_module(run_scdd):
+    from engine.training.trainers import DeepSpeedSettings, deepspeed_config
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for settings, device, on in ((DeepSpeedSettings(), cpu, False), (DeepSpeedSettings(), cuda, True),
+                                 (DeepSpeedSettings(bf16=True), cpu, True), (DeepSpeedSettings(bf16=False), cuda, False)):
+        config = deepspeed_config(settings, 8, 2, device)
+        assert config["torch_autocast"] == {"enabled": on, "dtype": "bfloat16"}
+        assert not config["bf16"]["enabled"] and not config["fp16"]["enabled"]  # DeepSpeed never casts the module
+    with pytest.raises(ConfigError, match="deepspeed.extra enables DeepSpeed's bf16 mode"):
+        run_scdd(*SQUEEZE, "trainer=deepspeed", "+deepspeed.extra.bf16={enabled: true}")

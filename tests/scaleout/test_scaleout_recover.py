@@ -1,8 +1,5 @@
-"""Recover split across 2 torchrun processes: same distilled set as one process, resume, bad input."""
-import pytest
+"""Recover split across 2 torchrun processes: same distilled set as one process, resume, a rank without a batch."""
 import torch
-
-from engine.errors import ConfigError
 
 from engine.artifacts.distilled import DistilledSet
 from engine.artifacts.layout import RunLayout
@@ -54,9 +51,11 @@ def test_two_processes_assemble_the_single_process_set_and_resume_skips_finished
     assert torch.equal(_distilled(two_dir)["images"], one["images"])
 
 
-def test_more_processes_than_class_batches_fails_clearly(compose, digits_teacher_ckpt, tmp_path):
-    # Every rank computes the same plan and raises before any collective, so rank 1 of 2 stands
-    # for all of them; 10 classes in one batch of 10 at ipc 1 is one batch for two processes.
+def test_a_rank_past_the_last_class_batch_only_waits(compose, digits_teacher_ckpt, tmp_path):
+    # 10 classes in one batch of 10 at ipc 1 is one batch for two processes: rank 1's share is
+    # empty; it synthesizes nothing, writes nothing (rank 0 prepares and assembles the set) and
+    # returns after the barriers (no-ops here: no process group; the 2-process run is in
+    # test_launchers.py's pipeline test).
     from engine.cli import build_context
     from engine.distributed import DistEnv
     from engine.recover.stage import run
@@ -66,6 +65,6 @@ def test_more_processes_than_class_batches_fails_clearly(compose, digits_teacher
                   f"teacher={digits_teacher_ckpt}")
     ctx = build_context(cfg, tmp_path / "run")
     ctx.dist = DistEnv(rank=1, world_size=2)
-    with pytest.raises(ConfigError, match="world size 2 exceeds the 1 class batches to synthesize; use at most 1"):
-        run(ctx)
+    result = run(ctx)
+    assert result["sets"]["supervised-noise"]["image_iterations_per_s"] == 0.0
     assert not (tmp_path / "run" / "recover").exists()
