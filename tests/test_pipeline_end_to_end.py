@@ -22,8 +22,20 @@ GROWS_WITH_IPC = {"scdd": 0.0, "scdd_real_init": 0.1, "real_init_unrefined": 0.1
 CHANCE = 0.1  # digits: 10 balanced classes
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: a second OpenMP thread only adds barrier waits on a shared 2-core machine (and the
+    results above were measured with one)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory):
+def pipeline_run(tmp_path_factory, one_thread):
     from hydra import compose, initialize_config_dir
 
     from engine.cli import execute
