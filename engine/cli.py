@@ -33,6 +33,17 @@ STAGES = {
     "bench": "engine.bench.stage:run",
 }
 
+# stage name -> "module:function" that makes every check of that stage (for the pipeline: of every stage
+# it runs) without doing any work; execute calls it before the stage starts, so a bad setting costs seconds.
+VALIDATORS = {
+    "squeeze": "engine.squeeze.stage:validate",
+    "recover": "engine.recover.stage:validate",
+    "relabel": "engine.evaluate.stage:validate_relabel",
+    "evaluate": "engine.evaluate.stage:validate",
+    "pipeline": "engine.pipeline:validate",
+    "bench": "engine.bench.stage:validate",
+}
+
 log = logging.getLogger("scdd")
 
 # Every group option and the top-level keys come from the dataclasses; @hydra.main composes from them.
@@ -42,7 +53,16 @@ config_store.register()
 def resolve_stage(name: str):
     if name not in STAGES:
         raise ConfigError(f"unknown stage '{name}'; choose one of {sorted(STAGES)}")
-    module_name, func_name = STAGES[name].split(":")
+    return _resolve(name, STAGES[name])
+
+
+def resolve_validator(name: str):
+    """The stage's validate function (None for a stage without one)."""
+    return _resolve(name, VALIDATORS[name]) if name in VALIDATORS else None
+
+
+def _resolve(name: str, target: str):
+    module_name, func_name = target.split(":")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
@@ -59,7 +79,7 @@ def build_context(cfg: DictConfig, run_dir: Path) -> RunContext:
     data_cfg = from_mapping(DataConfig, container.pop("data"), "data")
     model_cfg = from_mapping(ModelConfig, container.pop("model"), "model")
     run_keys = {k: container.pop(k) for k in list(container) if k in RunConfig.__dataclass_fields__}
-    run_cfg = from_mapping(RunConfig, run_keys, "run")
+    run_cfg = from_mapping(RunConfig, run_keys)  # top-level keys: messages name them as typed (teacher=...)
     dist = init_distributed(run_cfg.device)
     return RunContext(run=run_cfg, data_cfg=data_cfg, model_cfg=model_cfg, run_dir=run_dir,
                       dist=dist, sections=container)
@@ -70,10 +90,14 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict:
     ctx = build_context(cfg, run_dir)
     if ctx.run.stage not in STAGES:
         raise ConfigError(f"unknown stage '{ctx.run.stage}'; choose one of {sorted(STAGES)}")
-    # Validate data and model before any long work: a bad tree or size fails here, in seconds.
+    # Validate everything before any work: data and model (a bad tree or size), then every section, file and
+    # teacher each stage of this run will read; a bad setting fails here, in seconds, with nothing written.
     bundle = ctx.data
     build_model(ctx.model_cfg, bundle.num_classes, bundle.channels, bundle.image_size)
     stage = resolve_stage(ctx.run.stage)
+    validator = resolve_validator(ctx.run.stage)
+    if validator is not None:
+        validator(ctx)
     return stage(ctx)
 
 

@@ -9,6 +9,7 @@ settings) and the experiment presets' overrides.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from typing import Any, TypeVar
 
@@ -52,7 +53,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return None
     if dataclasses.is_dataclass(hint):
         return from_mapping(hint, value, where)
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin is typing.Union or origin is types.UnionType:  # Optional[X] and X | None alike
         non_none = [a for a in args if a is not type(None)]
         if len(non_none) == 1:
             return _coerce(non_none[0], value, where)

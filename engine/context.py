@@ -6,8 +6,11 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from engine.data import DataBundle, DataConfig, build_data
 from engine.distributed import DistEnv, configure_determinism
+from engine.errors import ConfigError
 from engine.models import ModelConfig
 
 
@@ -38,6 +41,11 @@ class RunConfig:
     (ConvNet 28 px, batch 100: 140 -> 145 ms) and 1.015x (ResNet-18 CIFAR 32 px: 2.13 -> 2.16 s), one
     thread, shared 2-core machine. false (default): CPU runs are bit-identical across runs anyway."""
 
+    def __post_init__(self) -> None:
+        if not self.ipc or any(n < 1 for n in self.ipc):
+            raise ConfigError(f"ipc={list(self.ipc)} must be a non-empty list of images-per-class counts, "
+                              f"each >= 1")
+
 
 @dataclass
 class RunContext:
@@ -56,3 +64,17 @@ class RunContext:
     @cached_property
     def data(self) -> DataBundle:
         return build_data(self.data_cfg)
+
+    def smallest_class(self) -> tuple[str, int]:
+        """(name, count) of the class with the fewest images in the training split."""
+        bundle = self.data
+        counts = np.bincount(np.asarray(bundle.labels("train"), dtype=np.int64), minlength=bundle.num_classes)
+        c = int(counts.argmin())
+        return (bundle.class_names[c] if bundle.class_names else str(c)), int(counts[c])
+
+    def require_ipc_fits(self, ipc: int, needed_by: str) -> None:
+        """Refuse an ipc larger than the smallest training class: ``needed_by`` takes ipc real images per class."""
+        name, count = self.smallest_class()
+        if ipc > count:
+            raise ConfigError(f"ipc={ipc} exceeds the {count} training images of class {name} (the smallest "
+                              f"class), and {needed_by} takes ipc real images of every class; use ipc <= {count}")

@@ -10,6 +10,21 @@ from engine.evaluate.report import write_report
 from engine.squeeze import stage as squeeze_stage
 
 
+RECOVER_RUNS = (("noise", ("ssl", "supervised")), ("real", ("ssl",)))
+"""The distilled sets the report compares: noise init from each teacher, and real init from the SSL one."""
+
+
+def validate(ctx: RunContext) -> None:
+    """Check every stage the pipeline runs before the first starts: squeeze; recover for each set, with the
+    teachers squeeze will write; evaluate, with its label teacher from squeeze and the sets from recover."""
+    squeeze_stage.validate(ctx)
+    squeeze_cfg, _ = squeeze_stage.parse_config(ctx.sections.get("squeeze", {}), ctx.sections.get("ssl", {}))
+    made = [] if squeeze_cfg.probe_only else list(squeeze_cfg.teachers)
+    for init, teachers in RECOVER_RUNS:
+        recover_stage.validate(ctx, teachers_from_squeeze=made, init=init, teachers=list(teachers))
+    evaluate_stage.validate(ctx, teachers_from_squeeze=made)
+
+
 def run(ctx: RunContext) -> dict:
     seconds: dict[str, float] = {}
     start = time.time()
@@ -18,9 +33,8 @@ def run(ctx: RunContext) -> dict:
 
     start = time.time()
     recover_seconds = {}
-    # The distilled sets the report compares: noise init from each teacher, and real init from the SSL one.
-    for init, teachers in (("noise", ["ssl", "supervised"]), ("real", ["ssl"])):
-        out = recover_stage.run(ctx, init=init, teachers=teachers)
+    for init, teachers in RECOVER_RUNS:
+        out = recover_stage.run(ctx, init=init, teachers=list(teachers))
         recover_seconds.update({name: row["seconds"] for name, row in out["sets"].items()})
     recover_seconds["ssl-real/init"] = 0.0
     seconds["recover"] = time.time() - start

@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 
 from engine.config import from_mapping
-from engine.config_store import group_options
+from omegaconf import OmegaConf
+
+from engine.config_store import group_nodes, group_options
 from engine.data import DataConfig
 from engine.errors import ConfigError
 from engine.models import ModelConfig
@@ -35,8 +37,18 @@ def test_cfg_job_prints_composed_config(tmp_path):
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
 def test_every_group_option_composes(compose, group, option):
+    """``group=option`` composes to exactly the node registered for that option (the preset's dataclass
+    values; a named preset carries its own name) and parses back into the same typed instance."""
     cfg = compose(f"{group}={option}")
-    assert cfg[group].name == option if "name" in cfg[group] else True
+    composed = OmegaConf.to_container(cfg[group], resolve=False)
+    registered = {k: v for k, v in group_nodes()[group][option].items() if k != "defaults"}
+    assert composed == registered
+    if "name" in composed:
+        assert composed["name"] == option
+    else:  # the one-option groups and deepspeed= (its options are ZeRO stages) carry no name
+        assert group in {"squeeze", "recover", "evaluate", "bench", "deepspeed"}
+    instance = group_options()[group][option]
+    assert from_mapping(type(instance), composed, group) == instance
     if group == "data":
         from_mapping(DataConfig, cfg.data, "data")
     if group == "model":
@@ -60,6 +72,8 @@ def test_typed_config_rejects_unknown_keys_and_bad_types():
     (["stage=dance"], "unknown stage 'dance'"),
     (["data=digits", "device=tpu"], "device='tpu'"),
     (["data=imagefolder", "data.root=/does/not/exist", "stage=squeeze"], "does not exist"),
+    # a setting only recover reads stops the whole pipeline before squeeze starts
+    (["data=digits", "recover.r_bn=abc"], "config 'recover.r_bn' must be of type float, got 'abc'"),
 ])
 def test_bad_input_fails_with_one_line(tmp_path, args, message):
     out = scdd(*args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
@@ -67,6 +81,7 @@ def test_bad_input_fails_with_one_line(tmp_path, args, message):
     lines = [line for line in out.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], out.stderr
     assert "Traceback" not in out.stderr
+    assert not any((tmp_path / "run" / stage).exists() for stage in ("squeeze", "recover", "evaluate"))
 
 
 def test_resolve_stage_reports_only_a_missing_stage_module_as_unavailable(monkeypatch, tmp_path):

@@ -149,6 +149,12 @@ def _real_batches(ctx: RunContext):
     return take
 
 
+def validate(ctx: RunContext) -> None:
+    """Every check the bench makes before timing: its settings and the recover/evaluate/squeeze/ssl sections
+    it measures with (the same checks ``run`` starts with, in ``_plan``)."""
+    _plan(ctx, parse_bench(ctx))
+
+
 def run(ctx: RunContext) -> dict:
     bench = parse_bench(ctx)
     plan = _plan(ctx, bench)

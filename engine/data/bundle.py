@@ -42,6 +42,18 @@ class DataConfig:
             raise ConfigError(f"data.channels={self.channels} must be 1 or 3")
         if self.image_size is not None and self.image_size < 4:
             raise ConfigError(f"data.image_size={self.image_size} is too small; use 4 or more")
+        if (self.mean is None) != (self.std is None):
+            given, missing = ("mean", "std") if self.mean is not None else ("std", "mean")
+            raise ConfigError(f"data.{given} is given but data.{missing} is not; give both (one value per "
+                              f"channel) or neither (computed from the training split)")
+        if self.mean is not None and self.std is not None:
+            if len(self.mean) != len(self.std) or len(self.mean) not in (1, 3):
+                raise ConfigError(f"data.mean={list(self.mean)} and data.std={list(self.std)} need the same "
+                                  f"length, 1 (gray) or 3 (RGB)")
+            if any(s <= 0 for s in self.std):
+                raise ConfigError(f"data.std={list(self.std)} must be > 0 in every channel")
+        if self.stats_samples < 1:
+            raise ConfigError(f"data.stats_samples={self.stats_samples} must be >= 1")
 
 
 DATA_PRESETS: dict[str, DataConfig] = {

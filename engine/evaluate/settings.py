@@ -70,6 +70,10 @@ class EvaluateConfig:
             raise ConfigError("evaluate.cutmix_prob must be in [0, 1] and cutmix_alpha > 0")
         if self.label_teacher not in ("ssl", "supervised"):
             raise ConfigError(f"evaluate.label_teacher={self.label_teacher!r} is not ssl|supervised")
+        if self.eval_every < 1 or self.random_real_seeds < 1 or self.stored_topk < 1 or self.workers < 0:
+            raise ConfigError(f"evaluate.eval_every={self.eval_every}, evaluate.random_real_seeds="
+                              f"{self.random_real_seeds} and evaluate.stored_topk={self.stored_topk} must be >= 1 "
+                              f"and evaluate.workers={self.workers} >= 0")
         if self.crop_scale is not None and not (len(self.crop_scale) == 2
                                                 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1):
             raise ConfigError(f"evaluate.crop_scale={self.crop_scale} must be [low, high] in (0, 1]")

@@ -11,7 +11,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -208,6 +208,58 @@ def evaluate_rows(ctx: RunContext, cfg: EvaluateConfig, sets: dict[str, Path],
         full = TrainingSet(bundle.train, digest({"data": data_facts(bundle), "split": "train"}))
         results["full_data"] = evaluator.run_row("full_data", None, full, epochs=cfg.full_data_epochs)
     return results
+
+
+def _check_label_teacher(ctx: RunContext, cfg: EvaluateConfig, teachers_from_squeeze: Optional[Sequence[str]]) -> None:
+    """The soft-label teacher exists, is a teacher checkpoint and fits model= and data= (or an earlier stage
+    of this run, listed in ``teachers_from_squeeze``, will write it)."""
+    if not ctx.run.teacher and teachers_from_squeeze is not None:
+        if cfg.label_teacher in teachers_from_squeeze:
+            return
+        if not RunLayout(ctx.run_dir).teacher(cfg.label_teacher).is_file():
+            raise ConfigError(f"evaluate.label_teacher={cfg.label_teacher} is not among squeeze.teachers="
+                              f"{list(teachers_from_squeeze)}; add it there or pick one of them")
+    label_teacher(ctx, cfg)
+
+
+def _check_sets(ctx: RunContext, sets: dict[str, Path], missing: str) -> None:
+    """There are distilled sets, each complete, made for this data and for at least the largest ipc asked."""
+    if not sets:
+        raise ConfigError(f"no distilled set under {ctx.run_dir / 'recover'}; {missing}")
+    bundle, ipc = ctx.data, max(ctx.run.ipc)
+    for folder in sets.values():
+        index = DistilledSet.open(folder).index
+        for key in ("num_classes", "channels", "image_size"):
+            if index.get(key) != getattr(bundle, key):
+                raise ConfigError(f"distilled set {folder} has {key}={index.get(key)} but the data has "
+                                  f"{getattr(bundle, key)}; evaluate it with the data config it was made from")
+        if index.get("ipc", 0) < ipc:
+            raise ConfigError(f"distilled set {folder} holds {index.get('ipc')} images per class but ipc={ipc} "
+                              f"is asked; recover it again with ipc={ipc} (resume=false) or lower ipc")
+
+
+def validate(ctx: RunContext, *, teachers_from_squeeze: Optional[Sequence[str]] = None, **overrides) -> None:
+    """Every check evaluate makes before training students, without training: its settings and the loader,
+    ipc against the smallest training class (the random-real baseline), the student model against the data,
+    the soft-label teacher, and the distilled sets it will read. ``teachers_from_squeeze`` (the pipeline):
+    the teacher kinds squeeze will write; the sets are then recover's, made after this check."""
+    cfg = build_eval_config(ctx, **overrides)
+    bundle = ctx.data
+    parse_loader(ctx.sections, ctx.data_cfg, bundle)
+    ctx.require_ipc_fits(max(ctx.run.ipc), "the random-real baseline")
+    build_model(student_model_config(cfg, ctx.model_cfg), bundle.num_classes, bundle.channels, bundle.image_size)
+    if cfg.loss == "kl":
+        _check_label_teacher(ctx, cfg, teachers_from_squeeze)
+    if teachers_from_squeeze is None:
+        _check_sets(ctx, available_sets(ctx.run_dir), "run `scdd stage=recover` in this run dir first "
+                                                      "(hydra.run.dir=...)")
+
+
+def validate_relabel(ctx: RunContext) -> None:
+    """Every check relabel makes before labelling: settings, the label teacher, the distilled sets."""
+    cfg = build_eval_config(ctx, relabel="stored")
+    _check_label_teacher(ctx, cfg, None)
+    _check_sets(ctx, available_sets(ctx.run_dir), "run `scdd stage=recover` first")
 
 
 def run(ctx: RunContext, **overrides) -> dict:

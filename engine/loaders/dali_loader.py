@@ -7,6 +7,7 @@ is built per epoch so ``set_epoch`` takes effect even though DALI prefetches.
 """
 from __future__ import annotations
 
+import re
 from typing import Iterator
 
 import numpy as np
@@ -15,6 +16,65 @@ from torch.utils.data import Dataset
 
 from engine.errors import ConfigError
 from engine.loaders.common import BatchLoader, LoaderSpec
+
+
+_MEMORY = ("out of memory", "cuda allocation failed", "can't allocate", "cannot allocate", "failed to allocate",
+           "bad_alloc", "cudaerrormemoryallocation", "cuda_error_out_of_memory")
+_SETUP = ("cuda is not available", "device_id", "dlopen", "pipeline build", "error when constructing operator",
+          "pipeline is not built", "no cuda-capable device", "cuda driver", "could not load library")
+_DECODE = ("nvimagecodec failure", "unrecognized image format", "unsupported image type", "decod", "corrupt",
+           "not a valid image")
+
+
+def _parts(message: str) -> tuple[str, str]:
+    """(failing operator, what it encountered) of a DALI message; DALI's banner lines and the pipeline
+    definition traceback it quotes are left out (that traceback names other operators too)."""
+    operator = re.search(r"operator `([^`]+)`", message)
+    found = re.search(r"encountered:\s*(.*?)(?:C\+\+ context|Current pipeline object|$)", message, re.S)
+    if found and found.group(1).strip():
+        detail = found.group(1)
+    else:
+        lines = [line for line in message.splitlines() if line.strip() and not line.startswith("Critical error")]
+        detail = lines[0] if lines else message
+    return (operator.group(1) if operator else ""), " ".join(detail.split())
+
+
+def classify_dali_error(message: str) -> str:
+    """What a DALI error message says failed: ``memory`` (an allocation, on the device or the host),
+    ``setup`` (the pipeline could not be built: CUDA/driver/library, device, operator arguments checked at
+    build), ``decode`` (a decoder operator rejected an image: a bad file) or ``other``. Checked in that
+    order: a decoder that runs out of memory is a memory error, not a bad file."""
+    operator, detail = _parts(message)
+    text = detail.lower()
+    if any(needle in text for needle in _MEMORY):
+        return "memory"
+    if "when building pipeline" in message.lower() or any(needle in text for needle in _SETUP):
+        return "setup"
+    if "decoders" in operator or any(needle in text for needle in _DECODE):
+        return "decode"
+    return "other"
+
+
+def _summary(message: str) -> str:
+    operator, detail = _parts(message)
+    return f"{operator}: {detail[:200]}" if operator else detail[:200]
+
+
+def dali_error(exc: BaseException, where: str) -> BaseException:
+    """The one-line ConfigError for a DALI failure while reading ``where``, saying what failed; an error of
+    no known kind comes back unchanged (raised as is, with its traceback)."""
+    message = str(exc).strip() or type(exc).__name__
+    kind, summary = classify_dali_error(message), _summary(message)
+    if kind == "decode":
+        return ConfigError(f"DALI could not decode an image of {where} ({summary}); a file is corrupt or not an "
+                           f"image: find it with data.verify=full")
+    if kind == "memory":
+        return ConfigError(f"DALI ran out of memory reading {where} ({summary}); lower the batch size or "
+                           f"loader.num_workers, or decode on the CPU with loader.device=cpu")
+    if kind == "setup":
+        return ConfigError(f"DALI could not build its pipeline for {where} ({summary}); a setup problem, not a "
+                           f"bad file: check the DALI/CUDA install, loader.device (cpu needs no GPU) and loader.*")
+    return exc
 
 
 class DALILoader(BatchLoader):
@@ -112,8 +172,9 @@ class DALILoader(BatchLoader):
             return
         count = self.spec.views if self.spec.transform == "train" else 1
         names = [f"view{k}" for k in range(count)]
-        pipe = self._pipeline(order)
+        pipe = None
         try:
+            pipe = self._pipeline(order)
             iterator = DALIGenericIterator(pipe, names + ["label"],
                                            last_batch_policy=LastBatchPolicy.PARTIAL)
             for (batch,) in iterator:
@@ -124,8 +185,9 @@ class DALILoader(BatchLoader):
                 # DALI reuses its output buffers only within the iterator's copy; these are ours.
                 yield (views[0] if len(views) == 1 else views), labels
         except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ConfigError(f"DALI failed reading {self.where} ({first[:200]}); check the files "
-                              f"with data.verify=full") from exc
+            error = dali_error(exc, self.where)
+            if error is exc:
+                raise
+            raise error from exc
         finally:
             del pipe

@@ -68,6 +68,11 @@ class RecoverConfig:
             raise ConfigError(f"recover.real_init_select={self.real_init_select!r} is not random|confident")
         if self.classes_per_batch is not None and self.classes_per_batch < 1:
             raise ConfigError(f"recover.classes_per_batch={self.classes_per_batch} must be >= 1")
+        if self.ipc_per_batch is not None and self.ipc_per_batch < 1:
+            raise ConfigError(f"recover.ipc_per_batch={self.ipc_per_batch} must be >= 1")
+        if self.log_every < 1 or self.real_init_pool < 1 or (self.jitter is not None and self.jitter < 0):
+            raise ConfigError(f"recover.log_every={self.log_every} and recover.real_init_pool={self.real_init_pool} "
+                              f"must be >= 1 and recover.jitter={self.jitter} >= 0")
         if self.crop_scale is not None and not (len(self.crop_scale) == 2
                                                 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1):
             raise ConfigError(f"recover.crop_scale={self.crop_scale} must be [low, high] in (0, 1]")

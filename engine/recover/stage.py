@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional, Sequence
 
 from engine.artifacts.layout import RunLayout
 from engine.artifacts.teacher import load_teacher, teacher_digest
@@ -9,6 +10,7 @@ from engine.config import from_mapping
 from engine.context import RunContext
 from engine.errors import ConfigError
 from engine.recover.distill import recover_distilled_set
+from engine.recover.plan import batches_for_rank, plan_batches
 from engine.recover.settings import RecoverConfig
 
 
@@ -27,6 +29,36 @@ def build_recover_config(ctx: RunContext, **overrides) -> RecoverConfig:
     section = dict(ctx.sections.get("recover") or {})
     section.update(overrides)
     return from_mapping(RecoverConfig, section, "recover")
+
+
+def validate(ctx: RunContext, *, teachers_from_squeeze: Optional[Sequence[str]] = None, **overrides) -> None:
+    """Every check recover makes before synthesis, without synthesizing: its settings, ipc against the batch
+    plan, the process count and (recover.init=real) the smallest training class, and the teachers it will
+    read (they exist, are teacher checkpoints and fit model= and data=). ``teachers_from_squeeze``: the
+    teacher kinds an earlier stage of this run will write (the pipeline), so they need not exist yet."""
+    cfg = build_recover_config(ctx, **overrides)
+    bundle = ctx.data
+    ipc = max(ctx.run.ipc)
+    plan = plan_batches(bundle.num_classes, ipc, cfg.classes_per_batch, cfg.ipc_per_batch)
+    batches_for_rank(plan, ctx.dist.rank, ctx.dist.world_size)
+    if cfg.init == "real":
+        ctx.require_ipc_fits(ipc, "recover.init=real")
+    if ctx.run.teacher:
+        load_teacher(Path(ctx.run.teacher), ctx.model_cfg, bundle)
+        return
+    if teachers_from_squeeze is None:
+        for path in requested_teachers(ctx, cfg):
+            load_teacher(path, ctx.model_cfg, bundle)
+        return
+    layout = RunLayout(ctx.run_dir)
+    coming = [kind for kind in cfg.teachers if kind in teachers_from_squeeze]
+    existing = [layout.teacher(kind) for kind in cfg.teachers
+                if kind not in coming and layout.teacher(kind).is_file()]
+    if not coming and not existing:
+        raise ConfigError(f"recover.init={cfg.init} needs a teacher of {list(cfg.teachers)} but squeeze.teachers="
+                          f"{list(teachers_from_squeeze)} makes none of them; add it to squeeze.teachers")
+    for path in existing:
+        load_teacher(path, ctx.model_cfg, bundle)
 
 
 def run(ctx: RunContext, **overrides) -> dict:

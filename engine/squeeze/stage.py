@@ -128,6 +128,32 @@ def parse_config(squeeze: dict[str, Any], ssl: dict[str, Any]) -> tuple[SqueezeC
     return cfg, settings
 
 
+def validate(ctx: RunContext) -> None:
+    """Every check squeeze makes before training, without training: its settings and the ssl=, trainer=,
+    deepspeed= and loader= sections (deepspeed.path read, ffcv files present), each teacher's batch against
+    the training split and the process count, and, for squeeze.probe_only, the teacher it will probe."""
+    cfg, ssl_settings = parse_config(ctx.sections.get("squeeze", {}), ctx.sections.get("ssl", {}))
+    parse_trainer(ctx.sections)
+    parse_loader(ctx.sections, ctx.data_cfg, ctx.data)
+    bundle, world = ctx.data, ctx.dist.world_size
+    if cfg.probe_only:
+        if world > 1:
+            raise ConfigError("squeeze.probe_only=true runs in one process; launch it without torchrun/srun")
+        load_teacher(Path(ctx.run.teacher) if ctx.run.teacher else RunLayout(ctx.run_dir).teacher("ssl"),
+                     ctx.model_cfg, bundle)
+        return
+    for kind in cfg.teachers:
+        settings = ssl_settings if kind == "ssl" else cfg.supervised
+        where = "ssl" if kind == "ssl" else "squeeze.supervised"
+        if len(bundle.train) < settings.batch_size:
+            raise ConfigError(f"{where}.batch_size={settings.batch_size} exceeds the {len(bundle.train)} "
+                              f"training images; lower {where}.batch_size")
+        if settings.batch_size % world or settings.batch_size // world < 2:
+            raise ConfigError(f"{where}.batch_size={settings.batch_size} must split into equal shards of >= 2 "
+                              f"images over {world} processes; use a multiple of {world}")
+        spec_for(settings.augment, bundle.image_size, _flip_for(cfg, bundle.channels), cfg.crop_scale)
+
+
 def run(ctx: RunContext) -> dict:
     cfg, ssl_settings = parse_config(ctx.sections.get("squeeze", {}), ctx.sections.get("ssl", {}))
     trainer, ds_settings = parse_trainer(ctx.sections, ctx.dist.world_size)

@@ -35,7 +35,18 @@ def test_bench_writes_every_figure_and_a_trace(run_scdd, tmp_path):
     stages = {(m["stage"], m["variant"].split()[0]) for m in saved["measurements"]}
     assert stages == {("pretrain", "mocov2"), ("recover", "engine"), ("recover", "peer"), ("evaluate", "student")}
     assert all(m["rate"] > 0 and m["model"] == "convnet" and m["image_size"] == 8 for m in saved["measurements"])
-    assert saved["peer_comparison"]["speedup"] > 0
+    # every rate is its own timing: batch x steps / measured seconds
+    for m in saved["measurements"]:
+        assert m["seconds"] > 0 and m["rate"] == pytest.approx(m["batch"] * m["steps"] / m["seconds"], rel=1e-12)
+    recover = {m["variant"].split()[0]: m for m in saved["measurements"] if m["stage"] == "recover"}
+    engine, peer = recover["engine"], recover["peer"]
+    assert (engine["batch"], engine["steps"]) == (peer["batch"], peer["steps"])  # the same work, timed twice
+    comparison = saved["peer_comparison"]
+    assert comparison["engine_image_iterations_per_s"] == engine["rate"] == saved["recover_image_iterations_per_s"]
+    assert comparison["peer_image_iterations_per_s"] == peer["rate"]
+    # the reported speedup is the ratio of those two rates, i.e. of the peer's to the engine's seconds
+    assert comparison["speedup"] == pytest.approx(engine["rate"] / peer["rate"], rel=1e-12)
+    assert comparison["speedup"] == pytest.approx(peer["seconds"] / engine["seconds"], rel=1e-9)
     fractions = saved["breakdown"]["fractions"]
     assert set(fractions) == {"augmentation", "teacher_forward", "bn_statistics", "backward", "optimizer", "other"}
     assert all(v >= 0 for v in fractions.values())

@@ -6,6 +6,17 @@ import pytest
 from realdata import make_imagefolder_tree
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """FFCV's loader calls torch.set_num_threads(loader num_workers) for the whole process; put it back, or
+    every later test trains with that many OpenMP threads (35x slower on a shared 2-core machine)."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def png_tree(tmp_path_factory) -> Path:
     """foolbox's real CIFAR-10 PNGs: 40 train files (20 images x 2), 10 val, 8 classes."""

@@ -141,7 +141,7 @@ def test_stage_writes_every_output_and_is_deterministic(run_scdd, digits_teacher
     assert torch.equal(payload["images"], again["images"])
 
 
-def test_resume_after_kill_gives_the_uninterrupted_images(run_scdd, digits_teacher, tmp_path):
+def test_resume_after_kill_gives_the_uninterrupted_images(run_scdd, digits_teacher, tmp_path, capsys):
     args = (*FAST, f"teacher={digits_teacher}", "ipc=[3]", "recover.iterations=6",
             "recover.classes_per_batch=5")
     run_scdd(*args, run_dir=tmp_path / "full")
@@ -154,7 +154,11 @@ def test_resume_after_kill_gives_the_uninterrupted_images(run_scdd, digits_teach
         (killed / "batches" / name).unlink()
     (killed / "batches" / "b000004.json").write_bytes(b"half-written")  # a torn write is redone
     stamp = (killed / "batches" / "b000000.json").stat().st_mtime_ns
+    capsys.readouterr()
     result = run_scdd(*args, "resume=true", run_dir=tmp_path / "killed")
+    said = [line for line in capsys.readouterr().out.splitlines() if "redoing the batch" in line]
+    assert said == [f"scdd: recover batch record {killed / 'batches' / 'b000004.json'} is unreadable "
+                    f"(JSONDecodeError); redoing the batch"]  # the torn record is announced, once
     assert result["sets"]["supervised-noise"]["first_ratio"] > 0
     assert (killed / "batches" / "b000000.json").stat().st_mtime_ns == stamp  # not redone
     a = DistilledSet.open(full).tensors()
