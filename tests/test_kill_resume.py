@@ -28,7 +28,7 @@ from engine.artifacts.distilled import DistilledSet
 from teachers import MODEL_OVERRIDES, train_digits_teacher
 
 REPO = Path(__file__).resolve().parent.parent
-BASE = ("data=digits", *MODEL_OVERRIDES, "progress=false")
+BASE = ("data=digits", "device=cpu", *MODEL_OVERRIDES, "progress=false")
 
 
 @pytest.fixture(autouse=True)

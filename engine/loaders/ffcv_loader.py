@@ -127,10 +127,15 @@ class FFCVLoader(BatchLoader):
         return self.normalize(images.contiguous())
 
     def __iter__(self) -> Iterator:
+        # FFCV sets torch's intra-op thread count to its worker count, for the whole process, when
+        # a Loader is built and when an epoch starts; the caller's setting is put back each time.
+        threads = torch.get_num_threads()
         if self._loader is None:
             self._loader = self._build()
         self._loader.next_epoch = self.epoch
-        for batch in self._loader:
+        batches = iter(self._loader)
+        torch.set_num_threads(threads)
+        for batch in batches:
             image, label, *extra = batch
             labels = label.reshape(-1).to(torch.int64, copy=True)
             if self.spec.views == 1:

@@ -117,3 +117,18 @@ def test_bad_ffcv_input_is_one_config_error(png_bundle, raw_betons, tmp_path):
         build_loader("ffcv", png_bundle, "train", LoaderSpec(beton_dir=str(tmp_path)), 0, 1)
     with pytest.raises(ConfigError, match="world size 11 is larger than the 10 samples"):
         build_loader("ffcv", png_bundle, "test", LoaderSpec(beton_dir=str(raw_betons)), 0, 11)
+
+
+def test_reading_leaves_torchs_thread_count_alone(png_bundle, raw_betons):
+    # FFCV sets torch's thread count to its worker count for the whole process; the loader puts it back
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        loader = build_loader("ffcv", png_bundle, "train",
+                              LoaderSpec(batch_size=8, beton_dir=str(raw_betons), num_workers=2,
+                                         normalize=False), rank=0, world_size=1)
+        for _ in loader:
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

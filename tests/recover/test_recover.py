@@ -16,7 +16,7 @@ from engine.artifacts.teacher import load_teacher
 from kernels import fused_bn_matching
 from teachers import MODEL_OVERRIDES, SMALL_MODEL
 
-FAST = ("data=digits", *MODEL_OVERRIDES, "stage=recover", "progress=false", "recover.log_every=1",
+FAST = ("data=digits", "device=cpu", *MODEL_OVERRIDES, "stage=recover", "progress=false", "recover.log_every=1",
         "recover.ipc_per_batch=1")
 
 

@@ -10,7 +10,7 @@ from engine.data import DataConfig, build_data
 from engine.errors import ConfigError
 from engine.models import ModelConfig
 
-TINY = ("data=digits", "stage=squeeze", "progress=false", "model.width=32", "ssl.batch_size=128",
+TINY = ("data=digits", "device=cpu", "stage=squeeze", "progress=false", "model.width=32", "ssl.batch_size=128",
         "squeeze.supervised.batch_size=128", "squeeze.probe.epochs=30")
 
 
