@@ -77,6 +77,19 @@ def pytest_terminal_summary(terminalreporter, config):
                                     f"run them with `TRITON_INTERPRET=0 pytest -m gpu tests/gpu` (make test-gpu)")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: a second OpenMP thread only adds barrier waits on a shared 2-core machine, and
+    in-process runs compared with `OMP_NUM_THREADS=1` subprocesses must use one thread to agree
+    bitwise. Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _torch_threads_per_module():
     """A module that changes torch's thread count (a loader library, a fixture) gives it back: with 2

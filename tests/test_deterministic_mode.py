@@ -11,13 +11,7 @@ from teachers import MODEL_OVERRIDES, train_digits_teacher
 SMALL = ("data=digits", *MODEL_OVERRIDES, "device=cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second OpenMP thread only adds barrier waits on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

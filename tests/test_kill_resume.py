@@ -31,13 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 BASE = ("data=digits", "device=cpu", *MODEL_OVERRIDES, "progress=false")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The subprocess runs with OMP_NUM_THREADS=1; the in-process runs use one thread too, so all agree bitwise."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

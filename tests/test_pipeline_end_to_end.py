@@ -22,16 +22,7 @@ GROWS_WITH_IPC = {"scdd": 0.0, "scdd_real_init": 0.1, "real_init_unrefined": 0.1
 CHANCE = 0.1  # digits: 10 balanced classes
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: a second OpenMP thread only adds barrier waits on a shared 2-core machine (and the
-    results above were measured with one)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,7 @@ TINY = ("data=digits", "model.width=16", "model.depth=2", "stage=bench", "bench.
         "bench.repeats=1", "bench.pretrain_batch=16", "bench.eval_batch=16", "bench.breakdown_steps=2", "progress=false")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second OpenMP thread only adds barrier waits on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_bench_writes_every_figure_and_a_trace(run_scdd, tmp_path):

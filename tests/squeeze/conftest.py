@@ -1,12 +1,7 @@
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Squeeze tests use tiny tensors: a second OpenMP thread only adds barrier waits, and on a shared
-    2-core machine those waits dominate (8x slower when other jobs hold the cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _squeeze_one_thread(one_thread):
+    """Squeeze tests use tiny tensors: one thread (8x faster when other jobs hold the 2 cores)."""
     yield
-    torch.set_num_threads(before)
