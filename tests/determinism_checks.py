@@ -10,7 +10,7 @@ import torch
 
 from engine.artifacts.distilled import DistilledSet
 from engine.artifacts.layout import RunLayout
-from engine.artifacts.teacher import read_teacher
+from teachers import assert_same_teacher
 
 RECOVER = ("stage=recover", "progress=false", "recover.log_every=1", "recover.ipc_per_batch=1",
            "recover.classes_per_batch=5", "ipc=[2]")
@@ -55,11 +55,7 @@ def squeeze_resumes_to_identical_weights(run_scdd, tmp_path: Path, method: str, 
     cut = run_scdd(*args, "squeeze.stop_after_epochs=1", run_dir=tmp_path / "cut")
     assert cut["interrupted"] == kind
     resumed = run_scdd(*args, "resume=true", run_dir=tmp_path / "cut")
-    a = read_teacher(whole["teachers"][kind]["path"])
-    b = read_teacher(resumed["teachers"][kind]["path"])
-    assert a["state_dict"].keys() == b["state_dict"].keys()
-    for key in a["state_dict"]:
-        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    a, b = assert_same_teacher(whole["teachers"][kind]["path"], resumed["teachers"][kind]["path"])
 
     def losses(run):
         return [row["loss"] for row in json.loads((tmp_path / run / "squeeze" / kind / "metrics.json")

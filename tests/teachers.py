@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from engine.artifacts.teacher import save_teacher
+from engine.artifacts.teacher import read_teacher, save_teacher
 from engine.data import DataConfig, build_data
 from engine.models import ModelConfig, build_model
 
@@ -35,3 +35,12 @@ def train_digits_teacher(path: Path, kind: str = "supervised", epochs: int = 4, 
         top1 = float((model(xt).argmax(1) == torch.tensor(bundle.test.labels)).float().mean())
     save_teacher(path, model, kind=kind, model_cfg=SMALL_MODEL, bundle=bundle, metrics={"top1": top1})
     return path
+
+
+def assert_same_teacher(path_a: str | Path, path_b: str | Path) -> tuple[dict, dict]:
+    """Two teacher checkpoints hold bit-identical weights; returns both payloads."""
+    a, b = read_teacher(path_a), read_teacher(path_b)
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    return a, b

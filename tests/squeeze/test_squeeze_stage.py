@@ -9,6 +9,7 @@ from engine.artifacts.teacher import load_teacher, read_teacher
 from engine.data import DataConfig, build_data
 from engine.errors import ConfigError
 from engine.models import ModelConfig
+from teachers import assert_same_teacher
 
 TINY = ("data=digits", "device=cpu", "stage=squeeze", "progress=false", "model.width=32", "ssl.batch_size=128",
         "squeeze.supervised.batch_size=128", "squeeze.probe.epochs=30")
@@ -101,11 +102,7 @@ def test_interrupted_run_resumes_to_identical_weights(run_scdd, tmp_path, method
     assert (tmp_path / "cut" / "squeeze" / kind / "state.pt").is_file()
     assert not (tmp_path / "cut" / "squeeze" / kind / "teacher.pt").exists()
     resumed = run_scdd(*args, "resume=true", run_dir=tmp_path / "cut")
-    a = read_teacher(whole["teachers"][kind]["path"])
-    b = read_teacher(resumed["teachers"][kind]["path"])
-    assert a["state_dict"].keys() == b["state_dict"].keys()
-    for key in a["state_dict"]:
-        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    a, b = assert_same_teacher(whole["teachers"][kind]["path"], resumed["teachers"][kind]["path"])
     metric = "probe_top1" if kind == "ssl" else "top1"
     assert a["metrics"][metric] == b["metrics"][metric]
     losses = [row["loss"] for row in json.loads((tmp_path / "cut" / "squeeze" / kind / "metrics.json").read_text())["pretrain"]]
