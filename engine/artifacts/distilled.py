@@ -216,6 +216,11 @@ def write_loss_log(rows: list[dict], path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------- reading a set
+def decode_all(dataset: Dataset) -> torch.Tensor:
+    """Every image of an 8-bit dataset (items: float [C,H,W] in [0, 1]) as one uint8 [N,C,H,W] tensor."""
+    return torch.stack([(dataset[i][0] * 255).round().to(torch.uint8) for i in range(len(dataset))])
+
+
 def should_cache(count: int, channels: int, image_size: int, cache_bytes: int) -> bool:
     """The size rule: a set is decoded once into memory when its 8-bit pixels fit ``cache_bytes``
     (evaluate.cache_mb); otherwise every epoch streams it from disk."""
@@ -263,7 +268,7 @@ class DistilledSet:
         """The whole selection decoded at once: uint8 images [N,C,H,W], labels, ipc indices (small sets)."""
         files, labels = self.selection(max_ipc)
         streamed = ImageFolderDataset(files, labels, self.index["channels"], self.index["image_size"])
-        images = torch.stack([(streamed[i][0] * 255).round().to(torch.uint8) for i in range(len(streamed))])
+        images = decode_all(streamed)
         ipc = [k for k in self.index["ipc_index"] if max_ipc is None or k < max_ipc]
         return {"images": images, "labels": torch.tensor(labels), "ipc_index": torch.tensor(ipc)}
 
@@ -320,5 +325,5 @@ def real_subset_dataset(base: Dataset, indices: Sequence[int], labels: Sequence[
     subset = CodecSubset(base, indices, labels, codec)
     if not should_cache(len(subset), channels, image_size, cache_bytes):
         return subset
-    images = torch.stack([(subset[i][0] * 255).round().to(torch.uint8) for i in range(len(subset))])
+    images = decode_all(subset)
     return TensorImageDataset(images, torch.tensor(list(labels)))
