@@ -30,6 +30,7 @@ STAGES = {
     "relabel": "engine.evaluate.stage:run_relabel",
     "evaluate": "engine.evaluate.stage:run",
     "pipeline": "engine.pipeline:run",
+    "merge": "engine.merge:run",
     "bench": "engine.bench.stage:run",
 }
 
@@ -41,6 +42,7 @@ VALIDATORS = {
     "relabel": "engine.evaluate.stage:validate_relabel",
     "evaluate": "engine.evaluate.stage:validate",
     "pipeline": "engine.pipeline:validate",
+    "merge": "engine.merge:validate",
     "bench": "engine.bench.stage:validate",
 }
 
