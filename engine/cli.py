@@ -13,7 +13,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from engine import config_store
+from engine import config_store, preemption
 from engine.config import from_mapping
 from engine.context import RunConfig, RunContext
 from engine.data import DataConfig
@@ -106,11 +106,16 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict:
 @hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
     run_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
+    preemption.install()  # SIGTERM / SIGUSR1: stop at the next safe point, progress saved
     try:
         execute(cfg, run_dir)
     except ConfigError as exc:
         print(f"scdd: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except preemption.Preempted as exc:
+        print(f"scdd: preempted: {exc}; exit {preemption.REQUEUE_EXIT} (requeue, then resume=true in "
+              f"{run_dir})", file=sys.stderr)
+        sys.exit(preemption.REQUEUE_EXIT)
 
 
 def main() -> None:
