@@ -94,3 +94,39 @@ def test_task_refuses_a_shared_folder_made_with_other_settings(run_scdd, digits_
     _array(run_scdd, monkeypatch, tmp_path, digits_teacher, tasks=[0])
     with pytest.raises(ConfigError, match=r"recover.r_bn: 10.0 -> 0.5"):
         _array(run_scdd, monkeypatch, tmp_path, digits_teacher, "recover.r_bn=0.5", tasks=[1])
+
+
+EVAL = ("data=digits", "device=cpu", *MODEL_OVERRIDES, "progress=false", "ipc=[1,2]", "stage=evaluate",
+        "evaluate.epochs=2", "evaluate.eval_every=1", "evaluate.full_data=false")
+ROWS = [("ipc1", "sre2l"), ("ipc1", "random_real"), ("ipc2", "sre2l"), ("ipc2", "random_real")]
+
+
+def test_evaluate_rows_by_task_gathered_by_merge_equal_one_process(run_scdd, digits_teacher, tmp_path, monkeypatch):
+    run_scdd(*ARGS, "stage=recover", f"teacher={digits_teacher}", run_dir=tmp_path / "one")
+    shutil.copytree(tmp_path / "one", tmp_path / "array")
+    run_scdd(*EVAL, f"teacher={digits_teacher}", run_dir=tmp_path / "one")
+    for t in range(3):  # rows k, k+3, ... of the fixed order: task 0 trains two of the four rows
+        monkeypatch.setenv("SCDD_TASK_ID", str(t))
+        monkeypatch.setenv("SCDD_TASK_COUNT", "3")
+        result = run_scdd(*EVAL, f"teacher={digits_teacher}", run_dir=tmp_path / "array")
+        assert sum(len(rows) for rows in result["ipc"].values()) == (2 if t == 0 else 1)
+    monkeypatch.delenv("SCDD_TASK_ID")
+    monkeypatch.delenv("SCDD_TASK_COUNT")
+    assert not (tmp_path / "array" / "report.json").exists()
+    row = tmp_path / "array" / "evaluate" / "ipc2" / "sre2l" / "result.json"
+    kept = row.read_bytes()
+    row.unlink()
+    with pytest.raises(ConfigError) as info:
+        run_scdd(*EVAL, "stage=merge", f"teacher={digits_teacher}", run_dir=tmp_path / "array")
+    said = str(info.value)
+    assert "\n" not in said and "evaluate row sre2l ipc=2 has no result" in said and "task 2 of 3" in said, said
+    row.write_bytes(kept)
+    run_scdd(*EVAL, "stage=merge", f"teacher={digits_teacher}", run_dir=tmp_path / "array")
+    for ipc, key in ROWS:
+        a, b = (json.loads((tmp_path / run / "evaluate" / ipc / key / "result.json").read_text())
+                for run in ("one", "array"))
+        assert (a["top1"], a["top5"], a["history"], a["fingerprint"]) == (b["top1"], b["top5"], b["history"],
+                                                                          b["fingerprint"])
+    one, array = (json.loads((tmp_path / run / "report.json").read_text()) for run in ("one", "array"))
+    assert {ipc: {k: r["top1"] for k, r in rows.items()} for ipc, rows in one["ipc"].items()} == \
+        {ipc: {k: r["top1"] for k, r in rows.items()} for ipc, rows in array["ipc"].items()}
