@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from engine import config_store, preemption
 from engine.config import from_mapping
 from engine.context import RunConfig, RunContext
 from engine.data import DataConfig
-from engine.distributed import init_distributed
+from engine.distributed import init_distributed, read_launch_env
 from engine.errors import ConfigError
 from engine.models import ModelConfig, build_model
 
@@ -106,7 +107,10 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict:
 @hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
     run_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
-    preemption.install()  # SIGTERM / SIGUSR1: stop at the next safe point, progress saved
+    if read_launch_env(os.environ)["world_size"] == 1:
+        # SIGTERM / SIGUSR1: stop at the next safe point, progress saved. A torchrun/srun world keeps the
+        # default (killed; resume=true continues from the last checkpoint): ranks would not stop together.
+        preemption.install()
     try:
         execute(cfg, run_dir)
     except ConfigError as exc:

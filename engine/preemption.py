@@ -1,8 +1,11 @@
 """Preemption: SIGTERM or SIGUSR1 (SLURM's ``--signal``) asks the long stages to stop at a safe point.
 
-``install()`` (called by the CLI) turns the signals into a flag. Recover looks at it between class
-batches (the batch in flight is finished and written, then the process stops); student training
-looks at it after every epoch (the epoch in flight is finished, its checkpoint written atomically).
+``install()`` (called by the CLI for a single process; a torchrun/srun world keeps the default, as
+its ranks would not stop at the same point) turns the signals into a flag. Recover looks at it
+between class batches (the batch in flight is finished and written, then the process stops);
+squeeze pretraining and student training look at it after every epoch (the epoch in flight is
+finished, its checkpoint written atomically). Relabel is not stopped this way (killed, it resumes
+from its finished label files).
 Then ``Preempted`` is raised, and the CLI exits with ``REQUEUE_EXIT`` (75, EX_TEMPFAIL), which
 launchers/slurm*.sbatch turn into ``scontrol requeue``; the requeued job runs with resume=true and
 continues from what was written, giving the same result as an uninterrupted run.
@@ -43,6 +46,12 @@ def requested() -> Optional[str]:
 def reset() -> None:
     global _requested
     _requested = None
+
+
+def request(name: str = "SIGUSR1") -> None:
+    """Ask for a stop as the signal handler does (tests; a caller embedding the engine)."""
+    global _requested
+    _requested = name
 
 
 def check(where: str) -> None:

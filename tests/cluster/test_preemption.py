@@ -93,3 +93,29 @@ def test_sigusr1_to_a_student_checkpoints_exits_75_and_resumes_to_the_same_resul
     a, b = (json.loads((run / "evaluate" / "ipc2" / "sre2l" / "result.json").read_text()) for run in runs.values())
     assert (a["top1"], a["top5"], a["history"]) == (b["top1"], b["top5"], b["history"])
     assert len(a["history"]) == 30
+
+
+@pytest.fixture
+def stop_requested():
+    from engine import preemption
+
+    preemption.request("SIGUSR1")  # what the CLI's handler records; a signal in-process would reach pytest
+    yield preemption
+    preemption.reset()
+
+
+def test_a_stop_request_ends_squeeze_after_the_epoch_checkpoint_and_resume_equals_uninterrupted(
+        run_scdd, tmp_path, stop_requested):
+    from engine.preemption import Preempted
+    from teachers import assert_same_teacher
+
+    args = (*BASE, "stage=squeeze", "squeeze.teachers=[supervised]", "squeeze.epochs=3", "squeeze.probe.epochs=1")
+    with pytest.raises(Preempted, match="SIGUSR1 received; stopped after epoch 1 of 3"):
+        run_scdd(*args, run_dir=tmp_path / "stopped")
+    stopped = tmp_path / "stopped" / "squeeze" / "supervised"
+    assert torch.load(stopped / "state.pt", weights_only=False)["epoch"] == 1
+    assert not (stopped / "teacher.pt").exists()
+    stop_requested.reset()
+    run_scdd(*args, "resume=true", run_dir=tmp_path / "stopped")
+    run_scdd(*args, run_dir=tmp_path / "full")
+    assert_same_teacher(stopped / "teacher.pt", tmp_path / "full" / "squeeze" / "supervised" / "teacher.pt")
