@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from engine import config_store
+from engine import config_store, preemption
 from engine.config import from_mapping
 from engine.context import RunConfig, RunContext
 from engine.data import DataConfig
-from engine.distributed import init_distributed
+from engine.distributed import init_distributed, read_launch_env
 from engine.errors import ConfigError
 from engine.models import ModelConfig, build_model
 
@@ -30,6 +31,7 @@ STAGES = {
     "relabel": "engine.evaluate.stage:run_relabel",
     "evaluate": "engine.evaluate.stage:run",
     "pipeline": "engine.pipeline:run",
+    "merge": "engine.merge:run",
     "bench": "engine.bench.stage:run",
 }
 
@@ -41,6 +43,7 @@ VALIDATORS = {
     "relabel": "engine.evaluate.stage:validate_relabel",
     "evaluate": "engine.evaluate.stage:validate",
     "pipeline": "engine.pipeline:validate",
+    "merge": "engine.merge:validate",
     "bench": "engine.bench.stage:validate",
 }
 
@@ -104,11 +107,19 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict:
 @hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
     run_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
+    if read_launch_env(os.environ)["world_size"] == 1:
+        # SIGTERM / SIGUSR1: stop at the next safe point, progress saved. A torchrun/srun world keeps the
+        # default (killed; resume=true continues from the last checkpoint): ranks would not stop together.
+        preemption.install()
     try:
         execute(cfg, run_dir)
     except ConfigError as exc:
         print(f"scdd: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except preemption.Preempted as exc:
+        print(f"scdd: preempted: {exc}; exit {preemption.REQUEUE_EXIT} (requeue, then resume=true in "
+              f"{run_dir})", file=sys.stderr)
+        sys.exit(preemption.REQUEUE_EXIT)
 
 
 def main() -> None:

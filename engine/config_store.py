@@ -86,3 +86,25 @@ def register() -> None:
         for name, node in options.items():
             store.store(group=group, name=name, node=node, provider="engine")
     store.store(name=RUN_CONFIG, node=to_node(RunConfig()), provider="engine")
+
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("scdd_run_dir"):
+        OmegaConf.register_new_resolver("scdd_run_dir", job_run_dir, use_cache=False)
+
+
+JOB_ID_VARIABLES = ("SCDD_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_JOB_ID")
+"""The job that owns a run dir: set by hand on any scheduler, else SLURM's array job id (shared by every
+task of the array), else SLURM's job id (kept when the job is requeued)."""
+
+
+def job_run_dir(timestamped: str, env=None) -> str:
+    """configs/config.yaml's default hydra.run.dir: ``outputs/job-<id>`` inside a job (so a requeued task
+    and every task of an array find the same run dir), else ``outputs/<timestamped>``."""
+    import os
+
+    env = os.environ if env is None else env
+    for name in JOB_ID_VARIABLES:
+        if env.get(name):
+            return f"outputs/job-{env[name]}"
+    return f"outputs/{timestamped}"

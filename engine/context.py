@@ -20,7 +20,7 @@ class RunConfig:
     defaults list by engine.config_store)."""
 
     stage: str = "pipeline"
-    """squeeze | recover | relabel | evaluate | pipeline | bench."""
+    """squeeze | recover | relabel | evaluate | pipeline | merge | bench."""
     seed: int = 0
     device: str = "auto"
     """auto (CUDA when present) | cpu | cuda."""

@@ -193,3 +193,46 @@ def average_buffers(module: torch.nn.Module) -> None:
         if buf.is_floating_point():
             torch.distributed.all_reduce(buf)
             buf.div_(world)
+
+
+# ------------------------------------------------------------------------------- job-array shares
+@dataclass(frozen=True)
+class TaskShare:
+    """Which share of a stage's work this job-array task runs: task ``index`` of ``count`` (0-based).
+
+    Tasks of an array never talk to each other (no process group): each writes its share through the
+    artifact layer and ``scdd stage=merge`` assembles and verifies them. ``count == 1``: the whole work."""
+
+    index: int = 0
+    count: int = 1
+    source: str = "single task"
+
+    @property
+    def is_array(self) -> bool:
+        return self.count > 1
+
+
+def read_task_share(env: Mapping[str, str]) -> TaskShare:
+    """SCDD_TASK_ID / SCDD_TASK_COUNT (any scheduler), else SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT
+    (the task id counted from SLURM_ARRAY_TASK_MIN, so ``--array=1-3`` works), else one task."""
+    for id_var, count_var in (("SCDD_TASK_ID", "SCDD_TASK_COUNT"),
+                              ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT")):
+        if id_var not in env and count_var not in env:
+            continue
+        missing = [k for k in (id_var, count_var) if k not in env]
+        if missing:
+            raise ConfigError(f"job-array environment is incomplete: {missing} unset; set both {id_var} and "
+                              f"{count_var}")
+        index, count = _int_var(env, id_var), _int_var(env, count_var)
+        if id_var.startswith("SLURM") and "SLURM_ARRAY_TASK_MIN" in env:
+            index -= _int_var(env, "SLURM_ARRAY_TASK_MIN")
+        if count < 1 or not 0 <= index < count:
+            raise ConfigError(f"job-array task {index} is outside {count} tasks ({id_var}={env[id_var]}, "
+                              f"{count_var}={env[count_var]}); task ids run from 0 to count-1")
+        return TaskShare(index, count, f"{id_var}/{count_var}")
+    return TaskShare()
+
+
+def task_share() -> TaskShare:
+    """This process's job-array share, read from the environment."""
+    return read_task_share(os.environ)

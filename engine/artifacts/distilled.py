@@ -126,7 +126,8 @@ def batch_record_path(folder: Path, index: int) -> Path:
 
 def write_batch(folder: Path, index: int, *, images01: torch.Tensor, labels: Sequence[int],
                 ipc_index: Sequence[int], class_names: Sequence[str], codec: Codec, set_digest: str,
-                log_rows: list[dict], first_ratio: float, init01: Optional[torch.Tensor] = None) -> None:
+                log_rows: list[dict], first_ratio: float, init01: Optional[torch.Tensor] = None,
+                task: Optional[dict] = None) -> None:
     """Write one finished class batch: its image files, then its record (the batch's 'done' mark)."""
     files = []
     arrays = to_uint8(images01)
@@ -138,7 +139,8 @@ def write_batch(folder: Path, index: int, *, images01: torch.Tensor, labels: Seq
         for array, label, k in zip(to_uint8(init01), labels, ipc_index):
             codec.write(array, folder / "init" / image_relpath(class_names[label], k, codec))
     save_json({"digest": set_digest, "labels": list(map(int, labels)), "ipc_index": list(map(int, ipc_index)),
-               "files": files, "log": log_rows, "first_ratio": first_ratio, "init": init01 is not None},
+               "files": files, "log": log_rows, "first_ratio": first_ratio, "init": init01 is not None,
+               "task": task or {"index": 0, "count": 1}},
               batch_record_path(folder, index))
 
 

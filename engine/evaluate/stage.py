@@ -8,6 +8,7 @@ their training images.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +21,13 @@ from torch.utils.data import Dataset
 from engine.artifacts import student as student_artifacts
 from engine.artifacts.distilled import (Codec, DistilledSet, is_complete, real_subset_dataset,
                                         real_subset_indices, save_real_subset)
-from engine.artifacts.fingerprint import announce_overwrite, digest
+from engine.artifacts.fingerprint import StaleArtifact, announce_overwrite, digest
 from engine.artifacts.layout import SET_FOLDERS, RunLayout
 from engine.artifacts.teacher import data_facts, load_teacher, teacher_digest
 from engine.config import from_mapping
 from engine.context import RunContext
 from engine.data import DataBundle
-from engine.distributed import barrier
+from engine.distributed import TaskShare, barrier, task_share
 from engine.errors import ConfigError
 from engine.evaluate.relabel import precompute_soft_labels
 from engine.evaluate.report import write_report
@@ -105,6 +106,14 @@ class Evaluator:
     """loader=ffcv|dali: the test split is read through it (loader=torch: in-process batches)."""
 
     teacher_digest: Optional[str] = None
+    share: TaskShare = TaskShare()
+    """A job-array task trains only rows k, k+count, ... of the fixed row order (returns None for the others)."""
+    gather: bool = False
+    """Merge: train nothing; every row's result must exist with its fingerprint, else one line names the task."""
+    gather_count: int = 1
+    """The array's task count, to name the task that owns a missing row when gathering."""
+    position: int = 0
+    """Rows enumerated so far (ipc ascending; distilled sets, random real seeds; full data last)."""
 
     def row_fingerprint(self, recipe: StudentRecipe, student_cfg: ModelConfig, seed: int,
                         train: TrainingSet) -> dict:
@@ -123,6 +132,19 @@ class Evaluator:
         student_cfg = student_model_config(self.cfg, ctx.model_cfg)
         fingerprint = self.row_fingerprint(recipe, student_cfg, seed, train)
         result_file, state_file = folder / student_artifacts.RESULT_FILE, folder / student_artifacts.STATE_FILE
+        position, self.position = self.position, self.position + 1
+        if self.gather:
+            owner = (f"job-array task {position % self.gather_count} of {self.gather_count} should have made it; "
+                     f"rerun that task with resume=true, then merge again")
+            try:
+                done = student_artifacts.load_result(result_file, fingerprint)
+            except StaleArtifact as exc:
+                raise ConfigError(f"merge: evaluate row {key} ipc={ipc}: {exc}; {owner}") from None
+            if done is None:
+                raise ConfigError(f"merge: evaluate row {key} ipc={ipc} has no result ({result_file}); {owner}")
+            return done
+        if self.share.is_array and position % self.share.count != self.share.index:
+            return None  # another task's row
         if ctx.run.resume:
             done = student_artifacts.load_result(result_file, fingerprint)
             if done is not None:
@@ -155,6 +177,8 @@ class Evaluator:
                                fingerprint=fingerprint)
         row = {"top1": result.top1, "top5": result.top5, "images": len(train.dataset), "epochs": recipe.epochs,
                "seconds": result.seconds, "images_per_s": result.images_per_s, "history": result.history}
+        if self.share.is_array:
+            row["task"] = {"index": self.share.index, "count": self.share.count}
         if storage is not None:
             row["stored_labels_bytes_per_image_epoch"] = storage["bytes_per_image_epoch"]
         if ctx.dist.is_main:
@@ -178,8 +202,12 @@ def available_sets(run_dir: Path) -> dict[str, Path]:
 
 
 def evaluate_rows(ctx: RunContext, cfg: EvaluateConfig, sets: dict[str, Path],
-                  loader: Optional[LoaderConfig] = None) -> dict:
-    """Train every row's student; returns the nested result dict the report is built from."""
+                  loader: Optional[LoaderConfig] = None, share: TaskShare = TaskShare(),
+                  gather_count: Optional[int] = None) -> dict:
+    """Train every row's student; returns the nested result dict the report is built from.
+
+    ``share`` (a job-array task): train only this task's rows; the result then lacks the others'.
+    ``gather_count`` (merge): train nothing, read every row's result (made by that many tasks)."""
     bundle = ctx.data
     loader = loader or parse_loader(ctx.sections, ctx.data_cfg, bundle)
     teacher = source = None
@@ -187,7 +215,8 @@ def evaluate_rows(ctx: RunContext, cfg: EvaluateConfig, sets: dict[str, Path],
         teacher, payload = label_teacher(ctx, cfg)
         teacher = teacher.to(ctx.dist.device).eval()
         source = teacher_digest(payload)
-    evaluator = Evaluator(ctx, cfg, teacher, loader, source)
+    evaluator = Evaluator(ctx, cfg, teacher, loader, source, share=share, gather=gather_count is not None,
+                          gather_count=gather_count or 1)
     results: dict = {"ipc": {}}
     for ipc in sorted(set(ctx.run.ipc)):
         rows = {}
@@ -199,14 +228,19 @@ def evaluate_rows(ctx: RunContext, cfg: EvaluateConfig, sets: dict[str, Path],
             subset = random_real_subset(bundle, ipc, ctx.run.seed + s, cfg,
                                         record=record if ctx.dist.is_main else None, codec=set_codec(sets))
             seeds.append(evaluator.run_row("random_real", ipc, subset, seed_offset=s))
+        rows = {k: v for k, v in rows.items() if v is not None}
+        results["ipc"][str(ipc)] = rows
+        if any(s is None for s in seeds):
+            continue
         rows["random_real"] = dict(seeds[0])
         rows["random_real"]["top1"] = float(np.mean([s["top1"] for s in seeds]))
         rows["random_real"]["top1_std"] = float(np.std([s["top1"] for s in seeds]))
         rows["random_real"]["seconds"] = float(sum(s["seconds"] for s in seeds))
-        results["ipc"][str(ipc)] = rows
     if cfg.full_data:
         full = TrainingSet(bundle.train, digest({"data": data_facts(bundle), "split": "train"}))
-        results["full_data"] = evaluator.run_row("full_data", None, full, epochs=cfg.full_data_epochs)
+        row = evaluator.run_row("full_data", None, full, epochs=cfg.full_data_epochs)
+        if row is not None:
+            results["full_data"] = row
     return results
 
 
@@ -272,8 +306,31 @@ def run(ctx: RunContext, **overrides) -> dict:
         raise ConfigError(f"no distilled set under {ctx.run_dir / 'recover'}; run `scdd stage=recover` in this "
                           f"run dir first (hydra.run.dir=...)")
     start = time.time()
-    results = evaluate_rows(ctx, cfg, sets, loader)
+    share = task_share()
+    results = evaluate_rows(ctx, cfg, sets, loader, share=share)
     results["seconds"] = {"evaluate": time.time() - start}
+    if share.is_array:  # a share of the rows: the report waits for `scdd stage=merge`
+        if ctx.dist.is_main:
+            print(f"evaluate task {share.index} of {share.count}: trained its rows; when every task is done, "
+                  f"run `scdd stage=merge` with the same settings to gather them into the report")
+        return results
+    if ctx.dist.is_main:
+        write_report(ctx, results)
+    return results
+
+
+def gather(ctx: RunContext, task_count: Optional[int] = None) -> dict:
+    """`scdd stage=merge` for evaluate: every row's result, made by the job-array tasks, checked against its
+    fingerprint (a missing or mismatched row is refused with one line naming the task); then the report."""
+    cfg = build_eval_config(ctx)
+    sets = available_sets(ctx.run_dir)
+    if task_count is None:
+        counts = {json.loads(f.read_text()).get("task", {}).get("count", 1)
+                  for f in (ctx.run_dir / "evaluate").rglob(student_artifacts.RESULT_FILE)}
+        task_count = max(counts, default=1)
+    results = evaluate_rows(ctx, cfg, sets, share=TaskShare(), gather_count=task_count)
+    results["seconds"] = {"evaluate": float(sum(row.get("seconds", 0.0) for rows in results["ipc"].values()
+                                                for row in rows.values()))}
     if ctx.dist.is_main:
         write_report(ctx, results)
     return results

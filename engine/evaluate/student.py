@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from engine.evaluate.augment import AugParams, apply_params, sample_params, step_rng
 from engine.evaluate.losses import mixed_cross_entropy, soft_label_kl
+from engine import preemption
 from engine.evaluate.relabel import load_epoch_labels, reconstruct_logits
 from engine.distributed import DistEnv, average_buffers
 from engine.artifacts import student as student_artifacts
@@ -126,11 +127,14 @@ def train_student(student: nn.Module, train_set: Dataset, test_set: Dataset, nor
                                                          workers=recipe.workers, loader=test_loader)
             bar.set_postfix(loss=f"{row['loss']:.3f}", top1=f"{row['top1']:.3f}")
         history.append(row)
-        if (checkpoint is not None and rank == 0 and (epoch + 1) % checkpoint_every == 0
+        stop = preemption.requested() is not None and epoch + 1 < recipe.epochs
+        if (checkpoint is not None and rank == 0 and ((epoch + 1) % checkpoint_every == 0 or stop)
                 and epoch + 1 < recipe.epochs):
             student_artifacts.save_state(checkpoint, {"student": student.state_dict(),
                                                       "optimizer": run.optimizer.state_dict(),
                                                       "epoch": epoch + 1, "history": history}, fingerprint)
+        if stop:  # preempted: the epoch in flight is finished and its checkpoint written
+            preemption.check(f"epoch {epoch + 1} of {recipe.epochs} of {desc} (checkpoint {checkpoint})")
     seconds = time.time() - start
     final = history[-1]
     return StudentResult(top1=final["top1"], top5=final["top5"], history=history, seconds=seconds,

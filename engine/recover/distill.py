@@ -9,6 +9,7 @@ any batch is reused.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -20,13 +21,16 @@ from torch import nn
 from tqdm import tqdm
 
 from engine.artifacts import distilled as store
-from engine.artifacts.fingerprint import canonical, digest
+from engine.artifacts.fingerprint import canonical, digest, require_match
 from engine.artifacts.teacher import data_facts
 from engine.data import DataBundle
-from engine.distributed import DistEnv, barrier
+from engine import preemption
+from engine.distributed import DistEnv, TaskShare, barrier
+from engine.errors import ConfigError
 from engine.io import save_json
 from engine.recover.init import noise_init, real_init, select_real_images
-from engine.recover.plan import SynthBatch, batches_for_rank, plan_batches
+from engine.recover.plan import (SynthBatch, batches_for_rank, batches_for_task, plan_batches,
+                                 task_of_batch)
 from engine.recover.settings import RecoverConfig, resolve_augment
 from engine.recover.synthesize import Objective, synthesize_batch
 from kernels import fused_bn_matching
@@ -64,8 +68,13 @@ def _reusable(out_dir: Path, fingerprint: dict) -> bool:
 def recover_distilled_set(teacher: nn.Module, bundle: DataBundle, cfg: RecoverConfig, ipc: int,
                           out_dir: Path, dist: DistEnv, seed: int, resume: bool = False,
                           progress: bool = True, meta: dict | None = None,
-                          teacher_digest: str = "") -> RecoverResult:
-    """Write the set ``out_dir`` (image tree + index.json, grid, loss log) with ``ipc`` images per class."""
+                          teacher_digest: str = "", task: TaskShare = TaskShare()) -> RecoverResult:
+    """Write the set ``out_dir`` (image tree + index.json, grid, loss log) with ``ipc`` images per class.
+
+    Under a job array (``task.count > 1``) only this task's contiguous range of plan batches is made, in a
+    folder the tasks share: nothing is deleted (a folder made with other settings is refused), finished
+    batches are kept, and no index is written: ``scdd stage=merge`` verifies the shares and writes it.
+    A preemption signal stops the run between batches (the batch in flight is finished and written)."""
     start = time.time()
     fingerprint = set_fingerprint(cfg, bundle, ipc, seed, teacher_digest)
     set_digest = digest(fingerprint)
@@ -74,12 +83,13 @@ def recover_distilled_set(teacher: nn.Module, bundle: DataBundle, cfg: RecoverCo
         return RecoverResult(out_dir=out_dir, init=init_path, seconds=time.time() - start, batches_run=0,
                              first_ratio=float("nan"), image_iterations_per_s=0.0)
     plan = plan_batches(bundle.num_classes, ipc, cfg.classes_per_batch, cfg.ipc_per_batch)
-    mine = batches_for_rank(plan, dist.rank, dist.world_size)
+    shared = task.is_array  # the folder is shared by the array's tasks: never delete, keep finished batches
+    mine = batches_for_rank(batches_for_task(plan, task.index, task.count), dist.rank, dist.world_size)
     if not mine:  # more processes than class batches: this rank only joins the barriers
         log.info("rank %d of %d has no class batch of %s (%d in all); it waits for the others",
                  dist.rank, dist.world_size, out_dir.name, len(plan))
     if dist.is_main:
-        store.prepare_set_dir(out_dir, fingerprint, resume)
+        store.prepare_set_dir(out_dir, fingerprint, resume or shared)
     barrier()
 
     device = dist.device
@@ -101,14 +111,16 @@ def recover_distilled_set(teacher: nn.Module, bundle: DataBundle, cfg: RecoverCo
         chosen = select_real_images(teacher, bundle, ipc, cfg.real_init_select, cfg.real_init_pool,
                                     seed, device)
 
-    todo = [b for b in mine if not (resume and store.read_batch(out_dir, b.index, set_digest) is not None)]
+    todo = [b for b in mine
+            if not ((resume or shared) and store.read_batch(out_dir, b.index, set_digest) is not None)]
     first_ratio = float("nan")
     bar = tqdm(todo, desc=f"recover {out_dir.name}", disable=not progress or not dist.is_main,
                unit="batch", dynamic_ncols=True)
     with fused_bn_matching(teacher, backend=cfg.backend) as bn_modules:
-        for batch in bar:
+        for done, batch in enumerate(bar):
+            preemption.check(f"{done} of {len(todo)} batches of {out_dir} (each finished batch is kept)")
             ratio = _synthesize_one(batch, teacher, bn_modules, bundle, chosen, objective, aug, bounds, seed,
-                                    channels_last, device, out_dir, codec, set_digest, bar)
+                                    channels_last, device, out_dir, codec, set_digest, bar, task)
             if batch is todo[0]:
                 first_ratio = ratio
                 if dist.is_main:
@@ -116,7 +128,11 @@ def recover_distilled_set(teacher: nn.Module, bundle: DataBundle, cfg: RecoverCo
                                f"(r_bn={cfg.r_bn}; far from ~0.1-10 means r_bn is probably off)")
     seconds_synth = time.time() - start
     barrier()
-    if dist.is_main:
+    if shared:
+        if dist.is_main:
+            print(f"recover task {task.index} of {task.count}: wrote {len(mine)} of {len(plan)} batches of "
+                  f"{out_dir}; when every task is done, run `scdd stage=merge` with the same settings")
+    elif dist.is_main:
         _assemble(plan, bundle, cfg, ipc, out_dir, seed, meta or {}, fingerprint, set_digest)
     barrier()
     images_done = sum(len(b.classes) for b in todo)
@@ -127,7 +143,7 @@ def recover_distilled_set(teacher: nn.Module, bundle: DataBundle, cfg: RecoverCo
 
 def _synthesize_one(batch: SynthBatch, teacher, bn_modules, bundle: DataBundle, chosen, objective: Objective,
                     aug, bounds, seed: int, channels_last: bool, device, out_dir: Path, codec, set_digest: str,
-                    bar) -> float:
+                    bar, task: TaskShare = TaskShare()) -> float:
     """Optimize one class batch and write it (images, then its record); returns its first-step ratio."""
     generator = torch.Generator().manual_seed(batch.seed(seed))
     labels = torch.tensor(batch.classes, dtype=torch.long)
@@ -142,7 +158,8 @@ def _synthesize_one(batch: SynthBatch, teacher, bn_modules, bundle: DataBundle, 
     store.write_batch(out_dir, batch.index, images01=bundle.denormalize(result.images).clamp(0, 1),
                       labels=batch.classes, ipc_index=batch.ipc_indices, class_names=bundle.class_names,
                       codec=codec, set_digest=set_digest, log_rows=result.log, first_ratio=result.first_ratio,
-                      init01=bundle.denormalize(init.cpu()).clamp(0, 1) if chosen is not None else None)
+                      init01=bundle.denormalize(init.cpu()).clamp(0, 1) if chosen is not None else None,
+                      task={"index": task.index, "count": task.count})
     return result.first_ratio
 
 
@@ -172,3 +189,65 @@ def _assemble(plan: list[SynthBatch], bundle: DataBundle, cfg: RecoverConfig, ip
 
 def _mean(rows: list[dict], key: str) -> float:
     return float(sum(r[key] for r in rows) / len(rows)) if rows else float("nan")
+
+
+def merge_distilled_set(bundle: DataBundle, cfg: RecoverConfig, ipc: int, out_dir: Path, seed: int,
+                        meta: dict | None = None, teacher_digest: str = "",
+                        task_count: int | None = None) -> int:
+    """Assemble a set made by job-array tasks: every plan batch's record present, made with this
+    fingerprint, holding the classes and ipc indices the plan gives it, every (class, ipc index) exactly
+    once; then write the index. Returns the number of batches. A missing or mismatched share is refused
+    with one line naming the batch and the task that should have made it."""
+    fingerprint = set_fingerprint(cfg, bundle, ipc, seed, teacher_digest)
+    set_digest = digest(fingerprint)
+    plan = plan_batches(bundle.num_classes, ipc, cfg.classes_per_batch, cfg.ipc_per_batch)
+    saved_file = out_dir / store.FINGERPRINT_FILE
+    if not saved_file.is_file():
+        raise ConfigError(f"{out_dir} holds no shares of a distilled set ({store.FINGERPRINT_FILE} missing); run "
+                          f"the recover tasks first (SCDD_TASK_ID/SCDD_TASK_COUNT or a SLURM array)")
+    require_match(out_dir, json.loads(saved_file.read_text()).get("fingerprint"), canonical(fingerprint),
+                  "distilled set")
+    raw = {}
+    for batch in plan:
+        path = store.batch_record_path(out_dir, batch.index)
+        try:
+            raw[batch.index] = json.loads(path.read_text()) if path.is_file() else None
+        except (OSError, ValueError):
+            raw[batch.index] = None  # torn: the same as missing
+    counts = {r["task"]["count"] for r in raw.values() if r and isinstance(r.get("task"), dict)}
+    count = task_count or (max(counts) if counts else 1)
+
+    def owner(position: int) -> str:
+        t = task_of_batch(len(plan), position, count)
+        return (f"job-array task {t} of {count} should have made it; rerun that task (SCDD_TASK_ID={t} "
+                f"SCDD_TASK_COUNT={count}) with resume=true, then merge again")
+
+    seen: dict[tuple[int, int], int] = {}
+    for position, batch in enumerate(plan):
+        record, path = raw[batch.index], store.batch_record_path(out_dir, batch.index)
+        where = (f"batch {batch.index} (classes {batch.classes[0]}-{max(batch.classes)}, ipc "
+                 f"{min(batch.ipc_indices)}-{max(batch.ipc_indices)})")
+        if record is None:
+            raise ConfigError(f"merge: {where} of {out_dir} is missing or unreadable ({path.name}); {owner(position)}")
+        if record.get("digest") != set_digest:
+            raise ConfigError(f"merge: {where} of {out_dir} was made with other settings (set digest "
+                              f"{record.get('digest')}, this merge expects {set_digest}: teacher or recover "
+                              f"settings differ); {owner(position)}")
+        if (tuple(record["labels"]) != batch.classes or tuple(record["ipc_index"]) != batch.ipc_indices
+                or len(record["files"]) != len(batch.classes)):
+            raise ConfigError(f"merge: {where} of {out_dir} holds other classes or ipc indices than the plan "
+                              f"gives it; {owner(position)}")
+        absent = [f for f in record["files"] if not (out_dir / f).is_file()]
+        if absent:
+            raise ConfigError(f"merge: {where} of {out_dir} lacks its image {absent[0]}; {owner(position)}")
+        for pair in zip(record["labels"], record["ipc_index"]):
+            if pair in seen:
+                raise ConfigError(f"merge: class {pair[0]} ipc index {pair[1]} is in batches {seen[pair]} and "
+                                  f"{batch.index} of {out_dir}; delete {out_dir} and recover it again")
+            seen[pair] = batch.index
+    wanted = {(c, k) for c in range(bundle.num_classes) for k in range(ipc)}
+    if set(seen) != wanted:
+        c, k = sorted(wanted - set(seen))[0]
+        raise ConfigError(f"merge: class {c} ipc index {k} is in no batch of {out_dir}; delete it and recover again")
+    _assemble(plan, bundle, cfg, ipc, out_dir, seed, meta or {}, fingerprint, set_digest)
+    return len(plan)

@@ -59,3 +59,23 @@ def batches_for_rank(plan: list[SynthBatch], rank: int, world_size: int) -> list
     if not 0 <= rank < world_size:
         raise ConfigError(f"rank {rank} is outside world size {world_size}; fix the launcher's variables")
     return plan[rank::world_size]
+
+
+def task_range(n_batches: int, task: int, count: int) -> range:
+    """Job-array task ``task`` of ``count``: a contiguous range of plan positions (sizes differ by at most
+    one), so a task's share is a range of ipc groups and, within one, of classes."""
+    if not 0 <= task < count:
+        raise ConfigError(f"job-array task {task} is outside {count} tasks; task ids run from 0 to count-1")
+    base, extra = divmod(n_batches, count)
+    start = task * base + min(task, extra)
+    return range(start, start + base + (1 if task < extra else 0))
+
+
+def batches_for_task(plan: list[SynthBatch], task: int, count: int) -> list[SynthBatch]:
+    """The batches job-array task ``task`` of ``count`` synthesizes (empty when count > batches)."""
+    return [plan[i] for i in task_range(len(plan), task, count)]
+
+
+def task_of_batch(n_batches: int, position: int, count: int) -> int:
+    """Which of ``count`` job-array tasks owns plan position ``position``."""
+    return next(t for t in range(count) if position in task_range(n_batches, t, count))

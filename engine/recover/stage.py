@@ -8,8 +8,9 @@ from engine.artifacts.layout import RunLayout
 from engine.artifacts.teacher import load_teacher, teacher_digest
 from engine.config import from_mapping
 from engine.context import RunContext
+from engine.distributed import task_share
 from engine.errors import ConfigError
-from engine.recover.distill import recover_distilled_set
+from engine.recover.distill import merge_distilled_set, recover_distilled_set
 from engine.recover.plan import batches_for_rank, plan_batches
 from engine.recover.settings import RecoverConfig
 
@@ -41,6 +42,7 @@ def validate(ctx: RunContext, *, teachers_from_squeeze: Optional[Sequence[str]] 
     ipc = max(ctx.run.ipc)
     plan = plan_batches(bundle.num_classes, ipc, cfg.classes_per_batch, cfg.ipc_per_batch)
     batches_for_rank(plan, ctx.dist.rank, ctx.dist.world_size)
+    task_share()  # a job-array task's variables, checked before any work
     if cfg.init == "real":
         ctx.require_ipc_fits(ipc, "recover.init=real")
     if ctx.run.teacher:
@@ -68,6 +70,7 @@ def run(ctx: RunContext, **overrides) -> dict:
     bundle = ctx.data
     ipc = max(ctx.run.ipc)
     results = {}
+    task = task_share()
     for path in requested_teachers(ctx, cfg):
         teacher, payload = load_teacher(path, ctx.model_cfg, bundle)
         name = payload["kind"]
@@ -75,14 +78,33 @@ def run(ctx: RunContext, **overrides) -> dict:
         source = teacher_digest(payload)
         result = recover_distilled_set(
             teacher, bundle, cfg, ipc, out_dir, ctx.dist, ctx.run.seed, resume=ctx.run.resume,
-            progress=ctx.run.progress, teacher_digest=source,
+            progress=ctx.run.progress, teacher_digest=source, task=task,
             meta={"teacher": str(path), "teacher_kind": payload["kind"], "teacher_digest": source})
         results[f"{name}-{cfg.init}"] = {
             "path": str(result.out_dir), "init_path": str(result.init) if result.init else None,
             "seconds": result.seconds, "first_ratio": result.first_ratio,
             "image_iterations_per_s": result.image_iterations_per_s}
-        if ctx.dist.is_main:
+        if ctx.dist.is_main and not task.is_array:
             print(f"recover {name}-{cfg.init}: {ipc} ipc x {bundle.num_classes} classes in "
                   f"{result.seconds:.1f}s ({result.image_iterations_per_s:.0f} image-iterations/s) "
                   f"-> {result.out_dir}")
+    return {"sets": results}
+
+
+def merge(ctx: RunContext) -> dict:
+    """`scdd stage=merge` for recover: verify and assemble the sets job-array tasks made in this run dir."""
+    cfg = build_recover_config(ctx)
+    bundle = ctx.data
+    ipc = max(ctx.run.ipc)
+    results = {}
+    for path in requested_teachers(ctx, cfg):
+        _, payload = load_teacher(path, ctx.model_cfg, bundle)
+        name = payload["kind"]
+        out_dir = RunLayout(ctx.run_dir).recover_set(name, cfg.init)
+        source = teacher_digest(payload)
+        batches = merge_distilled_set(
+            bundle, cfg, ipc, out_dir, ctx.run.seed, teacher_digest=source,
+            meta={"teacher": str(path), "teacher_kind": payload["kind"], "teacher_digest": source})
+        results[f"{name}-{cfg.init}"] = {"path": str(out_dir), "batches": batches}
+        print(f"merge: {name}-{cfg.init}: {batches} batches verified and assembled -> {out_dir}")
     return {"sets": results}

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from engine.artifacts.fingerprint import require_match
 from engine.distributed import DistEnv, all_reduce_sum
 from engine.errors import ConfigError
+from engine import preemption
 from engine.io import save_torch
 from engine.squeeze.augment import AugmentSpec, augment_batch, augment_color
 from engine.training.batches import batches_of, load_batches
@@ -86,6 +87,8 @@ def train(method: nn.Module, dataset: Dataset, *, schedule: Schedule, spec: Augm
             on_epoch(row)
         if stop_after_epochs is not None and epoch + 1 >= stop_after_epochs and epoch + 1 < schedule.epochs:
             raise Interrupted(f"{desc} stopped after epoch {epoch + 1} (squeeze.stop_after_epochs)")
+        if epoch + 1 < schedule.epochs:  # preempted: the epoch in flight is finished and checkpointed
+            preemption.check(f"epoch {epoch + 1} of {schedule.epochs} of {desc} (checkpoint {run.state_path})")
     run.wrapped.close()
     method.to(memory_format=torch.contiguous_format)
     return history

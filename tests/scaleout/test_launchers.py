@@ -48,6 +48,8 @@ def test_the_readme_launcher_commands_are_the_ones_tested_here():
         "NPROC=2 MASTER_PORT=29611 launchers/torchrun.sh stage=pipeline",
         "sbatch --nodes=4 --gpus-per-node=8 launchers/slurm.sbatch stage=squeeze data=imagefolder data.root=/data/imagenet",
         "NPROC=8 DS_CONFIG=zero2 launchers/deepspeed.sh stage=squeeze",
+        # README "Running on a cluster": run in tests/cluster/test_slurm_array.py
+        "sbatch --array=0-2 launchers/slurm_array.sbatch stage=recover teacher=/ckpt/teacher.pt ipc=[2]",
         "NPROC=2 MASTER_PORT=29611 launchers/torchrun.sh stage=squeeze trainer=ddp",
         "NPROC=2 DS_CONFIG=zero1 launchers/deepspeed.sh stage=squeeze data=digits",
     ]
