@@ -300,11 +300,10 @@ def real_subset_indices(labels: Sequence[int], num_classes: int, ipc: int, seed:
     return picks
 
 
-def save_real_subset(path: Path, indices: list[int], labels: list[int], fingerprint: dict) -> dict:
-    record = {"format": REAL_SUBSET_FORMAT, "fingerprint": fingerprint,
-              "digest": digest({**fingerprint, "indices": indices}), "indices": indices, "labels": labels}
-    save_json(record, path)
-    return record
+def real_subset_record(indices: list[int], labels: list[int], fingerprint: dict) -> dict:
+    """The baseline's index list with its digest (which names it in the student row's fingerprint)."""
+    return {"format": REAL_SUBSET_FORMAT, "fingerprint": fingerprint,
+            "digest": digest({**fingerprint, "indices": indices}), "indices": indices, "labels": labels}
 
 
 class CodecSubset(Dataset):

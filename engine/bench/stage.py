@@ -24,7 +24,6 @@ from engine.bench.settings import BenchConfig
 from engine.bench.targets import TARGETS
 from engine.config import from_mapping
 from engine.context import RunContext
-from engine.errors import ConfigError
 from engine.evaluate.stage import build_eval_config, make_recipe, student_model_config
 from engine.io import save_json
 from engine.models import ModelConfig, build_model
@@ -211,8 +210,6 @@ def _plan(ctx: RunContext, bench: BenchConfig) -> Plan:
     recover_cfg = build_recover_config(ctx)
     eval_cfg = build_eval_config(ctx)
     _, ssl = parse_config(ctx.sections.get("squeeze", {}), ctx.sections.get("ssl", {}))
-    if any(n < 1 for n in ctx.run.ipc):
-        raise ConfigError(f"ipc={ctx.run.ipc} must hold positive images-per-class counts")
     run_batch = recover_cfg.classes_per_batch or min(50, bundle.num_classes)
     plan = Plan(steps=bench.steps, warmup=bench.warmup, recover_batch=bench.batch or run_batch,
                 pretrain_batch=bench.pretrain_batch or min(ssl.batch_size, len(bundle.train)),

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from engine.artifacts import student as student_artifacts
 from engine.artifacts.distilled import (Codec, DistilledSet, is_complete, real_subset_dataset,
-                                        real_subset_indices, save_real_subset)
+                                        real_subset_indices, real_subset_record)
 from engine.artifacts.fingerprint import StaleArtifact, announce_overwrite, digest
 from engine.artifacts.layout import SET_FOLDERS, RunLayout
 from engine.artifacts.teacher import data_facts, load_teacher, teacher_digest
@@ -32,6 +32,7 @@ from engine.errors import ConfigError
 from engine.evaluate.relabel import precompute_soft_labels
 from engine.evaluate.report import write_report
 from engine.evaluate.settings import EvaluateConfig
+from engine.io import save_json
 from engine.evaluate.student import StudentRecipe, train_student
 from engine.loaders.settings import LoaderConfig, parse_loader
 from engine.models import ModelConfig, build_model
@@ -65,15 +66,16 @@ def random_real_subset(bundle: DataBundle, ipc: int, seed: int, cfg: Optional[Ev
     """``ipc`` random real training images per class, served through the distilled sets' codec.
 
     ``record``: where the index list is written (the row folder's real_subset.json)."""
-    indices = real_subset_indices(bundle.labels("train"), bundle.num_classes, ipc, seed)
-    labels = [bundle.labels("train")[i] for i in indices]
+    train_labels = bundle.labels("train")
+    indices = real_subset_indices(train_labels, bundle.num_classes, ipc, seed)
+    labels = [train_labels[i] for i in indices]
     fingerprint = {"data": data_facts(bundle), "ipc": ipc, "seed": seed, "codec": dataclasses.asdict(codec)}
-    digest_ = digest({**fingerprint, "indices": indices})
+    subset = real_subset_record(indices, labels, fingerprint)
     if record is not None:
-        save_real_subset(record, indices, labels, fingerprint)
+        save_json(subset, record)
     dataset = real_subset_dataset(bundle.train, indices, labels, codec, bundle.channels, bundle.image_size,
                                   (cfg or EvaluateConfig()).cache_mb * 2**20)
-    return TrainingSet(dataset, digest_)
+    return TrainingSet(dataset, subset["digest"])
 
 
 def build_eval_config(ctx: RunContext, **overrides) -> EvaluateConfig:
@@ -299,8 +301,6 @@ def validate_relabel(ctx: RunContext) -> None:
 def run(ctx: RunContext, **overrides) -> dict:
     cfg = build_eval_config(ctx, **overrides)
     loader = parse_loader(ctx.sections, ctx.data_cfg, ctx.data)
-    if any(n < 1 for n in ctx.run.ipc):
-        raise ConfigError(f"ipc={ctx.run.ipc} must hold positive images-per-class counts")
     sets = available_sets(ctx.run_dir)
     if not sets:
         raise ConfigError(f"no distilled set under {ctx.run_dir / 'recover'}; run `scdd stage=recover` in this "

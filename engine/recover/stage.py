@@ -63,23 +63,26 @@ def validate(ctx: RunContext, *, teachers_from_squeeze: Optional[Sequence[str]] 
         load_teacher(path, ctx.model_cfg, bundle)
 
 
+def _teacher_sets(ctx: RunContext, cfg: RecoverConfig):
+    """For each requested teacher: (its model, (name, set folder, teacher digest, index meta))."""
+    for path in requested_teachers(ctx, cfg):
+        teacher, payload = load_teacher(path, ctx.model_cfg, ctx.data)
+        name, source = payload["kind"], teacher_digest(payload)
+        meta = {"teacher": str(path), "teacher_kind": name, "teacher_digest": source}
+        yield teacher, (name, RunLayout(ctx.run_dir).recover_set(name, cfg.init), source, meta)
+
+
 def run(ctx: RunContext, **overrides) -> dict:
     cfg = build_recover_config(ctx, **overrides)
-    if any(n < 1 for n in ctx.run.ipc):
-        raise ConfigError(f"ipc={ctx.run.ipc} must hold positive images-per-class counts")
     bundle = ctx.data
     ipc = max(ctx.run.ipc)
     results = {}
     task = task_share()
-    for path in requested_teachers(ctx, cfg):
-        teacher, payload = load_teacher(path, ctx.model_cfg, bundle)
-        name = payload["kind"]
-        out_dir = RunLayout(ctx.run_dir).recover_set(name, cfg.init)
-        source = teacher_digest(payload)
+    for teacher, target in _teacher_sets(ctx, cfg):
+        name, out_dir, source, meta = target
         result = recover_distilled_set(
             teacher, bundle, cfg, ipc, out_dir, ctx.dist, ctx.run.seed, resume=ctx.run.resume,
-            progress=ctx.run.progress, teacher_digest=source, task=task,
-            meta={"teacher": str(path), "teacher_kind": payload["kind"], "teacher_digest": source})
+            progress=ctx.run.progress, teacher_digest=source, task=task, meta=meta)
         results[f"{name}-{cfg.init}"] = {
             "path": str(result.out_dir), "init_path": str(result.init) if result.init else None,
             "seconds": result.seconds, "first_ratio": result.first_ratio,
@@ -97,14 +100,9 @@ def merge(ctx: RunContext) -> dict:
     bundle = ctx.data
     ipc = max(ctx.run.ipc)
     results = {}
-    for path in requested_teachers(ctx, cfg):
-        _, payload = load_teacher(path, ctx.model_cfg, bundle)
-        name = payload["kind"]
-        out_dir = RunLayout(ctx.run_dir).recover_set(name, cfg.init)
-        source = teacher_digest(payload)
-        batches = merge_distilled_set(
-            bundle, cfg, ipc, out_dir, ctx.run.seed, teacher_digest=source,
-            meta={"teacher": str(path), "teacher_kind": payload["kind"], "teacher_digest": source})
+    for _, target in _teacher_sets(ctx, cfg):
+        name, out_dir, source, meta = target
+        batches = merge_distilled_set(bundle, cfg, ipc, out_dir, ctx.run.seed, teacher_digest=source, meta=meta)
         results[f"{name}-{cfg.init}"] = {"path": str(out_dir), "batches": batches}
         print(f"merge: {name}-{cfg.init}: {batches} batches verified and assembled -> {out_dir}")
     return {"sets": results}
