@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,10 @@ class TrainSettings:
     augment: str = "strong"
     """View recipe: strong (small-image spec for <=32 px, large-image spec with blur above) |
     weak (mild crop + flip on RGB) | none."""
+    init_from: Optional[str] = None
+    """Start from a public checkpoint instead of pretraining: a file path (MoCo v1/v2/v3, DINO, SwAV,
+    BYOL-style, torchvision or this engine's teacher files) or ``torchvision:<arch>`` from the local
+    torchvision cache. Never downloaded."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1:

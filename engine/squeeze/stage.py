@@ -60,6 +60,8 @@ class ProbeConfig:
     """Fractions of ``epochs`` where the step schedule divides lr by 10."""
     standardize: bool = True
     """Standardize features with the train mean/std (folded into the saved fc afterwards)."""
+    init_from: Optional[str] = None
+    """A released linear head (file) for the backbone of ``ssl.init_from``: the probe is skipped."""
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
