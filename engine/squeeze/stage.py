@@ -6,6 +6,10 @@ Layout written under ``<run_dir>/squeeze/``:
   <kind>/bn_stats.json                      per-layer BN running-variance summary
   <kind>/state.pt                           last epoch checkpoint while training (removed when done)
   bn_variance.png                           SSL vs supervised BN variances
+
+ssl.init_from / squeeze.supervised.init_from import a teacher from a public checkpoint instead
+(engine.artifacts.imports; squeeze.probe.init_from adds a released linear head): the same files, with
+no pretraining rows.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from typing import Any, Optional
 import torch
 
 from engine.artifacts.fingerprint import announce_overwrite, require_match
+from engine.artifacts.imports import Imported, install, read_backbone, read_head
 from engine.artifacts.layout import TEACHER_KINDS, RunLayout
 from engine.artifacts.teacher import data_facts, load_teacher, read_teacher, save_teacher
 from engine.config import from_mapping
@@ -127,6 +132,13 @@ def parse_config(squeeze: dict[str, Any], ssl: dict[str, Any]) -> tuple[SqueezeC
     if "ssl" in cfg.teachers and spec.kind != "ssl":
         raise ConfigError(f"ssl={settings.name} is not self-supervised; pick ssl=mocov2 or ssl=simclr "
                           f"(the supervised teacher comes from squeeze.teachers=[supervised])")
+    if cfg.probe_only and settings.init_from:
+        raise ConfigError(f"squeeze.probe_only=true probes an existing teacher, but ssl.init_from="
+                          f"{settings.init_from} imports one (and probes it); drop one of the two")
+    if cfg.probe.init_from and not settings.init_from and ("ssl" in cfg.teachers or cfg.probe_only):
+        raise ConfigError(f"squeeze.probe.init_from={cfg.probe.init_from} is a released head, which fits only the "
+                          f"backbone it was trained on; give that backbone as ssl.init_from=PATH, or drop "
+                          f"squeeze.probe.init_from to probe the teacher trained here")
     return cfg, settings
 
 
@@ -146,6 +158,9 @@ def validate(ctx: RunContext) -> None:
         return
     for kind in cfg.teachers:
         settings = ssl_settings if kind == "ssl" else cfg.supervised
+        if settings.init_from:  # imported, not trained: the file must be there and fit
+            _read_import(ctx, cfg, kind, settings.init_from)
+            continue
         where = "ssl" if kind == "ssl" else "squeeze.supervised"
         if len(bundle.train) < settings.batch_size:
             raise ConfigError(f"{where}.batch_size={settings.batch_size} exceeds the {len(bundle.train)} "
@@ -168,6 +183,9 @@ def run(ctx: RunContext) -> dict:
     results: dict[str, dict] = {}
     for kind in cfg.teachers:
         settings = ssl_settings if kind == "ssl" else cfg.supervised
+        if settings.init_from:
+            results[kind] = _import_teacher(ctx, cfg, kind, settings.init_from, loader)
+            continue
         if cfg.epochs is not None:
             settings = dataclasses.replace(settings, epochs=cfg.epochs,
                                            warmup_epochs=min(settings.warmup_epochs, cfg.epochs - 1))
@@ -224,6 +242,74 @@ def _finished_teacher(ctx: RunContext, kind: str, path: Path, fingerprint: dict)
     if not ctx.run.resume and ctx.dist.is_main:
         announce_overwrite(path, f"{kind} teacher")
     return None
+
+
+def _read_import(ctx: RunContext, cfg: SqueezeConfig, kind: str, source: str) -> tuple[Any, list[Imported]]:
+    """A fresh model and what ``source`` (and, for the SSL teacher, squeeze.probe.init_from) gives it: one
+    ConfigError line when a file is missing or does not fit."""
+    bundle = ctx.data
+    model = build_model(ctx.model_cfg, bundle.num_classes, bundle.channels, bundle.image_size)
+    setting = "ssl.init_from" if kind == "ssl" else "squeeze.supervised.init_from"
+    name = ctx.model_cfg.name
+    imports = [read_backbone(source, model, setting, name, classifier=kind == "supervised")]
+    if kind == "ssl" and cfg.probe.init_from:
+        imports.append(read_head(cfg.probe.init_from, model, "squeeze.probe.init_from", name))
+    return model, imports
+
+
+def _import_teacher(ctx: RunContext, cfg: SqueezeConfig, kind: str, source: str,
+                    loader: Optional[LoaderConfig] = None) -> dict:
+    """A teacher from a public checkpoint instead of pretraining: the SSL backbone is linear-probed unless
+    squeeze.probe.init_from gives its released head; written like a trained teacher."""
+    started = time.perf_counter()
+    layout = RunLayout(ctx.run_dir)
+    teacher_path = layout.teacher(kind)
+    model, imports = _read_import(ctx, cfg, kind, source)
+    backbone, head = imports[0], (imports[1] if len(imports) > 1 else None)
+    probes = kind == "ssl" and head is None
+    fingerprint = {"import": backbone.record(), "head": head.record() if head else None,
+                   "probe": dataclasses.asdict(cfg.probe) if probes else None,
+                   "model": dataclasses.asdict(ctx.model_cfg), "data": data_facts(ctx.data),
+                   "seed": ctx.run.seed if probes else None}
+    if loader is not None and loader.external:
+        fingerprint["loader"] = loader.name
+    finished = _finished_teacher(ctx, kind, teacher_path, fingerprint)
+    if finished is not None:
+        return finished
+    install(model, *imports)
+    log.info("%s teacher: imported %s (%s)%s", kind, backbone.path, backbone.layout,
+             f", head from {head.path} ({head.layout})" if head else "")
+    if not ctx.dist.is_main:
+        return {"path": str(teacher_path), "skipped": False}
+    model.to(ctx.dist.device)
+    loader = loader or LoaderConfig()
+    final: dict[str, Any] = {"method": "import", "epochs": 0, "pretrain_seconds": 0.0,
+                             "imported_from": backbone.source, "file": str(backbone.path),
+                             "layout": backbone.layout, "sha256": backbone.sha256, "loader": loader.name}
+    probe_rows: list[dict] = []
+    test_loader = loader.eval_loader(ctx.data, "test") if loader.external else None
+    if probes:
+        probe_rows, probe_final = _probe(ctx, cfg, model, loader)
+        final.update(probe_final)
+    elif head is not None:
+        final.update(head_from=head.source, head_file=str(head.path), head_layout=head.layout,
+                     head_sha256=head.sha256, probe_seconds=0.0,
+                     probe_top1=evaluate_top1(model, ctx.data.test, ctx.data.normalize, ctx.dist.device,
+                                              workers=cfg.workers, loader=test_loader))
+    else:
+        final["top1"] = evaluate_top1(model, ctx.data.test, ctx.data.normalize, ctx.dist.device,
+                                      workers=cfg.workers, loader=test_loader)
+    final["seconds"] = time.perf_counter() - started
+    final["finished"] = True
+    model.cpu()
+    save_json({"teacher": kind, "method": "import", "layers": bn_variance_summary(model, cfg.bn_hist_bins)},
+              layout.bn_stats(kind))
+    _write_metrics(layout.squeeze_dir(kind), pretrain=[], probe=probe_rows, final=final)
+    save_teacher(teacher_path, model, kind=kind, model_cfg=ctx.model_cfg, bundle=ctx.data, metrics=final,
+                 fingerprint=fingerprint)
+    accuracy = f"probe top-1 {final['probe_top1']:.4f}" if kind == "ssl" else f"top-1 {final['top1']:.4f}"
+    log.info("%s teacher imported from %s: %s -> %s", kind, backbone.source, accuracy, teacher_path)
+    return _summary(teacher_path, final, skipped=False)
 
 
 def _train_teacher(ctx: RunContext, cfg: SqueezeConfig, kind: str, settings: TrainSettings,
@@ -357,7 +443,7 @@ def _probe_only(ctx: RunContext, cfg: SqueezeConfig, loader: Optional[LoaderConf
 
 
 def _summary(path: Path, metrics: dict, skipped: bool) -> dict:
-    keys = ("method", "probe_top1", "top1", "seconds", "pretrain_seconds", "probe_seconds", "images_per_s", "epochs")
+    keys = ("method", "layout", "probe_top1", "top1", "seconds", "pretrain_seconds", "probe_seconds", "images_per_s", "epochs")
     return {"path": str(path), "skipped": skipped, **{k: metrics[k] for k in keys if k in metrics}}
 
 
