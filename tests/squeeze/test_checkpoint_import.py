@@ -265,12 +265,19 @@ def test_missing_file_says_where(tmp_path):
 
 def test_wrong_architecture_names_the_mismatch(tmp_path):
     torch.manual_seed(0)
-    r50 = _save(tmp_path / "r50.pth", _moco_v2(torchvision.models.resnet50(weights=None).state_dict()))
+    r50 = _save(tmp_path / "moco_v2_800ep_pretrain.pth.tar",
+                _moco_v2(torchvision.models.resnet50(weights=None).state_dict()))
     message = _one_line(lambda: read_backbone(r50, _model(), SETTING, "resnet18"))
     assert message.startswith(f"ssl.init_from={r50} does not fit model=resnet18 (read as MoCo v1/v2")
     assert "a resnet50" in message
     assert "layer1.0.conv1.weight is [64, 64, 1, 1] in the file but [64, 64, 3, 3] in the model" in message
     assert "layouts understood: MoCo v1/v2" in message
+    # README quotes this line and the missing-file one as `scdd` prints them
+    missing = _one_line(lambda: read_backbone("/path/moco_v2_800ep_pretrain.pth.tar", _model(), SETTING,
+                                              "resnet18"))
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text().splitlines()
+    for line in (missing, message.replace(str(tmp_path), "/path")):
+        assert f"scdd: error: {line}" in readme
 
 
 def test_cifar_stem_and_junk_are_refused(source, tmp_path):
