@@ -8,6 +8,7 @@ uses what was fetched elsewhere. Every refusal is one ConfigError line naming th
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from torch import nn
 
 from engine.artifacts.teacher import FORMAT as TEACHER_FORMAT
 from engine.errors import ConfigError
+
+log = logging.getLogger("scdd.artifacts")
 
 TORCHVISION = "torchvision:"
 
@@ -111,7 +114,7 @@ def resolve(source: str, setting: str) -> Path:
     if not path.is_file():
         raise ConfigError(f"{setting}={source}: no such file; put the checkpoint there or point {setting} at it "
                           f"(checkpoints are never downloaded)")
-    return path
+    return path.resolve()
 
 
 _DIGESTS: dict[tuple[str, int, int], str] = {}
@@ -135,6 +138,8 @@ def _load(path: Path, setting: str, source: str) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - releases pickle argparse Namespaces etc.; the user named this file
         pass
+    log.warning("%s holds Python objects besides tensors; reading it with weights_only=False (import only "
+                "files you trust)", path)
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure has the same fix
@@ -235,8 +240,9 @@ def read_backbone(source: str, model: nn.Module, setting: str, model_name: str, 
     if source.startswith(TORCHVISION):
         arch = source[len(TORCHVISION):].partition(".")[0]
         if arch != model_name:
-            raise ConfigError(f"{setting}={source} holds {arch} weights but model={model_name}; set model={arch} "
-                              f"or use {TORCHVISION}{model_name}")
+            other = f" or use {TORCHVISION}{model_name}" if model_name in ("resnet18", "resnet50") else ""
+            raise ConfigError(f"{setting}={source} holds {arch} weights but model={model_name}; set model={arch}"
+                              f"{other}")
     path = resolve(source, setting)
     obj = _load(path, setting, source)
     wanted = model.backbone.state_dict()
@@ -290,8 +296,8 @@ def _fit_head(weight: torch.Tensor, bias: torch.Tensor, model: nn.Module, settin
         else:
             fix = (f"use the file as ssl.init_from={source} (backbone only; the probe trains a {classes}-class "
                    f"head), or run on data with {weight.shape[0]} classes")
-        raise ConfigError(f"{setting}={source} has a {weight.shape[0]}-class classifier but the data has {classes} "
-                          f"classes; {fix}")
+        raise ConfigError(f"{setting}={source} has a classifier for {weight.shape[0]} classes but the data has "
+                          f"{classes}; {fix}")
     return weight.detach().clone(), bias.detach().clone()
 
 

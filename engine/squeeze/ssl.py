@@ -54,6 +54,8 @@ class TrainSettings:
                               f"ssl.momentum={self.momentum} in [0, 1)")
         if not 0 <= self.warmup_epochs < self.epochs:
             raise ConfigError(f"ssl.warmup_epochs={self.warmup_epochs} must be in [0, epochs)")
+        if self.init_from is not None and not self.init_from.strip():
+            raise ConfigError("ssl.init_from is empty; give a checkpoint file or torchvision:<arch>, or null to train")
 
 
 @dataclass

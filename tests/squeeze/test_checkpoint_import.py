@@ -192,7 +192,7 @@ def test_own_teacher_file_imports(source, images, tmp_path):
     teacher = save_teacher(tmp_path / "teacher.pt", model, kind="supervised", model_cfg=ModelConfig("resnet18"),
                            bundle=bundle, metrics={})
     again = _model(classes=10)  # data with 10 classes; the file's fc has 8
-    with pytest.raises(ConfigError, match="has a 8-class classifier but the data has 10 classes"):
+    with pytest.raises(ConfigError, match="has a classifier for 8 classes but the data has 10;"):
         read_backbone(str(teacher), again, "squeeze.supervised.init_from", "resnet18", classifier=True)
     imported = read_backbone(str(teacher), _model(), SETTING, "resnet18")
     assert imported.layout == "SC-DD teacher"
@@ -299,11 +299,11 @@ def test_class_count_mismatch_says_how_to_go_on(source, tmp_path):
     path = _save(tmp_path / "tv1000.pth", imagenet_like)
     message = _one_line(lambda: read_backbone(path, _model(), "squeeze.supervised.init_from", "resnet18",
                                               classifier=True))
-    assert message == (f"squeeze.supervised.init_from={path} has a 1000-class classifier but the data has 8 "
-                       f"classes; use the file as ssl.init_from={path} (backbone only; the probe trains a 8-class "
+    assert message == (f"squeeze.supervised.init_from={path} has a classifier for 1000 classes but the data has "
+                       f"8; use the file as ssl.init_from={path} (backbone only; the probe trains a 8-class "
                        f"head), or run on data with 1000 classes")
     head = _one_line(lambda: read_head(path, _model(), "squeeze.probe.init_from", "resnet18"))
-    assert "has a 1000-class classifier but the data has 8 classes; drop squeeze.probe.init_from" in head
+    assert "has a classifier for 1000 classes but the data has 8; drop squeeze.probe.init_from" in head
     backbone_only = _save(tmp_path / "moco.pth", _moco_v2(source.state_dict()))
     assert "has no classifier" in _one_line(lambda: read_backbone(backbone_only, _model(),
                                                                   "squeeze.supervised.init_from", "resnet18",
@@ -364,13 +364,14 @@ def test_cli_checks_the_files_before_any_training(run_scdd, source, tmp_path, mo
     tree, moco, _ = _cli_files(tmp_path, source)
     base = ("data=imagefolder", f"data.root={tree}", "data.image_size=32", "model=resnet18", "device=cpu",
             "progress=false", "stage=pipeline")
-    for extra, message in (
+    for i, (extra, message) in enumerate((
             ([f"ssl.init_from={tmp_path / 'nope.pth'}"], "no such file"),
             ([f"ssl.init_from={moco}", "squeeze.supervised.init_from=torchvision:resnet18"],
              "is not in the local torch hub cache"),
             ([f"ssl.init_from={moco}", f"squeeze.probe.init_from={tmp_path / 'head.pth'}"], "no such file"),
-            ([f"squeeze.probe.init_from={moco}"], "give that backbone as ssl.init_from=PATH")):
-        run_dir = tmp_path / f"run{len(message)}"
+            ([f"squeeze.probe.init_from={moco}"], "give that backbone as ssl.init_from=PATH"),
+            (["squeeze.supervised.init_from=' '"], "squeeze.supervised.init_from is empty"))):
+        run_dir = tmp_path / f"run{i}"
         with pytest.raises(ConfigError, match=message):
             run_scdd(*base, *extra, run_dir=run_dir)
         assert not (run_dir / "squeeze").exists()
