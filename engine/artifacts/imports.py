@@ -153,6 +153,8 @@ def _is_state_dict(obj: Any) -> bool:
 
 def _state_dicts(obj: Any) -> Iterator[tuple[str, Mapping[str, torch.Tensor], bool]]:
     """(where, tensors, is_teacher_file) for the file itself and the dicts it nests its weights under."""
+    if isinstance(obj, nn.Module):  # a whole pickled model
+        obj = obj.state_dict()
     if isinstance(obj, Mapping) and obj.get("format") == TEACHER_FORMAT and _is_state_dict(obj.get("state_dict")):
         yield "SC-DD teacher", obj["state_dict"], True
         return

@@ -35,7 +35,7 @@ from engine.errors import ConfigError
 from engine.io import save_json, save_text
 from engine.loaders.common import LoaderSpec
 from engine.loaders.settings import LoaderConfig, parse_loader
-from engine.models import build_model
+from engine.models import ClassifierNet, build_model
 from engine.squeeze.augment import spec_for
 from engine.squeeze.bn_stats import bn_variance_summary, plot_bn_variance
 from engine.distributed import average_buffers, barrier
@@ -244,7 +244,8 @@ def _finished_teacher(ctx: RunContext, kind: str, path: Path, fingerprint: dict)
     return None
 
 
-def _read_import(ctx: RunContext, cfg: SqueezeConfig, kind: str, source: str) -> tuple[Any, list[Imported]]:
+def _read_import(ctx: RunContext, cfg: SqueezeConfig, kind: str,
+                 source: str) -> tuple[ClassifierNet, list[Imported]]:
     """A fresh model and what ``source`` (and, for the SSL teacher, squeeze.probe.init_from) gives it: one
     ConfigError line when a file is missing or does not fit."""
     bundle = ctx.data
@@ -443,7 +444,8 @@ def _probe_only(ctx: RunContext, cfg: SqueezeConfig, loader: Optional[LoaderConf
 
 
 def _summary(path: Path, metrics: dict, skipped: bool) -> dict:
-    keys = ("method", "layout", "probe_top1", "top1", "seconds", "pretrain_seconds", "probe_seconds", "images_per_s", "epochs")
+    keys = ("method", "layout", "probe_top1", "top1", "seconds", "pretrain_seconds", "probe_seconds", "images_per_s",
+            "epochs")
     return {"path": str(path), "skipped": skipped, **{k: metrics[k] for k in keys if k in metrics}}
 
 

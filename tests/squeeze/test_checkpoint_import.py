@@ -18,7 +18,7 @@ from PIL import Image
 
 from engine.artifacts.fingerprint import StaleArtifact
 from engine.artifacts.imports import install, read_backbone, read_head, resolve
-from engine.artifacts.teacher import load_teacher, read_teacher, save_teacher
+from engine.artifacts.teacher import load_teacher, save_teacher
 from engine.data import DataConfig, build_data
 from engine.errors import ConfigError
 from engine.models import ModelConfig, build_model
@@ -170,11 +170,12 @@ def _lincls(sd):  # MoCo's main_lincls checkpoint: the whole DataParallel model 
     return {"epoch": 100, "arch": "resnet18", "best_acc1": 0.7, "state_dict": _prefixed(sd, "module.", fc=True)}
 
 
-@pytest.mark.parametrize("build,name", [(_torchvision_file, "torchvision"),
-                                        (_lincls, "torchvision (state_dict: module.*)")])
+@pytest.mark.parametrize("build,name", [(lambda net: _torchvision_file(net.state_dict()), "torchvision"),
+                                        (lambda net: _lincls(net.state_dict()), "torchvision (state_dict: module.*)"),
+                                        (lambda net: net, "torchvision")])  # a whole pickled model
 def test_supervised_files_give_the_source_logits(build, name, source, images, tmp_path):
     path = tmp_path / "sup.pth"
-    torch.save(build(source.state_dict()), path)
+    torch.save(build(source), path)
     model = _model()
     imported = read_backbone(str(path), model, "squeeze.supervised.init_from", "resnet18", classifier=True)
     assert imported.layout == name
