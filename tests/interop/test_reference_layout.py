@@ -99,12 +99,17 @@ def test_jpeg_export_states_its_quality_and_stays_close(tmp_path, capsys):
     assert 0 < error < 4  # lossy, by a few levels of 255 at quality 92 on 32 px photos
 
 
-def test_jpeg_set_exported_as_stored_copies_its_bytes(tmp_path):
-    write_set(tmp_path / "set", 3, store.Codec("jpeg", 93))
+def test_jpeg_set_exported_as_stored_copies_its_bytes_and_as_png_keeps_its_decoded_pixels(tmp_path):
+    ours = write_set(tmp_path / "set", 3, store.Codec("jpeg", 93))
     record = export_set(tmp_path / "set", tmp_path / "out")
     assert record["copied"] and record["image_format"] == "jpeg" and record["jpeg_quality"] == 93
-    ours = (tmp_path / "set" / "images" / "class_2" / "ipc0001.jpg").read_bytes()
-    assert (tmp_path / "out" / "new002" / "class002_id001.jpg").read_bytes() == ours
+    stored = (tmp_path / "set" / "images" / "class_2" / "ipc0001.jpg").read_bytes()
+    assert (tmp_path / "out" / "new002" / "class002_id001.jpg").read_bytes() == stored
+    record = export_set(tmp_path / "set", tmp_path / "png", image_format="png")
+    assert not record["copied"] and record["image_format"] == "png" and record["jpeg_quality"] is None
+    back = reimport(tmp_path / "png", tmp_path / "back", ours).tensors()
+    order = np.lexsort((ours.tensors()["ipc_index"].numpy(), ours.tensors()["labels"].numpy()))
+    assert torch.equal(ours.tensors()["images"][order], back["images"])
 
 
 def test_export_refusals_are_one_line(tmp_path, capsys):
