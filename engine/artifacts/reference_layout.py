@@ -14,11 +14,11 @@ at the given quality (>= 90, 4:4:4 chroma, as our codec stores JPEG); JPEG -> PN
 
 Import (``import_set``) turns a reference-layout tree into our distilled-set format (index.json beside a copy
 of the files, byte for byte) so a student reads it like any set we made. Its fingerprint is the digest of
-the source files (names and bytes): a resumed run reuses the import while the files are unchanged and
-refuses it, like any stale artifact, when they changed. Images are used at their own resolution, never
-resized: a size other than data.image_size is refused (it almost always means the set was distilled for
-other data, e.g. a Tiny-ImageNet set evaluated at 224 px). Gray or RGB files are converted to the data's
-channels when read, as real image-folder data is.
+the source files (names and bytes): a run reuses the import while the files are unchanged; a resumed run
+refuses it, like any stale artifact, when they changed (resume=false replaces it, announced). Images are
+used at their own resolution, never resized: a size other than data.image_size is refused (it almost always
+means the set was distilled for other data, e.g. a Tiny-ImageNet set evaluated at 224 px). Gray or RGB files
+are converted to the data's channels when read, as real image-folder data is.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from engine.artifacts.distilled import FORMAT, INDEX_FILE, Codec, DistilledSet, write_grid
-from engine.artifacts.fingerprint import announce_overwrite, digest, require_match
+from engine.artifacts.fingerprint import announce_overwrite, differences, digest, require_match
 from engine.errors import ConfigError
 from engine.io import save_json
 
@@ -199,17 +199,20 @@ def import_set(source: Path, target: Path, *, what: str, class_names: list[str],
                image_size: int, ipc: int, resume: bool) -> DistilledSet:
     """Our distilled-set format at ``target`` for the reference-layout tree ``source`` (rank 0 only).
 
-    Reused when ``target`` was imported from the same files (resume=true); refused when the files changed
-    (resume=true) or replaced, announced (resume=false)."""
+    An import is a copy: one of the same files is reused whatever ``resume`` says (so job-array tasks never
+    replace files another task trains from). When the files changed it is refused under resume=true, like
+    any stale artifact, and replaced, announced, under resume=false."""
     num_classes = len(class_names)
     scanned = scan_set(source, what, num_classes, image_size, ipc)
     fingerprint = {"layout": LAYOUT, "source_files": scanned.source_digest(), "num_classes": num_classes}
     target = Path(target)
+    replacing = target.exists()
     if (target / INDEX_FILE).is_file():
+        if not differences(DistilledSet.open(target).index.get("fingerprint"), fingerprint):
+            return DistilledSet.open(target)
         if resume:
             require_match(target, DistilledSet.open(target).index.get("fingerprint"), fingerprint,
                           f"{what} (imported from {source})")
-            return DistilledSet.open(target)
         announce_overwrite(target, f"{what} import")
     staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
@@ -234,12 +237,12 @@ def import_set(source: Path, target: Path, *, what: str, class_names: list[str],
              "files": files, "labels": scanned.labels, "ipc_index": scanned.ipc_index}
     write_grid(staging, files, scanned.labels, scanned.ipc_index, channels, staging / "grid.png")
     save_json(index, staging / INDEX_FILE)
-    if target.exists():
+    if replacing:
         shutil.rmtree(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.replace(staging, target)
-    except OSError:  # another process (a job-array task) finished the same import first
+    except OSError:  # another process (a job-array task) finished the same import first; never removed
         shutil.rmtree(staging, ignore_errors=True)
         require_match(target, DistilledSet.open(target).index.get("fingerprint"), fingerprint,
                       f"{what} (imported from {source})")

@@ -131,8 +131,10 @@ def test_import_is_reused_while_the_files_are_the_same_and_refused_when_they_cha
     export_set(tmp_path / "set", tmp_path / "out")
     first = reimport(tmp_path / "out", tmp_path / "back", ours)
     stamp = (tmp_path / "back" / "index.json").stat().st_mtime_ns
-    again = reimport(tmp_path / "out", tmp_path / "back", ours)
-    assert again.digest == first.digest and (tmp_path / "back" / "index.json").stat().st_mtime_ns == stamp
+    for resume in (True, False):  # a copy of the same files: reused either way
+        again = reimport(tmp_path / "out", tmp_path / "back", ours, resume=resume)
+        assert again.digest == first.digest and (tmp_path / "back" / "index.json").stat().st_mtime_ns == stamp
+    assert "replacing" not in capsys.readouterr().out
     changed = tmp_path / "out" / "new001" / "class001_id002.png"
     with Image.open(changed) as img:
         img.transpose(Image.FLIP_TOP_BOTTOM).save(changed)
