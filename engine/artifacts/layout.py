@@ -7,6 +7,7 @@
     <run>/recover/<kind>-<init>/             a distilled set: images/<class>/ipcNNNN.png + index.json
     <run>/recover/<kind>-<init>/batches/     one record per finished class batch (resume)
     <run>/recover/ssl-real/init/             the unrefined real-init set (same format)
+    <run>/external/<name>/                   a set of evaluate.external_sets, imported (same format)
     <run>/evaluate/ipc<n>/<row>/             result.json, student_state.pt, labels/ (stored relabel)
     <run>/evaluate/full/full_data/           the full-data student
     <run>/report.{md,json}, accuracy_per_epoch.png, distilled_grids.png
@@ -59,6 +60,9 @@ class RunLayout:
 
     def set_for_row(self, key: str) -> Path:
         return self.root / "recover" / SET_FOLDERS[key]
+
+    def external_set(self, name: str) -> Path:
+        return self.root / "external" / name
 
     # evaluate
     def evaluate_row(self, ipc: Optional[int], key: str) -> Path:

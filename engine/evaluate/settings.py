@@ -1,10 +1,15 @@
 """Typed settings of the relabel/evaluate stage (``evaluate=default``: these dataclass defaults)."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Optional
 
+from engine.artifacts.layout import SET_FOLDERS
 from engine.errors import ConfigError
+
+RESERVED_ROWS = (*SET_FOLDERS, "random_real", "full_data")
+"""Report row keys of our own rows: an external set may not take one of these names."""
 
 
 @dataclass
@@ -50,6 +55,12 @@ class EvaluateConfig:
     cache_mb: int = 512
     """Size rule: a training set (distilled or random real) whose 8-bit pixels (N x C x H x W bytes)
     fit this many MiB is decoded once into memory; larger sets stream from disk every epoch."""
+    external_sets: Optional[dict[str, str]] = None
+    """None, or sets other engines published (SRe2L, CDA, SC-DD, RDED: folders new000/class000_id000.jpg, ...), as
+    ``{name: path}`` (``evaluate.external_sets={rded:/data/rded_in1k_ipc10}``): each is imported into
+    <run>/external/<name> and trained on as one more report row, ``name``, with the same teacher and recipe.
+    Images must be data.image_size square (never resized). None, not {}, by default: Hydra then takes the
+    dict as given instead of merging it into an empty one (which struct mode refuses)."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.full_data_epochs < 1:
@@ -77,3 +88,12 @@ class EvaluateConfig:
         if self.crop_scale is not None and not (len(self.crop_scale) == 2
                                                 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1):
             raise ConfigError(f"evaluate.crop_scale={self.crop_scale} must be [low, high] in (0, 1]")
+        if self.external_sets is not None and not isinstance(self.external_sets, dict):
+            raise ConfigError(f"evaluate.external_sets={self.external_sets!r} must map names to folders: "
+                              f"evaluate.external_sets={{name:/path/to/set}}")
+        for name, path in (self.external_sets or {}).items():
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", str(name)) or name in RESERVED_ROWS:
+                raise ConfigError(f"evaluate.external_sets: name {name!r} must be letters, digits, _ or - (starting "
+                                  f"with a letter) and none of our rows {list(RESERVED_ROWS)}; rename it")
+            if not isinstance(path, str) or not path:
+                raise ConfigError(f"evaluate.external_sets.{name}={path!r} must be the set's folder path")

@@ -1,7 +1,8 @@
 """`scdd stage=evaluate` and `stage=relabel`: students on each distilled set and the baselines.
 
-Rows, for each ipc: every distilled set under <run_dir>/recover/ (keyed by report name), a random
-real subset with the same images per class; plus (once) a student on the full training split.
+Rows, for each ipc: every distilled set under <run_dir>/recover/ (keyed by report name), every set of
+evaluate.external_sets (another engine's release, imported into <run_dir>/external/; keyed by its name), a
+random real subset with the same images per class; plus (once) a student on the full training split.
 Every row uses the same student recipe and the same soft-label teacher, so rows differ only in
 their training images.
 """
@@ -23,6 +24,7 @@ from engine.artifacts.distilled import (Codec, DistilledSet, is_complete, real_s
                                         real_subset_indices, real_subset_record)
 from engine.artifacts.fingerprint import StaleArtifact, announce_overwrite, digest
 from engine.artifacts.layout import SET_FOLDERS, RunLayout
+from engine.artifacts.reference_layout import import_set, scan_set
 from engine.artifacts.teacher import data_facts, load_teacher, teacher_digest
 from engine.config import from_mapping
 from engine.context import RunContext
@@ -203,6 +205,27 @@ def available_sets(run_dir: Path) -> dict[str, Path]:
     return {key: layout.set_for_row(key) for key in SET_FOLDERS if is_complete(layout.set_for_row(key))}
 
 
+def external_sets(ctx: RunContext, cfg: EvaluateConfig) -> dict[str, Path]:
+    """Report row key -> imported folder of every evaluate.external_sets entry (rank 0 imports, or reuses
+    an import of the same files under resume=true; the others wait)."""
+    layout, bundle = RunLayout(ctx.run_dir), ctx.data
+    if ctx.dist.is_main:
+        for name, source in (cfg.external_sets or {}).items():
+            import_set(Path(source), layout.external_set(name), what=f"evaluate.external_sets.{name}",
+                       class_names=list(bundle.class_names) or [str(c) for c in range(bundle.num_classes)],
+                       channels=bundle.channels, image_size=bundle.image_size, ipc=max(ctx.run.ipc),
+                       resume=ctx.run.resume)
+    barrier()
+    return {name: layout.external_set(name) for name in cfg.external_sets or {}}
+
+
+def _check_external_sets(ctx: RunContext, cfg: EvaluateConfig) -> None:
+    bundle = ctx.data
+    for name, source in (cfg.external_sets or {}).items():
+        scan_set(Path(source), f"evaluate.external_sets.{name}", bundle.num_classes, bundle.image_size,
+                 max(ctx.run.ipc))
+
+
 def evaluate_rows(ctx: RunContext, cfg: EvaluateConfig, sets: dict[str, Path],
                   loader: Optional[LoaderConfig] = None, share: TaskShare = TaskShare(),
                   gather_count: Optional[int] = None) -> dict:
@@ -219,10 +242,11 @@ def evaluate_rows(ctx: RunContext, cfg: EvaluateConfig, sets: dict[str, Path],
         source = teacher_digest(payload)
     evaluator = Evaluator(ctx, cfg, teacher, loader, source, share=share, gather=gather_count is not None,
                           gather_count=gather_count or 1)
+    imported = external_sets(ctx, cfg)
     results: dict = {"ipc": {}}
     for ipc in sorted(set(ctx.run.ipc)):
         rows = {}
-        for key, path in sets.items():
+        for key, path in {**sets, **imported}.items():
             rows[key] = evaluator.run_row(key, ipc, distilled_training_set(path, bundle, ipc, cfg))
         seeds = []
         for s in range(cfg.random_real_seeds):
@@ -286,9 +310,11 @@ def validate(ctx: RunContext, *, teachers_from_squeeze: Optional[Sequence[str]] 
     build_model(student_model_config(cfg, ctx.model_cfg), bundle.num_classes, bundle.channels, bundle.image_size)
     if cfg.loss == "kl":
         _check_label_teacher(ctx, cfg, teachers_from_squeeze)
-    if teachers_from_squeeze is None:
+    _check_external_sets(ctx, cfg)
+    if teachers_from_squeeze is None and (available_sets(ctx.run_dir) or not cfg.external_sets):
         _check_sets(ctx, available_sets(ctx.run_dir), "run `scdd stage=recover` in this run dir first "
-                                                      "(hydra.run.dir=...)")
+                                                      "(hydra.run.dir=...), or evaluate another engine's set "
+                                                      "with evaluate.external_sets={name:/path}")
 
 
 def validate_relabel(ctx: RunContext) -> None:
@@ -302,7 +328,7 @@ def run(ctx: RunContext, **overrides) -> dict:
     cfg = build_eval_config(ctx, **overrides)
     loader = parse_loader(ctx.sections, ctx.data_cfg, ctx.data)
     sets = available_sets(ctx.run_dir)
-    if not sets:
+    if not sets and not cfg.external_sets:
         raise ConfigError(f"no distilled set under {ctx.run_dir / 'recover'}; run `scdd stage=recover` in this "
                           f"run dir first (hydra.run.dir=...)")
     start = time.time()
