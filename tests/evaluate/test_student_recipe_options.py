@@ -15,6 +15,7 @@ from engine.evaluate.student import StudentRecipe, build_optimizer, student_lr, 
 from engine.models import build_model
 from engine.training.batches import epoch_order, to_unit_float
 from engine.training.schedule import cosine_lr
+from realdata import foolbox_samples
 from teachers import SMALL_MODEL
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -25,6 +26,14 @@ def _recipe(**kw):
                 crop_scale=(0.5, 1.0), flip=False, cutmix_prob=1.0, cutmix_alpha=1.0, eval_every=1)
     base.update(kw)
     return StudentRecipe(**base)
+
+
+def cifar_images(count: int) -> torch.Tensor:
+    """Real CIFAR-10 photos (foolbox's samples) as float [count, 3, 32, 32] in [0, 1]."""
+    from PIL import Image
+
+    arrays = [np.asarray(Image.open(path).convert("RGB")) for path, _ in foolbox_samples("cifar10")[:count]]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +67,11 @@ def test_no_weight_decay_on_batchnorm_and_bias(digits, optimizer):
 
 
 def test_mixup_blends_partner_images():
-    params = sample_params(step_rng(1, 0, 0), 6, 8, (0.5, 1.0), False, 1.0, 1.0, crop="pad", pad=0, mix="mixup",
+    params = sample_params(step_rng(1, 0, 0), 6, 32, (0.5, 1.0), False, 1.0, 1.0, crop="pad", pad=0, mix="mixup",
                            mixup_alpha=0.8)
     assert params.cutmix_partner is None and 0 < params.mixup_lam < 1
     assert not np.array_equal(params.mixup_partner, np.arange(6))
-    x = torch.rand(6, 3, 8, 8)
+    x = cifar_images(6)
     out = apply_params(x, params)
     partner = torch.from_numpy(params.mixup_partner)
     assert torch.allclose(out, params.mixup_lam * x + (1 - params.mixup_lam) * x[partner], atol=1e-6)
@@ -94,16 +103,17 @@ def test_mixup_teacher_labels_the_mixed_batch_the_student_sees(digits):
 
 
 def test_pad_crop_keeps_size_and_shifts_with_a_black_border():
-    x = torch.rand(5, 3, 10, 10)
-    params = sample_params(step_rng(0, 0, 0), 5, 10, (0.5, 1.0), False, 0.0, 1.0, crop="pad", pad=4, mix="none")
+    x = cifar_images(5)
+    params = sample_params(step_rng(0, 0, 0), 5, 32, (0.5, 1.0), False, 0.0, 1.0, crop="pad", pad=4, mix="none")
     fill = torch.tensor([-1.0, -2.0, -3.0]).view(1, 3, 1, 1)  # a black pixel, normalized
     out = apply_params(x, params, fill)
     assert out.shape == x.shape and params.mixup_partner is None and params.cutmix_partner is None
-    assert ((params.boxes[:, :2] >= 0) & (params.boxes[:, :2] <= 8)).all() and (params.boxes[:, 2:] == 10).all()
+    assert ((params.boxes[:, :2] >= 0) & (params.boxes[:, :2] <= 8)).all() and (params.boxes[:, 2:] == 32).all()
+    assert len({tuple(b) for b in params.boxes[:, :2].tolist()}) > 1
     for i, (top, left, _, _) in enumerate(params.boxes.tolist()):
-        canvas = fill.expand(1, 3, 18, 18).clone()[0]
-        canvas[:, 4:14, 4:14] = x[i]
-        assert torch.equal(out[i], canvas[:, top:top + 10, left:left + 10]), i
+        canvas = fill.expand(1, 3, 40, 40).clone()[0]
+        canvas[:, 4:36, 4:36] = x[i]
+        assert torch.equal(out[i], canvas[:, top:top + 32, left:left + 32]), i
 
 
 def test_cosine_floor_is_the_cifar_scripts_schedule_and_zero_floor_is_todays():
