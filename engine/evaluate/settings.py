@@ -104,6 +104,10 @@ class EvaluateConfig:
         if self.mixup_alpha <= 0 or self.crop_padding < 0 or not 0 <= self.momentum < 1:
             raise ConfigError(f"evaluate.mixup_alpha={self.mixup_alpha} must be > 0, evaluate.crop_padding="
                               f"{self.crop_padding} >= 0 and evaluate.momentum={self.momentum} in [0, 1)")
+        if self.relabel == "stored" and (self.mix == "mixup" or self.crop == "pad"):
+            # relabel.py's files hold crop boxes and CutMix only; replaying other views would mislabel them
+            raise ConfigError(f"evaluate.relabel=stored cannot store evaluate.mix={self.mix} / evaluate.crop="
+                              f"{self.crop} views yet; use evaluate.relabel=online")
         if not 0 <= self.lr_floor < 1 or not 0 <= self.warmup_epochs < self.epochs:
             raise ConfigError(f"evaluate.lr_floor={self.lr_floor} must be in [0, 1) and evaluate.warmup_epochs="
                               f"{self.warmup_epochs} in [0, epochs)")
