@@ -52,10 +52,6 @@ def step_rng(seed: int, epoch: int, step: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, step])
 
 
-CROPS = ("rrc", "pad")
-MIXES = ("cutmix", "mixup", "none")
-
-
 def sample_params(rng: np.random.Generator, batch: int, size: int, crop_scale: tuple[float, float],
                   flip: bool, cutmix_prob: float, cutmix_alpha: float, *, crop: str = "rrc", pad: int = 4,
                   mix: str = "cutmix", mixup_alpha: float = 0.8) -> AugParams:

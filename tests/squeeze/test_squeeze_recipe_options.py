@@ -1,6 +1,7 @@
 """Squeeze options of the official recipes: MoCo's head width from the backbone, the queue against the
 training split, and the linear probe on augmented views of the training images."""
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -95,3 +96,12 @@ def test_probe_views_config_errors_are_one_line(run_scdd, tmp_path):
         with pytest.raises(ConfigError, match=message) as info:
             run_scdd(*TINY, override, run_dir=tmp_path / "bad")
         assert "\n" not in str(info.value)
+
+
+def test_squeeze_stage_probes_on_augmented_views(run_scdd, tmp_path):
+    result = run_scdd(*TINY, "squeeze.probe.views=augmented", "squeeze.probe.standardize=false",
+                      "squeeze.probe.epochs=2", "squeeze.probe.lr=3.0", run_dir=tmp_path / "run")
+    metrics = json.loads((tmp_path / "run" / "squeeze" / "ssl" / "metrics.json").read_text())
+    assert metrics["final"]["probe_views"] == "augmented" and len(metrics["probe"]) == 2
+    assert metrics["final"]["settings"]["queue_size"] == 1024  # null: fitted below digits' 1,497 images
+    assert result["teachers"]["ssl"]["probe_top1"] > 0.1
