@@ -159,3 +159,14 @@ def test_bad_student_options_are_one_line_errors(override, message):
     with pytest.raises(ConfigError, match=message) as info:
         EvaluateConfig(**override)
     assert "\n" not in str(info.value)
+
+
+def test_every_student_option_reaches_the_recipe(digits):
+    from engine.evaluate.stage import make_recipe
+
+    options = dict(optimizer="sgd", momentum=0.8, decay_norm_and_bias=False, warmup_epochs=5, lr_floor=0.75,
+                   lr_per="epoch", temperature_squared=True, mix="mixup", mixup_alpha=0.5, crop="pad",
+                   crop_padding=2)
+    recipe = make_recipe(EvaluateConfig(epochs=20, **options), digits)
+    assert {key: getattr(recipe, key) for key in options} == options
+    assert make_recipe(EvaluateConfig(epochs=20, warmup_epochs=5), digits, epochs=3).warmup_epochs == 2
