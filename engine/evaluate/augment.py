@@ -1,4 +1,5 @@
-"""Student-side augmentation: per-image random resized crop + flip, then CutMix per batch.
+"""Student-side augmentation: per-image crop (random resized, or CIFAR's pad-and-crop) + flip, then
+one mixing per batch (CutMix or MixUp; the teacher labels the mixed batch).
 
 Parameters are drawn with numpy from a generator keyed by (seed, epoch, step), so the online and
 stored relabel modes see exactly the same crops, and stored parameters replay bit-for-bit.
@@ -11,6 +12,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torchvision.ops import roi_align
 
 from engine.training.crops import CROP_UNIFORMS, crop_boxes
@@ -19,7 +21,7 @@ from engine.training.crops import CROP_UNIFORMS, crop_boxes
 @dataclass
 class AugParams:
     boxes: np.ndarray
-    """int16 [B, 4]: top, left, height, width of each image's crop."""
+    """int16 [B, 4]: top, left, height, width of each image's crop (in the padded image when ``pad``)."""
     flips: np.ndarray
     """bool [B]."""
     cutmix_partner: Optional[np.ndarray] = None
@@ -28,6 +30,22 @@ class AugParams:
     """top, bottom, left, right of the pasted region."""
     cutmix_lam: float = 1.0
     """Fraction of each image that stays its own (after clipping the box)."""
+    pad: int = 0
+    """Pad-and-crop (CIFAR's RandomCrop(size, padding=pad)): each image is padded by this many black pixels
+    per side and ``boxes`` holds an unscaled size x size window of it; 0: boxes are resized crops."""
+    mixup_partner: Optional[np.ndarray] = None
+    """int64 [B]: MixUp partner of each image; None: no MixUp this batch."""
+    mixup_lam: float = 1.0
+    """MixUp weight of each image itself: lam * x + (1 - lam) * x[partner]."""
+
+    @property
+    def partner(self) -> Optional[np.ndarray]:
+        """The image each one is mixed with (CutMix or MixUp), for mixed hard labels."""
+        return self.cutmix_partner if self.cutmix_partner is not None else self.mixup_partner
+
+    @property
+    def lam(self) -> float:
+        return self.cutmix_lam if self.cutmix_partner is not None else self.mixup_lam
 
 
 def step_rng(seed: int, epoch: int, step: int) -> np.random.Generator:
@@ -35,11 +53,24 @@ def step_rng(seed: int, epoch: int, step: int) -> np.random.Generator:
 
 
 def sample_params(rng: np.random.Generator, batch: int, size: int, crop_scale: tuple[float, float],
-                  flip: bool, cutmix_prob: float, cutmix_alpha: float) -> AugParams:
-    boxes = crop_boxes(rng.random((batch, CROP_UNIFORMS)), size, crop_scale)
+                  flip: bool, cutmix_prob: float, cutmix_alpha: float, *, crop: str = "rrc", pad: int = 4,
+                  mix: str = "cutmix", mixup_alpha: float = 0.8) -> AugParams:
+    """One batch's parameters. ``crop``: rrc (random resized crop with ``crop_scale``) | pad (RandomCrop of
+    ``size`` after ``pad`` pixels of padding); ``mix``: cutmix (with ``cutmix_prob``) | mixup (every batch,
+    lam ~ Beta(mixup_alpha, mixup_alpha)) | none. The defaults draw today's rrc + CutMix stream unchanged."""
+    if crop == "pad":
+        corner = rng.integers(0, 2 * pad + 1, size=(batch, 2))
+        boxes = np.concatenate([corner, np.full((batch, 2), size)], axis=1).astype(np.int16)
+    else:
+        boxes = crop_boxes(rng.random((batch, CROP_UNIFORMS)), size, crop_scale)
     flips = (rng.random(batch) < 0.5) if flip else np.zeros(batch, dtype=bool)
-    params = AugParams(boxes=boxes, flips=flips)
-    if batch > 1 and rng.random() < cutmix_prob:
+    params = AugParams(boxes=boxes, flips=flips, pad=pad if crop == "pad" else 0)
+    if mix == "mixup":
+        if batch > 1:
+            params.mixup_lam = float(rng.beta(mixup_alpha, mixup_alpha))
+            params.mixup_partner = rng.permutation(batch)
+        return params
+    if mix == "cutmix" and batch > 1 and rng.random() < cutmix_prob:
         lam = rng.beta(cutmix_alpha, cutmix_alpha)
         cut = math.sqrt(1.0 - lam)
         ch, cw = int(size * cut), int(size * cut)
@@ -52,17 +83,42 @@ def sample_params(rng: np.random.Generator, batch: int, size: int, crop_scale: t
     return params
 
 
-def apply_params(x: torch.Tensor, params: AugParams) -> torch.Tensor:
-    """Crop-resize every image to the input size (bilinear), flip, then paste the CutMix box."""
+def apply_params(x: torch.Tensor, params: AugParams, fill: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Crop every image to the input size (resized bilinearly, or a window of the padded image), flip,
+    then paste the CutMix box or blend the MixUp partner.
+
+    ``fill``: [1, C, 1, 1] value of a black pixel in x's space (x is normalized: normalize(0)) for the
+    pad-and-crop border, as torchvision pads before normalizing; None pads with 0."""
     n, _, height, width = x.shape
-    boxes = torch.from_numpy(params.boxes.astype(np.float32)).to(x.device)
-    rois = torch.stack([torch.arange(n, dtype=torch.float32, device=x.device), boxes[:, 1], boxes[:, 0],
-                        boxes[:, 1] + boxes[:, 3], boxes[:, 0] + boxes[:, 2]], dim=1)
-    out = roi_align(x, rois, output_size=(height, width), spatial_scale=1.0, sampling_ratio=1, aligned=True)
+    if params.pad:
+        out = _pad_crop(x, params.boxes, params.pad, fill)
+    else:
+        boxes = torch.from_numpy(params.boxes.astype(np.float32)).to(x.device)
+        rois = torch.stack([torch.arange(n, dtype=torch.float32, device=x.device), boxes[:, 1], boxes[:, 0],
+                            boxes[:, 1] + boxes[:, 3], boxes[:, 0] + boxes[:, 2]], dim=1)
+        out = roi_align(x, rois, output_size=(height, width), spatial_scale=1.0, sampling_ratio=1, aligned=True)
     flips = torch.from_numpy(params.flips).to(x.device).view(-1, 1, 1, 1)
     out = torch.where(flips, out.flip(-1), out)
     if params.cutmix_partner is not None:
         top, bottom, left, right = params.cutmix_box
         partner = torch.from_numpy(params.cutmix_partner).to(x.device)
         out[:, :, top:bottom, left:right] = out[partner, :, top:bottom, left:right]
+    if params.mixup_partner is not None:
+        partner = torch.from_numpy(params.mixup_partner).to(x.device)
+        out = params.mixup_lam * out + (1.0 - params.mixup_lam) * out[partner]
     return out
+
+
+def _pad_crop(x: torch.Tensor, boxes: np.ndarray, pad: int, fill: Optional[torch.Tensor]) -> torch.Tensor:
+    """Each image's [top:top+h, left:left+w] window of x padded by ``pad`` per side (one gather)."""
+    n, channels, height, width = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    if fill is not None:
+        border = F.pad(torch.zeros(1, 1, height, width, dtype=torch.bool, device=x.device), (pad,) * 4, value=True)
+        padded = torch.where(border, fill.to(x).reshape(1, channels, 1, 1), padded)
+    corner = torch.from_numpy(boxes[:, :2].astype(np.int64)).to(x.device)
+    rows = (corner[:, 0, None] + torch.arange(height, device=x.device)).view(n, 1, height, 1)
+    cols = (corner[:, 1, None] + torch.arange(width, device=x.device)).view(n, 1, 1, width)
+    flat = padded.flatten(2)  # [n, C, (H + 2p) * (W + 2p)]
+    index = (rows * (width + 2 * pad) + cols).expand(n, channels, height, width).flatten(2)
+    return flat.gather(2, index).view(n, channels, height, width)

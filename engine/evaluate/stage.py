@@ -92,7 +92,11 @@ def make_recipe(cfg: EvaluateConfig, bundle: DataBundle, epochs: Optional[int] =
     return StudentRecipe(epochs=epochs or cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                          weight_decay=cfg.weight_decay, temperature=cfg.temperature, loss=cfg.loss,
                          crop_scale=scale, flip=flip, cutmix_prob=cfg.cutmix_prob,
-                         cutmix_alpha=cfg.cutmix_alpha, eval_every=cfg.eval_every, workers=cfg.workers)
+                         cutmix_alpha=cfg.cutmix_alpha, eval_every=cfg.eval_every, workers=cfg.workers,
+                         crop=cfg.crop, crop_padding=cfg.crop_padding, mix=cfg.mix, mixup_alpha=cfg.mixup_alpha,
+                         optimizer=cfg.optimizer, momentum=cfg.momentum, decay_norm_and_bias=cfg.decay_norm_and_bias,
+                         warmup_epochs=min(cfg.warmup_epochs, (epochs or cfg.epochs) - 1), lr_floor=cfg.lr_floor,
+                         lr_per=cfg.lr_per, temperature_squared=cfg.temperature_squared)
 
 
 def student_model_config(cfg: EvaluateConfig, teacher_cfg: ModelConfig) -> ModelConfig:

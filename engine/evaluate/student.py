@@ -27,7 +27,7 @@ from engine.distributed import DistEnv, average_buffers
 from engine.artifacts import student as student_artifacts
 from engine.training.batches import batches_of, epoch_order, load_batches, to_unit_float
 from engine.training.metrics import evaluate_accuracy
-from engine.training.schedule import cosine_lr, set_lr
+from engine.training.schedule import set_lr
 from engine.training.trainers import wrap_ddp
 
 
@@ -47,6 +47,52 @@ class StudentRecipe:
     cutmix_alpha: float
     eval_every: int
     workers: int = 0
+    crop: str = "rrc"  # rrc | pad
+    crop_padding: int = 4
+    mix: str = "cutmix"  # cutmix | mixup | none
+    mixup_alpha: float = 0.8
+    optimizer: str = "adamw"  # adamw | sgd
+    momentum: float = 0.9
+    decay_norm_and_bias: bool = True
+    warmup_epochs: int = 0
+    lr_floor: float = 0.0
+    lr_per: str = "step"  # step | epoch
+    temperature_squared: bool = False
+
+    def sample(self, rng: np.random.Generator, batch: int, size: int) -> AugParams:
+        """One batch's augmentation parameters under this recipe (stored relabeling draws the same)."""
+        return sample_params(rng, batch, size, self.crop_scale, self.flip, self.cutmix_prob, self.cutmix_alpha,
+                             crop=self.crop, pad=self.crop_padding, mix=self.mix, mixup_alpha=self.mixup_alpha)
+
+
+def build_optimizer(student: nn.Module, recipe: StudentRecipe) -> torch.optim.Optimizer:
+    """AdamW or SGD; without ``decay_norm_and_bias`` only weights of 2+ dimensions (conv, linear) decay,
+    as the ImageNet script's param groups: BatchNorm scales/shifts and biases get weight decay 0."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    if recipe.decay_norm_and_bias:
+        groups = [{"params": params}]
+    else:
+        groups = [{"params": [p for p in params if p.ndim > 1]},
+                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    return torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
+
+
+def student_lr(recipe: StudentRecipe, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """Linear warm-up, then a cosine that reaches ``lr_floor`` x lr at the end: the first ``reach`` of a
+    cosine to 0, reach = arccos(2 floor - 1) / pi (1 for floor 0). Per step, or per epoch as the scripts'
+    LambdaLR (the CIFAR script's 0.5 (1 + cos(pi e / 600)) over 200 epochs is floor 0.75)."""
+    if recipe.lr_per == "epoch":
+        position, total, warmup = epoch, recipe.epochs, recipe.warmup_epochs
+    else:
+        position, total = epoch * steps_per_epoch + step, recipe.epochs * steps_per_epoch
+        warmup = recipe.warmup_epochs * steps_per_epoch
+    if position < warmup:
+        return recipe.lr * (position + 1) / warmup
+    progress = (position - warmup) / max(1, total - warmup)
+    reach = math.acos(2 * recipe.lr_floor - 1) / math.pi
+    return 0.5 * recipe.lr * (1 + math.cos(math.pi * progress * reach))
 
 
 @dataclass
@@ -76,6 +122,8 @@ class _Run:
     world: int
     steps_per_epoch: int
     image_size: int
+    fill: Optional[torch.Tensor] = None
+    """A black pixel, normalized: the pad-and-crop border."""
 
 
 def train_student(student: nn.Module, train_set: Dataset, test_set: Dataset, normalize: Callable,
@@ -84,7 +132,7 @@ def train_student(student: nn.Module, train_set: Dataset, test_set: Dataset, nor
                   checkpoint: Optional[Path] = None, progress: bool = True,
                   desc: str = "student", dist: Optional[DistEnv] = None, test_loader=None,
                   fingerprint: Optional[dict] = None) -> StudentResult:
-    """AdamW + per-step cosine lr; soft labels online from ``teacher`` or from ``stored_labels``.
+    """AdamW or SGD + cosine lr (``student_lr``); soft labels online from ``teacher`` or from ``stored_labels``.
 
     With world size W > 1 (``dist``) every rank loads and augments the same full batch, keeps its
     positions r, r+W, ... and scales its mean loss by its share, so DDP's gradient average equals
@@ -100,11 +148,13 @@ def train_student(student: nn.Module, train_set: Dataset, test_set: Dataset, nor
     torch.manual_seed(seed)
     student = student.to(device)
     run = _Run(student=student, model=wrap_ddp(student, dist) if world > 1 else student,
-               optimizer=torch.optim.AdamW(student.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay),
+               optimizer=build_optimizer(student, recipe),
                recipe=recipe, normalize=normalize, device=device, seed=seed,
                teacher=teacher.to(device).eval() if teacher is not None else None, stored_labels=stored_labels,
                rank=rank, world=world, steps_per_epoch=math.ceil(len(train_set) / recipe.batch_size),
                image_size=train_set[0][0].shape[-1])
+    if recipe.crop == "pad":
+        run.fill = normalize(torch.zeros(1, train_set[0][0].shape[0], 1, 1, device=device))
     history: list[dict] = []
     start_epoch = 0
     state = student_artifacts.load_state(checkpoint, fingerprint) if checkpoint is not None else None
@@ -153,11 +203,10 @@ def _train_epoch(run: _Run, train_set: Dataset, epoch: int) -> tuple[dict, int]:
     losses, seen, lr = [], 0, run.recipe.lr
     batches = load_batches(train_set, batches_of(order, run.recipe.batch_size), run.recipe.workers)
     for step, (images, labels) in enumerate(batches):
-        lr = cosine_lr(epoch * run.steps_per_epoch + step, run.recipe.epochs * run.steps_per_epoch, run.recipe.lr)
+        lr = student_lr(run.recipe, epoch, step, run.steps_per_epoch)
         set_lr(run.optimizer, lr)
-        params = step_params[step] if step_params is not None else sample_params(
-            step_rng(run.seed, epoch, step), len(labels), run.image_size, run.recipe.crop_scale,
-            run.recipe.flip, run.recipe.cutmix_prob, run.recipe.cutmix_alpha)
+        params = step_params[step] if step_params is not None else run.recipe.sample(
+            step_rng(run.seed, epoch, step), len(labels), run.image_size)
         loss = _train_step(run, to_unit_float(images), labels, params, stored, step)
         if loss is not None:
             losses.append(loss)
@@ -169,11 +218,11 @@ def _train_step(run: _Run, images: torch.Tensor, labels: torch.Tensor, params: A
                 stored: Optional[dict], step: int) -> Optional[float]:
     """One optimizer step on this rank's share of the batch; returns its loss (None: empty share)."""
     rank, world = run.rank, run.world
-    x = apply_params(run.normalize(images.to(run.device)), params)
+    x = apply_params(run.normalize(images.to(run.device)), params, run.fill)
     labels = labels.to(run.device)
     partner = None
-    if params.cutmix_partner is not None:
-        partner = labels[torch.from_numpy(params.cutmix_partner).to(run.device)]
+    if params.partner is not None:  # CutMix or MixUp
+        partner = labels[torch.from_numpy(params.partner).to(run.device)]
     full = len(labels)
     if world > 1:  # this rank's share of the batch (partners were looked up in the whole batch)
         x, labels = x[rank::world], labels[rank::world]
@@ -182,7 +231,7 @@ def _train_step(run: _Run, images: torch.Tensor, labels: torch.Tensor, params: A
     if len(labels) == 0:  # a last batch smaller than the world leaves some ranks nothing
         loss = logits.sum() * 0.0
     elif run.recipe.loss == "hard":
-        loss = (mixed_cross_entropy(logits, labels, partner, params.cutmix_lam) if partner is not None
+        loss = (mixed_cross_entropy(logits, labels, partner, params.lam) if partner is not None
                 else F.cross_entropy(logits, labels))
     else:
         if stored is not None:
@@ -191,6 +240,8 @@ def _train_step(run: _Run, images: torch.Tensor, labels: torch.Tensor, params: A
             with torch.no_grad():
                 target = run.teacher(x)
         loss = soft_label_kl(logits, target, run.recipe.temperature)
+        if run.recipe.temperature_squared:
+            loss = loss * run.recipe.temperature ** 2
     run.optimizer.zero_grad(set_to_none=True)
     # DDP averages over ranks; weighting by the share makes it the full batch's mean
     (loss * (len(labels) * world / full) if world > 1 else loss).backward()

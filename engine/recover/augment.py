@@ -1,4 +1,4 @@
-"""Per-step augmentation of the whole synthetic batch: random resized crop, flip, roll.
+"""Per-step augmentation of the whole synthetic batch: random resized crop (optional), flip, roll.
 
 One set of parameters per step for the whole batch (as SRe2L does), drawn from a CPU generator
 so a batch's images are the same on any device and in any process.
@@ -63,13 +63,16 @@ def crop_resize(x: torch.Tensor, top: int, left: int, height: int, width: int, o
 
 
 def augment_batch(x: torch.Tensor, aug: StepAugment, generator: torch.Generator) -> torch.Tensor:
-    """Differentiable crop-resize + optional flip + roll of x [N,C,H,W]."""
-    uniforms = torch.rand(1, CROP_UNIFORMS, generator=generator, dtype=torch.float64).numpy()
-    top, left, h, w = crop_boxes(uniforms, x.shape[-1], aug.crop_scale)[0].tolist()
-    out = crop_resize(x, top, left, h, w, aug.image_size)
+    """Differentiable crop-resize (unless ``aug.crop`` is off) + optional flip + roll of x [N,C,H,W]."""
+    out = x
+    if aug.crop:
+        uniforms = torch.rand(1, CROP_UNIFORMS, generator=generator, dtype=torch.float64).numpy()
+        top, left, h, w = crop_boxes(uniforms, x.shape[-1], aug.crop_scale)[0].tolist()
+        out = crop_resize(x, top, left, h, w, aug.image_size)
     if aug.flip and bool(torch.rand(1, generator=generator) < 0.5):
         out = out.flip(-1)
     if aug.jitter > 0:
-        shifts = torch.randint(-aug.jitter, aug.jitter + 1, (2,), generator=generator).tolist()
+        low = 0 if aug.jitter_mode == "forward" else -aug.jitter
+        shifts = torch.randint(low, aug.jitter + 1, (2,), generator=generator).tolist()
         out = torch.roll(out, shifts=shifts, dims=(-2, -1))
     return out

@@ -36,12 +36,18 @@ class RecoverConfig:
     real_init_lr: Optional[float] = 0.05
     """Pixel lr with init=real (None: ``lr``); real images need smaller steps than noise
     (MNIST-5k, IPC 10 student top-1: lr 0.25 -> 78.3%, 0.05 -> 87.3%)."""
+    crop: bool = True
+    """Random resized crop each step; false: none (SC-DD's CIFAR-100 script comments its crops out and
+    only rolls)."""
     crop_scale: Optional[list[float]] = None
     """Random-resized-crop scale range; None: (0.08, 1) for >=64 px images, (0.5, 1) below."""
     flip: Optional[bool] = None
     """Random horizontal flip each step; None: on for RGB, off for gray (digits are not mirror-symmetric)."""
     jitter: Optional[int] = None
     """Random roll of up to this many pixels; None: 32 at >=224 px, 4 at 32 px, image_size//8 below."""
+    jitter_mode: str = "symmetric"
+    """symmetric: shifts in [-jitter, jitter] (SRe2L's Tiny-ImageNet script) | forward: [0, jitter]
+    (SC-DD's scripts: random.randint(0, jitter); a roll wraps around, so this is a narrower spread)."""
     teachers: list[str] = field(default_factory=lambda: ["ssl", "supervised"])
     """Which squeeze teachers of this run dir to synthesize from (ignored when teacher=PATH is set)."""
     backend: str = "auto"
@@ -76,6 +82,8 @@ class RecoverConfig:
         if self.crop_scale is not None and not (len(self.crop_scale) == 2
                                                 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1):
             raise ConfigError(f"recover.crop_scale={self.crop_scale} must be [low, high] in (0, 1]")
+        if self.jitter_mode not in ("symmetric", "forward"):
+            raise ConfigError(f"recover.jitter_mode={self.jitter_mode!r} is not one of symmetric|forward")
         if self.backend not in ("auto", "triton", "torch"):
             raise ConfigError(f"recover.backend={self.backend!r} is not one of auto|triton|torch")
         if self.image_format not in ("png", "jpeg") or not 90 <= self.jpeg_quality <= 100:
@@ -94,6 +102,8 @@ class StepAugment:
     crop_scale: tuple[float, float]
     flip: bool
     jitter: int
+    crop: bool = True
+    jitter_mode: str = "symmetric"
 
 
 def resolve_augment(cfg: RecoverConfig, image_size: int, channels: int) -> StepAugment:
@@ -110,4 +120,5 @@ def resolve_augment(cfg: RecoverConfig, image_size: int, channels: int) -> StepA
         jitter = 4
     else:
         jitter = max(1, image_size // 8)
-    return StepAugment(image_size=image_size, crop_scale=scale, flip=flip, jitter=jitter)
+    return StepAugment(image_size=image_size, crop_scale=scale, flip=flip, jitter=jitter, crop=cfg.crop,
+                       jitter_mode=cfg.jitter_mode)

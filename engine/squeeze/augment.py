@@ -81,6 +81,12 @@ def weak_image_spec(image_size: int, flip: bool = True) -> AugmentSpec:
                        jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)
 
 
+def probe_image_spec(image_size: int, flip: bool = True) -> AugmentSpec:
+    """The linear probe's training views (MoCo's lincls): RandomResizedCrop (0.08-1) + flip, no color."""
+    return AugmentSpec(image_size=image_size, crop_scale=(0.08, 1.0), flip=flip, jitter_strength=0.0,
+                       jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)
+
+
 SMALL_IMAGE_MAX = 32
 """Largest side that gets the small-image recipe."""
 

@@ -1,9 +1,12 @@
 """Linear probe: a frozen, eval-mode backbone and one trainable linear layer on pooled features.
 
 The backbone runs in eval mode under no_grad, so BN running statistics (the quantity SC-DD
-matches during recovery) are never touched. Because nothing in the backbone changes and the
-probe uses no augmentation, features are computed once for the train and test splits and the
-linear layer trains on those tensors: 100 probe epochs cost about one forward pass.
+matches during recovery) are never touched. Two ways to feed the layer (``views``):
+  augmented: every epoch, random-resized-crop + flip views of the training images (MoCo's lincls, which
+    SC-DD's probe follows) go through the frozen backbone; the crops come from the squeeze stage's
+    batched view code (engine.squeeze.augment), so they are cut as the pretraining views are.
+  features: no augmentation, so features are computed once for the train split and the linear layer
+    trains on those tensors: 100 probe epochs cost about one forward pass (small built-in data).
 Optionally features are standardized with train-split mean/std (MAE's probe does the same with
 an affine-free BatchNorm); that affine map is folded into ``model.fc`` afterwards, so the saved
 classifier works on raw features and ``model(x)`` gives the reported accuracy.
@@ -11,7 +14,7 @@ classifier works on raw features and ``model(x)`` gives the reported accuracy.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +22,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from engine.models import ClassifierNet
+from engine.squeeze.augment import AugmentSpec, augment_batch
 from engine.training.batches import batches_of, load_batches
 from engine.training.metrics import evaluate_accuracy
 from engine.training.schedule import cosine_lr
@@ -58,31 +62,43 @@ def step_or_cosine_lr(epoch: int, epochs: int, base_lr: float, schedule: str,
     return base_lr * 0.1 ** sum(epoch >= round(m * epochs) for m in milestones)
 
 
+PROBE_VIEWS = ("augmented", "features")
+
+
 def linear_probe(model: ClassifierNet, train: Dataset, test: Dataset,
                  normalize: Callable[[torch.Tensor], torch.Tensor], *, epochs: int, batch_size: int,
                  lr: float, momentum: float, weight_decay: float, schedule: str,
                  milestones: tuple[float, ...], standardize: bool, device: torch.device,
                  generator: torch.Generator, workers: int = 0, progress: bool = True,
-                 loaders=None) -> tuple[list[dict], dict]:
+                 loaders=None, views: str = "features", augment: Optional[AugmentSpec] = None
+                 ) -> tuple[list[dict], dict]:
     """Fit ``model.fc`` on frozen features; returns (per-epoch rows, final metrics).
 
     The backbone is left in eval mode with requires_grad unchanged; only ``model.fc`` is written.
-    ``loaders``: optional {"train": BatchLoader, "test": BatchLoader} (normalized eval batches)
-    that replace ``train``/``test`` for feature extraction (loader=ffcv|dali).
+    ``views``: augmented (``augment``'s crop + flip views of ``train`` each epoch; standardize must be
+    off) | features (precomputed, unaugmented). ``loaders``: optional {"train": BatchLoader, "test":
+    BatchLoader} (normalized eval batches) that replace ``train``/``test`` for feature extraction
+    (loader=ffcv|dali; augmented views read ``train`` itself).
     """
+    if views not in PROBE_VIEWS or (views == "augmented" and (augment is None or standardize)):
+        raise ValueError(f"probe views={views!r} must be one of {PROBE_VIEWS}; augmented needs an AugmentSpec "
+                         f"and no standardization")
     loaders = loaders or {}
     started = time.perf_counter()
     model.to(device).eval()
-    train_x, train_y = extract_features(model, train, normalize, device, workers=workers,
-                                        loader=loaders.get("train"))
-    feature_seconds = time.perf_counter() - started
-    mean = train_x.mean(0) if standardize else torch.zeros(train_x.shape[1])
-    std = train_x.std(0).clamp_min(1e-6) if standardize else torch.ones(train_x.shape[1])
-    z = (train_x - mean) / std
     num_classes = model.fc.out_features
+    if views == "features":
+        train_x, train_y = extract_features(model, train, normalize, device, workers=workers,
+                                            loader=loaders.get("train"))
+        dim, where = train_x.shape[1], torch.device("cpu")
+    else:
+        dim, where = model.feature_dim, device
+    feature_seconds = time.perf_counter() - started if views == "features" else 0.0
+    mean = train_x.mean(0) if standardize else torch.zeros(dim)
+    std = train_x.std(0).clamp_min(1e-6) if standardize else torch.ones(dim)
     # MoCo's lincls init: weights N(0, 0.01), bias 0.
-    weight = (torch.randn(num_classes, z.shape[1], generator=generator) * 0.01).requires_grad_(True)
-    bias = torch.zeros(num_classes, requires_grad=True)
+    weight = (torch.randn(num_classes, dim, generator=generator) * 0.01).to(where).requires_grad_(True)
+    bias = torch.zeros(num_classes, device=where, requires_grad=True)
     optimizer = torch.optim.SGD([weight, bias], lr=lr, momentum=momentum, weight_decay=weight_decay)
     rows = []
     bar = tqdm(range(epochs), desc="probe", disable=not progress, leave=False)
@@ -90,27 +106,51 @@ def linear_probe(model: ClassifierNet, train: Dataset, test: Dataset,
         epoch_lr = step_or_cosine_lr(epoch, epochs, lr, schedule, milestones)
         for group in optimizer.param_groups:
             group["lr"] = epoch_lr
-        order = torch.randperm(len(z), generator=generator)
-        total, correct = 0.0, 0
-        for start in range(0, len(z), batch_size):
-            index = order[start:start + batch_size]
-            logits = F.linear(z[index], weight, bias)
-            loss = F.cross_entropy(logits, train_y[index])
+        if views == "features":
+            batches = _feature_batches((train_x - mean) / std, train_y, batch_size, generator)
+        else:
+            batches = _view_batches(model, train, normalize, augment, batch_size, device, generator, workers)
+        total, correct, count = 0.0, 0, 0
+        for z, y in batches:
+            logits = F.linear(z, weight, bias)
+            loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += loss.item() * len(index)
-            correct += int((logits.argmax(1) == train_y[index]).sum())
-        rows.append({"epoch": epoch + 1, "loss": total / len(z), "lr": epoch_lr, "train_top1": correct / len(z)})
+            total += loss.item() * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            count += len(y)
+        rows.append({"epoch": epoch + 1, "loss": total / count, "lr": epoch_lr, "train_top1": correct / count})
         bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}", lr=f"{epoch_lr:.4g}")
     with torch.no_grad():
-        folded = weight / std  # fc(x) = W ((x - mean) / std) + b
+        folded = weight.cpu() / std  # fc(x) = W ((x - mean) / std) + b
         model.fc.weight.copy_(folded.to(model.fc.weight))
-        model.fc.bias.copy_((bias - folded @ mean).to(model.fc.bias))
+        model.fc.bias.copy_((bias.cpu() - folded @ mean).to(model.fc.bias))
     test_top1 = evaluate_top1(model, test, normalize, device, workers=workers, loader=loaders.get("test"))
     final = {"probe_top1": test_top1, "probe_train_top1": rows[-1]["train_top1"] if rows else None,
-             "probe_seconds": time.perf_counter() - started, "probe_feature_seconds": feature_seconds}
+             "probe_seconds": time.perf_counter() - started, "probe_feature_seconds": feature_seconds,
+             "probe_views": views}
     return rows, final
+
+
+def _feature_batches(z: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                     generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    order = torch.randperm(len(z), generator=generator)
+    for start in range(0, len(z), batch_size):
+        index = order[start:start + batch_size]
+        yield z[index], labels[index]
+
+
+def _view_batches(model: ClassifierNet, train: Dataset, normalize: Callable[[torch.Tensor], torch.Tensor],
+                  spec: AugmentSpec, batch_size: int, device: torch.device, generator: torch.Generator,
+                  workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of (frozen eval-mode features of fresh augmented views, labels), on ``device``."""
+    order = torch.randperm(len(train), generator=generator)
+    for images, labels in load_batches(train, batches_of(order, batch_size), workers):
+        views = augment_batch(images.to(device, non_blocking=True), spec, generator)
+        with torch.no_grad():
+            features = model.features(normalize(views)).float()
+        yield features, labels.long().to(device)
 
 
 def evaluate_top1(model: ClassifierNet, dataset: Dataset, normalize: Callable[[torch.Tensor], torch.Tensor],

@@ -7,6 +7,7 @@ state. ``loss(views, labels, generator)`` returns the batch loss; views are norm
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -65,9 +66,14 @@ class MoCoSettings(TrainSettings):
     Paper: lr 0.03-0.06, batch 256, 200 epochs. (name, epochs, batch_size, lr: TrainSettings'.)"""
 
     temperature: float = 0.2
-    proj_hidden_dim: int = 512
+    proj_hidden_dim: Optional[int] = 512
+    """Hidden width of the MLP head; None: the backbone's feature width (MoCo v2's head: 2048 for
+    ResNet-50, 512 for ResNet-18)."""
     proj_dim: int = 128
-    queue_size: int = 4096
+    queue_size: Optional[int] = None
+    """Negatives K. It must stay below the training split, else the queue holds every image's own key of
+    the previous epoch as a negative. None: 4096, or for smaller splits the largest power of two below
+    the split (MNIST-5k: 2048)."""
     key_momentum: float = 0.99
     """MoCo's m for the key encoder (0.999 in the paper's 200-epoch ImageNet recipe; the few steps
     here need faster keys)."""
@@ -78,12 +84,31 @@ class MoCoSettings(TrainSettings):
         super().__post_init__()
         if self.temperature <= 0:
             raise ConfigError(f"ssl.temperature={self.temperature} must be > 0")
-        if self.queue_size < 1 or self.proj_dim < 1 or self.proj_hidden_dim < 1:
+        if (self.queue_size is not None and self.queue_size < 1) or self.proj_dim < 1 or (
+                self.proj_hidden_dim is not None and self.proj_hidden_dim < 1):
             raise ConfigError("ssl.queue_size, ssl.proj_dim and ssl.proj_hidden_dim must be >= 1")
         if not 0 <= self.key_momentum < 1:
             raise ConfigError(f"ssl.key_momentum={self.key_momentum} must be in [0, 1)")
         if not 1 <= self.shuffle_groups <= self.batch_size // 2:
             raise ConfigError(f"ssl.shuffle_groups={self.shuffle_groups} must be in [1, batch_size/2]")
+
+
+DEFAULT_QUEUE = 4096
+
+
+def fit_to_data(settings: TrainSettings, train_size: int) -> TrainSettings:
+    """``settings`` with values left to the data resolved (MoCo's queue_size None)."""
+    if isinstance(settings, MoCoSettings) and settings.queue_size is None:
+        queue = DEFAULT_QUEUE if train_size > DEFAULT_QUEUE else 2 ** max(0, (train_size - 1).bit_length() - 1)
+        return dataclasses.replace(settings, queue_size=queue)
+    return settings
+
+
+def check_queue(settings: TrainSettings, train_size: int) -> None:
+    """A MoCo queue as large as the training split would hold each image's own older key as a negative."""
+    if isinstance(settings, MoCoSettings) and settings.queue_size is not None and settings.queue_size >= train_size:
+        raise ConfigError(f"ssl.queue_size={settings.queue_size} must be below the {train_size} training images "
+                          f"(the queue would hold each image's own key as a negative); lower it or set null")
 
 
 @dataclass
@@ -133,12 +158,12 @@ class MoCo(nn.Module):
     def __init__(self, model: ClassifierNet, s: MoCoSettings, generator: torch.Generator) -> None:
         super().__init__()
         self.model = model
-        self.head = projection_head(model.feature_dim, s.proj_hidden_dim, s.proj_dim)
+        self.head = projection_head(model.feature_dim, s.proj_hidden_dim or model.feature_dim, s.proj_dim)
         self.key_backbone = copy.deepcopy(model.backbone)
         self.key_head = copy.deepcopy(self.head)
         for p in [*self.key_backbone.parameters(), *self.key_head.parameters()]:
             p.requires_grad_(False)
-        queue = torch.randn(s.queue_size, s.proj_dim, generator=generator)
+        queue = torch.randn(s.queue_size or DEFAULT_QUEUE, s.proj_dim, generator=generator)
         self.register_buffer("queue", F.normalize(queue, dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self.temperature = s.temperature

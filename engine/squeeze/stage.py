@@ -36,12 +36,12 @@ from engine.io import save_json, save_text
 from engine.loaders.common import LoaderSpec
 from engine.loaders.settings import LoaderConfig, parse_loader
 from engine.models import ClassifierNet, build_model
-from engine.squeeze.augment import spec_for
+from engine.squeeze.augment import probe_image_spec, spec_for
 from engine.squeeze.bn_stats import bn_variance_summary, plot_bn_variance
 from engine.distributed import average_buffers, barrier
 from engine.squeeze.pretrain import Interrupted, Schedule, rank_state_path, train
 from engine.squeeze.probe import evaluate_top1, linear_probe
-from engine.squeeze.ssl import SupervisedSettings, TrainSettings, method_spec
+from engine.squeeze.ssl import SupervisedSettings, TrainSettings, check_queue, fit_to_data, method_spec
 from engine.training.trainers import DeepSpeedSettings, TrainerConfig, deepspeed_config, resolve_trainer
 
 log = logging.getLogger("scdd.squeeze")
@@ -67,8 +67,14 @@ class ProbeConfig:
     """Standardize features with the train mean/std (folded into the saved fc afterwards)."""
     init_from: Optional[str] = None
     """A released linear head (file) for the backbone of ``ssl.init_from``: the probe is skipped."""
+    views: str = "features"
+    """augmented: random-resized-crop + flip views of the training images each epoch (the paper's probe) |
+    features: unaugmented features computed once (fast; the small built-in data)."""
 
     def __post_init__(self) -> None:
+        if self.views not in ("augmented", "features") or (self.views == "augmented" and self.standardize):
+            raise ConfigError(f"squeeze.probe.views={self.views!r} must be augmented|features; augmented "
+                              f"needs squeeze.probe.standardize=false")
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError(f"squeeze.probe needs epochs >= 0, batch_size >= 1, lr > 0; got epochs="
                               f"{self.epochs}, batch_size={self.batch_size}, lr={self.lr}")
@@ -162,6 +168,7 @@ def validate(ctx: RunContext) -> None:
             _read_import(ctx, cfg, kind, settings.init_from)
             continue
         where = "ssl" if kind == "ssl" else "squeeze.supervised"
+        check_queue(settings, len(bundle.train))
         if len(bundle.train) < settings.batch_size:
             raise ConfigError(f"{where}.batch_size={settings.batch_size} exceeds the {len(bundle.train)} "
                               f"training images; lower {where}.batch_size")
@@ -186,6 +193,7 @@ def run(ctx: RunContext) -> dict:
         if settings.init_from:
             results[kind] = _import_teacher(ctx, cfg, kind, settings.init_from, loader)
             continue
+        settings = fit_to_data(settings, len(ctx.data.train))
         if cfg.epochs is not None:
             settings = dataclasses.replace(settings, epochs=cfg.epochs,
                                            warmup_epochs=min(settings.warmup_epochs, cfg.epochs - 1))
@@ -420,7 +428,8 @@ def _probe(ctx: RunContext, cfg: SqueezeConfig, model,
                         batch_size=p.batch_size, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay,
                         schedule=p.schedule, milestones=tuple(p.milestones), standardize=p.standardize,
                         device=ctx.dist.device, generator=generator, workers=cfg.workers,
-                        progress=ctx.run.progress, loaders=loaders)
+                        progress=ctx.run.progress, loaders=loaders, views=p.views,
+                        augment=probe_image_spec(ctx.data.image_size, _flip_for(cfg, ctx.data.channels)))
 
 
 def _probe_only(ctx: RunContext, cfg: SqueezeConfig, loader: Optional[LoaderConfig] = None) -> dict:
