@@ -43,10 +43,11 @@ def build_recover_config(ctx: RunContext, **overrides) -> RecoverConfig:
 
 
 def validate(ctx: RunContext, *, teachers_from_squeeze: Optional[Sequence[str]] = None, **overrides) -> None:
-    """Every check recover makes before synthesis, without synthesizing: its settings, ipc against the batch
-    plan, the process count and (recover.init=real) the smallest training class, and the teachers it will
-    read (they exist, are teacher checkpoints and fit model= and data=). ``teachers_from_squeeze``: the
-    teacher kinds an earlier stage of this run will write (the pipeline), so they need not exist yet."""
+    """Every check recover makes before synthesis, without synthesizing: its settings, a model with BN layers
+    to match, ipc against the batch plan, the process count and (recover.init=real) the smallest training
+    class, and the teachers it will read (they exist, are teacher checkpoints and fit model= and data=).
+    ``teachers_from_squeeze``: the teacher kinds an earlier stage of this run will write (the pipeline), so
+    they need not exist yet."""
     cfg = build_recover_config(ctx, **overrides)
     require_bn_teacher(ctx.model_cfg)
     bundle = ctx.data

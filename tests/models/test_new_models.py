@@ -85,7 +85,8 @@ def test_vit_tokens_follow_the_patch_rule(size):
     patch = patch_size_for(size)
     assert vit.patch_embed.kernel_size == vit.patch_embed.stride == (patch, patch)
     assert vit.pos_embed.shape == (1, (size // patch) ** 2, 192)
-    assert (len(vit.blocks), vit.blocks[0].attn.heads, vit.blocks[0].mlp[0].out_features, vit.out_dim) == (12, 3, 768, 192)
+    shape = (len(vit.blocks), vit.blocks[0].attn.heads, vit.blocks[0].mlp[0].out_features, vit.out_dim)
+    assert shape == (12, 3, 768, 192)
     with pytest.raises(ValueError, match=f"built for {size}px"):
         vit(torch.zeros(1, 3, size + patch, size + patch))
 
