@@ -91,6 +91,20 @@ def test_vit_tokens_follow_the_patch_rule(size):
         vit(torch.zeros(1, 3, size + patch, size + patch))
 
 
+def test_vit_attention_is_multi_head_softmax_attention():
+    """Each head attends over all tokens with softmax(q k^T / sqrt(64)) on its own 64 of the 192 channels."""
+    torch.manual_seed(0)
+    attn = build_model(ModelConfig(name="vit_tiny"), 10, 1, 8).backbone.blocks[0].attn
+    x = torch.randn(2, 5, 192)
+    q, k, v = attn.qkv(x).split(192, dim=-1)
+    heads = []
+    for h in range(3):
+        cols = slice(64 * h, 64 * (h + 1))
+        weights = torch.softmax(q[..., cols] @ k[..., cols].transpose(1, 2) / 8.0, dim=-1)
+        heads.append(weights @ v[..., cols])
+    assert torch.allclose(attn(x), attn.proj(torch.cat(heads, dim=-1)), atol=1e-5)
+
+
 def test_new_models_are_model_options(compose):
     assert set(NEW_MODELS) <= set(MODEL_PRESETS) and set(MODEL_PRESETS) == set(MODELS)
     for name in NEW_MODELS:
