@@ -1,4 +1,4 @@
-"""ResNet backbones: the CIFAR-style ResNet-18 and torchvision's ImageNet ResNet-18/50."""
+"""ResNet backbones: torchvision's ImageNet ResNet-18/50/101 and their small-image (CIFAR-stem) variants."""
 from __future__ import annotations
 
 import torchvision
@@ -22,9 +22,15 @@ def resnet_imagenet(arch: str, in_channels: int) -> nn.Module:
     return _strip_head(net)
 
 
-def resnet18_cifar(in_channels: int) -> nn.Module:
-    """ResNet-18 for 32x32 inputs: 3x3 stride-1 stem and no max-pool, as in the CIFAR literature."""
-    net = torchvision.models.resnet18(weights=None)
+def resnet_cifar(arch: str, in_channels: int) -> nn.Module:
+    """torchvision ResNet ``arch`` for 32x32 inputs: 3x3 stride-1 stem and no max-pool, as in the CIFAR
+    literature, so the four stages see 32, 16, 8 and 4 px instead of 8, 4, 2 and 1."""
+    net = getattr(torchvision.models, arch)(weights=None)
     net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
     net.maxpool = nn.Identity()
     return _strip_head(net)
+
+
+def resnet18_cifar(in_channels: int) -> nn.Module:
+    """ResNet-18 with the small-image stem (see ``resnet_cifar``)."""
+    return resnet_cifar("resnet18", in_channels)

@@ -10,9 +10,19 @@ from engine.config import from_mapping
 from engine.context import RunContext
 from engine.distributed import task_share
 from engine.errors import ConfigError
+from engine.models import ModelConfig, has_batchnorm
 from engine.recover.distill import merge_distilled_set, recover_distilled_set
 from engine.recover.plan import batches_for_rank, plan_batches
 from engine.recover.settings import RecoverConfig
+
+
+def require_bn_teacher(model_cfg: ModelConfig) -> None:
+    """Recover matches the teacher's BatchNorm statistics; a model without BN layers has none to match."""
+    if not has_batchnorm(model_cfg):
+        raise ConfigError(f"model={model_cfg.name} has no BatchNorm layers, so it cannot be the recover teacher "
+                          f"(recover matches the teacher's BN statistics); use a BN model as the teacher "
+                          f"(e.g. model=resnet18 or model=convnet) and train {model_cfg.name} as a student "
+                          f"with evaluate.student={model_cfg.name}")
 
 
 def requested_teachers(ctx: RunContext, cfg: RecoverConfig) -> list[Path]:
@@ -33,11 +43,13 @@ def build_recover_config(ctx: RunContext, **overrides) -> RecoverConfig:
 
 
 def validate(ctx: RunContext, *, teachers_from_squeeze: Optional[Sequence[str]] = None, **overrides) -> None:
-    """Every check recover makes before synthesis, without synthesizing: its settings, ipc against the batch
-    plan, the process count and (recover.init=real) the smallest training class, and the teachers it will
-    read (they exist, are teacher checkpoints and fit model= and data=). ``teachers_from_squeeze``: the
-    teacher kinds an earlier stage of this run will write (the pipeline), so they need not exist yet."""
+    """Every check recover makes before synthesis, without synthesizing: its settings, a model with BN layers
+    to match, ipc against the batch plan, the process count and (recover.init=real) the smallest training
+    class, and the teachers it will read (they exist, are teacher checkpoints and fit model= and data=).
+    ``teachers_from_squeeze``: the teacher kinds an earlier stage of this run will write (the pipeline), so
+    they need not exist yet."""
     cfg = build_recover_config(ctx, **overrides)
+    require_bn_teacher(ctx.model_cfg)
     bundle = ctx.data
     ipc = max(ctx.run.ipc)
     plan = plan_batches(bundle.num_classes, ipc, cfg.classes_per_batch, cfg.ipc_per_batch)
@@ -65,6 +77,7 @@ def validate(ctx: RunContext, *, teachers_from_squeeze: Optional[Sequence[str]] 
 
 def _teacher_sets(ctx: RunContext, cfg: RecoverConfig):
     """For each requested teacher: (its model, (name, set folder, teacher digest, index meta))."""
+    require_bn_teacher(ctx.model_cfg)
     for path in requested_teachers(ctx, cfg):
         teacher, payload = load_teacher(path, ctx.model_cfg, ctx.data)
         name, source = payload["kind"], teacher_digest(payload)
