@@ -21,12 +21,9 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = ("+experiment=imagenet1k_ipc10", "device=cpu", "progress=false", "ipc=[1]", "data.image_size=224",
-        # teachers trained here, from scratch: nothing to download
-        "squeeze.teachers=[ssl,supervised]", "ssl.init_from=null", "squeeze.supervised.init_from=null",
-        "squeeze.probe.init_from=null",
-        "ssl.epochs=1", "ssl.batch_size=2", "ssl.queue_size=8", "ssl.shuffle_groups=1", "squeeze.workers=0",
-        "squeeze.probe.epochs=1", "squeeze.probe.batch_size=8", "squeeze.supervised.epochs=1",
-        "squeeze.supervised.batch_size=2",
+        # teachers imported, as users of the preset start: a MoCo v2 release file (the probe trains its head) and
+        # the preset's own torchvision:resnet18, read from a TORCH_HOME cache written by the fixture
+        "squeeze.workers=0", "squeeze.probe.epochs=1", "squeeze.probe.batch_size=8",
         "recover.iterations=2", "recover.classes_per_batch=3", "recover.real_init_pool=2",
         "evaluate.epochs=1", "evaluate.batch_size=2", "evaluate.workers=0", "evaluate.eval_every=1",
         "evaluate.full_data=false", "loader.num_workers=0")
@@ -41,7 +38,10 @@ def imagenet_run(tmp_path_factory, one_thread):
 
     root = tmp_path_factory.mktemp("imagenet")
     tree = make_imagenet_tree(root / "tree")
-    overrides = [*TINY, f"data.root={root / 'tree'}"]
+    moco = _released_teachers(root, len(DEFAULT_CLASSES))
+    overrides = [*TINY, f"data.root={root / 'tree'}", f"ssl.init_from={moco}"]
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TORCH_HOME", str(root / "torch"))  # torch.hub.get_dir() resolves torchvision:resnet18 there
 
     def run(*extra: str) -> dict:
         with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
@@ -49,7 +49,27 @@ def imagenet_run(tmp_path_factory, one_thread):
         return execute(cfg, root / "run")
 
     run()
-    return root, tree, run
+    yield root, tree, run
+    patch.undo()
+
+
+def _released_teachers(root: Path, classes: int) -> Path:
+    """A MoCo v2 release file (module.encoder_q.*, its MLP head) and torchvision:resnet18 in a TORCH_HOME cache,
+    both from random torchvision ResNet-18s (the supervised one with a head for this tree's classes)."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    ssl_net, supervised = torchvision.models.resnet18(), torchvision.models.resnet18(num_classes=classes)
+    moco = {f"module.encoder_q.{k}": v for k, v in ssl_net.state_dict().items() if not k.startswith("fc.")}
+    moco.update({"module.encoder_q.fc.0.weight": torch.zeros(512, 512), "module.encoder_q.fc.2.weight":
+                 torch.zeros(128, 512), "module.queue": torch.zeros(128, 16)})
+    path = root / "moco_v2_200ep_pretrain.pth.tar"
+    torch.save({"epoch": 200, "arch": "resnet18", "state_dict": moco}, path)
+    cache = root / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(supervised.state_dict(), cache / "resnet18-f37072fd.pth")
+    return path
 
 
 def test_the_tree_is_laid_out_like_imagenet(imagenet_run):
@@ -71,6 +91,9 @@ def test_the_preset_runs_every_stage_at_224_px(imagenet_run):
     report = json.loads((run_dir / "report.json").read_text())
     assert list(report["ipc"]["1"]) == [*OUR_ROWS, "random_real"]
     assert {"ssl_probe_top1", "supervised_top1"} <= set(report["teacher"])
+    for kind in ("ssl", "supervised"):  # imported: no pretraining epochs ran
+        metrics = json.loads((run_dir / "squeeze" / kind / "metrics.json").read_text())
+        assert metrics["pretrain"] == [] and metrics["final"]["epochs"] == 0
     index = json.loads((run_dir / "recover" / "ssl-noise" / "index.json").read_text())
     assert index["image_size"] == 224 and index["class_names"] == sorted(SYNSETS[c] for c in DEFAULT_CLASSES)
     with Image.open(run_dir / "recover" / "ssl-noise" / index["files"][0]) as img:
