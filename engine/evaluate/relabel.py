@@ -2,7 +2,9 @@
 
 For every image of an epoch, in the order the student sees them: its crop box, flip bit, CutMix
 partner, and the teacher's top-k logits on the augmented batch (fp16 values + int16 class
-indices). The files (engine.artifacts.soft_labels) replay the online labels for the same crops.
+indices) plus the log of its remaining mass at the recipe's temperature (fp32). The files
+(engine.artifacts.soft_labels, which states the semantics) replay the online labels for the same
+crops: exactly with k >= the class count, else top-k + the rest mass spread evenly (FKD).
 """
 from __future__ import annotations
 
@@ -42,15 +44,16 @@ def precompute_soft_labels(teacher: nn.Module, train_set, normalize: Callable, r
         if soft_labels.has_epoch(folder, epoch):
             continue
         order = epoch_order(seed, epoch, count)
-        boxes, flips, cutmix, values, indices = [], [], [], [], []
+        boxes, flips, cutmix, values, indices, rest = [], [], [], [], [], []
         for step, (images, _labels) in enumerate(load_batches(train_set, batches_of(order, recipe.batch_size),
                                                                recipe.workers)):
             params = sample_params(step_rng(seed, epoch, step), len(images), image_size, recipe.crop_scale,
                                    recipe.flip, recipe.cutmix_prob, recipe.cutmix_alpha)
-            logits = teacher(apply_params(normalize(to_unit_float(images.to(device))), params)).float()
-            top = logits.topk(min(topk, logits.shape[1]), dim=1)
-            values.append(top.values.to(store_dtype).cpu())
-            indices.append(top.indices.to(torch.int16).cpu())
+            logits = teacher(apply_params(normalize(to_unit_float(images.to(device))), params))
+            kept = soft_labels.compress(logits, topk, recipe.temperature, store_dtype)
+            values.append(kept["values"].cpu())
+            indices.append(kept["indices"].cpu())
+            rest.append(kept["rest"].cpu())
             boxes.append(params.boxes)
             flips.append(params.flips)
             cutmix.append(None if params.cutmix_partner is None else
@@ -58,13 +61,13 @@ def precompute_soft_labels(teacher: nn.Module, train_set, normalize: Callable, r
         soft_labels.save_epoch(folder, epoch, {
             "order": order.astype(np.int32), "boxes": np.concatenate(boxes), "flips": np.concatenate(flips),
             "cutmix": cutmix, "batch_size": recipe.batch_size, "values": torch.cat(values),
-            "indices": torch.cat(indices)})
+            "indices": torch.cat(indices), "rest": torch.cat(rest), "temperature": recipe.temperature})
     total = soft_labels.total_bytes(folder, recipe.epochs)
     return {"bytes": total, "bytes_per_image_epoch": total / (count * recipe.epochs)}
 
 
 def load_epoch_labels(folder: Path, epoch: int) -> dict:
-    """One epoch's order, per-step augmentation parameters and stored logits."""
+    """One epoch's order, per-step augmentation parameters and stored logits (with their rest mass)."""
     raw = soft_labels.load_epoch(folder, epoch)
     bs = raw["batch_size"]
     params = []
@@ -75,11 +78,12 @@ def load_epoch_labels(folder: Path, epoch: int) -> dict:
             p.cutmix_partner, p.cutmix_box, p.cutmix_lam = mix[0].astype(np.int64), tuple(mix[1]), mix[2]
         params.append(p)
     return {"order": raw["order"].astype(np.int64), "params": params, "values": raw["values"],
-            "indices": raw["indices"], "batch_size": bs}
+            "indices": raw["indices"], "rest": raw["rest"], "temperature": raw["temperature"], "batch_size": bs}
 
 
 def reconstruct_logits(stored: dict, step: int, num_classes: int) -> torch.Tensor:
-    """[B, K] fp32 logits of ``step``: the stored top-k, -inf elsewhere."""
+    """[B, K] fp32 logits of ``step`` whose softmax(. / T) is the stored target (T: the recipe's)."""
     bs = stored["batch_size"]
     rows = slice(step * bs, (step + 1) * bs)
-    return soft_labels.reconstruct_logits(stored["values"][rows], stored["indices"][rows], num_classes)
+    return soft_labels.reconstruct_logits(stored["values"][rows], stored["indices"][rows], stored["rest"][rows],
+                                          num_classes, stored["temperature"])

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from engine.artifacts import student as student_artifacts
+from engine.artifacts import soft_labels, student as student_artifacts
 from engine.artifacts.distilled import (Codec, DistilledSet, is_complete, real_subset_dataset,
                                         real_subset_indices, real_subset_record)
 from engine.artifacts.fingerprint import StaleArtifact, announce_overwrite, digest
@@ -119,7 +119,7 @@ class Evaluator:
 
     def row_fingerprint(self, recipe: StudentRecipe, student_cfg: ModelConfig, seed: int,
                         train: TrainingSet) -> dict:
-        stored = ({"topk": self.cfg.stored_topk, "dtype": self.cfg.stored_dtype}
+        stored = ({"topk": self.cfg.stored_topk, "dtype": self.cfg.stored_dtype, "format": soft_labels.FORMAT}
                   if recipe.loss == "kl" and self.cfg.relabel == "stored" else None)
         return {"recipe": dataclasses.asdict(recipe), "student": dataclasses.asdict(student_cfg), "seed": seed,
                 "train_set": train.digest, "label_teacher": self.teacher_digest if recipe.loss == "kl" else None,
