@@ -1,8 +1,8 @@
 """Stored soft labels (SRe2L/FKD style) on disk: one file per epoch plus the fingerprint they match.
 
     <row>/labels/meta.json          fingerprint: format, recipe, seed, top-k, dtype, set and teacher digests
-    <row>/labels/epochNNNNN.pt      order, crop boxes (int16 x4), flips, CutMix, top-k values/indices,
-                                    rest (fp32 per image), temperature
+    <row>/labels/epochNNNNN.pt      order, crop boxes (int16 x4), flips, each step's mixing parameters,
+                                    top-k values/indices, rest (fp32 per image), temperature
 
 Replaying a file reproduces the online labels for the same crops at a few bytes per image-epoch
 instead of a teacher forward pass.
@@ -84,7 +84,10 @@ def compress(logits: torch.Tensor, topk: int, temperature: float,
     top = logits.topk(k, dim=1)
     scaled = logits / temperature
     outside = scaled.scatter(1, top.indices, -math.inf)
-    rest = torch.logsumexp(outside, dim=1) if k < logits.shape[1] else torch.full((len(logits),), -math.inf, device=logits.device)
+    if k < logits.shape[1]:
+        rest = torch.logsumexp(outside, dim=1)
+    else:
+        rest = torch.full((len(logits),), -math.inf, device=logits.device)
     return {"values": top.values.to(dtype), "indices": top.indices.to(torch.int16), "rest": rest}
 
 

@@ -3,9 +3,9 @@
 For every image of an epoch, in the order the student sees them: its crop box and flip bit, each
 step's batch-level parameters (the mixing: partners, box, lam), and the teacher's top-k logits on
 the augmented batch (fp16 values + int16 class indices) plus the log of its remaining mass at the
-recipe's temperature (fp32). The files
-(engine.artifacts.soft_labels, which states the semantics) replay the online labels for the same
-crops: exactly with k >= the class count, else top-k + the rest mass spread evenly (FKD).
+recipe's temperature (fp32). The files (engine.artifacts.soft_labels, which states the semantics)
+replay the online labels for the same crops: exactly with k >= the class count, else top-k + the
+rest mass spread evenly (FKD).
 """
 from __future__ import annotations
 

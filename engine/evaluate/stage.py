@@ -177,9 +177,9 @@ class Evaluator:
                                checkpoint=state_file, progress=ctx.run.progress,
                                desc=f"{key} ipc={ipc}" if ipc else key, dist=ctx.dist, test_loader=test_loader,
                                fingerprint=fingerprint)
-        row = {"top1": result.top1, "best_top1": result.best_top1, "top5": result.top5, "images": len(train.dataset),
-               "epochs": recipe.epochs,
-               "seconds": result.seconds, "images_per_s": result.images_per_s, "history": result.history}
+        row = {"top1": result.top1, "best_top1": result.best_top1, "top5": result.top5,
+               "images": len(train.dataset), "epochs": recipe.epochs, "seconds": result.seconds,
+               "images_per_s": result.images_per_s, "history": result.history}
         if self.share.is_array:
             row["task"] = {"index": self.share.index, "count": self.share.count}
         if storage is not None:
@@ -238,8 +238,8 @@ def evaluate_rows(ctx: RunContext, cfg: EvaluateConfig, sets: dict[str, Path],
         rows["random_real"] = dict(seeds[0])
         rows["random_real"]["top1"] = float(np.mean([s["top1"] for s in seeds]))
         rows["random_real"]["top1_std"] = float(np.std([s["top1"] for s in seeds]))
-        if all(s.get("best_top1") is not None for s in seeds):
-            rows["random_real"]["best_top1"] = float(np.mean([s["best_top1"] for s in seeds]))
+        bests = [s.get("best_top1") for s in seeds]
+        rows["random_real"]["best_top1"] = None if None in bests else float(np.mean(bests))
         rows["random_real"]["seconds"] = float(sum(s["seconds"] for s in seeds))
     if cfg.full_data:
         full = TrainingSet(bundle.train, digest({"data": data_facts(bundle), "split": "train"}))

@@ -116,7 +116,8 @@ def test_kd_steps_match_the_script(setup):
     student = copy.deepcopy(initial)
     losses = oracle_train(student, teacher, train_set, bundle.normalize, recipe)
     assert [row["loss"] for row in result.history] == pytest.approx(losses, rel=1e-5)
-    moved = max(float((a - b).abs().max()) for a, b in zip(initial.state_dict().values(), student.state_dict().values()))
+    moved = max(float((a - b).abs().max()) for a, b in zip(initial.state_dict().values(),
+                                                            student.state_dict().values()))
     assert moved > 5e-3
     for (name, a), b in zip(engine_student.state_dict().items(), student.state_dict().values()):
         # BN running statistics included: the student trains in train mode on the mixed batch
