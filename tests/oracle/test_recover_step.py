@@ -161,16 +161,17 @@ def _rgb_case(model_cfg: ModelConfig, dtype=torch.float32, batch: int = 10):
 
 @pytest.fixture(scope="module")
 def rgb_case():
-    return _rgb_case(ModelConfig(name="convnet", width=16, depth=2))
+    """A ConvNet on RGB (per-channel bounds, as the script's clip), in fp64: through this untrained net,
+    a few pixels' gradients are dominated by float rounding, and after 4 steps the script itself in fp32
+    lands up to ~1e-3 away from its fp64 result there (Adam normalizes each pixel's gradient)."""
+    return _rgb_case(ModelConfig(name="convnet", width=16, depth=2), torch.float64)
 
 
 @pytest.fixture(scope="module")
 def resnet_case():
     """The CIFAR ResNet-18 (20 BN layers, downsample branches included), in fp64: through this untrained
     net the BN loss's input gradient carries fp32 rounding of up to ~2% of its largest entry (measured
-    against fp64), enough to flip the sign of small entries, which Adam's first step turns into +-lr.
-    fp64 makes the comparison about the semantics again. (The Triton kernel is fp32-only and takes
-    minutes in the interpreter at this depth: it is compared on the ConvNet cases.)"""
+    against fp64), enough to flip the sign of small entries, which Adam's first step turns into +-lr."""
     return _rgb_case(ModelConfig(name="resnet18_cifar"), torch.float64, batch=4)
 
 
@@ -192,10 +193,13 @@ def gray_case(tmp_path_factory):
     return teacher, init, labels, aug, list(bundle.mean), list(bundle.std)
 
 
-@pytest.mark.parametrize("case, path", [(case, path) for case in ("rgb_case", "gray_case")
-                                        for path in ("reference", "torch", "triton")]
-                         + [("resnet_case", "reference"), ("resnet_case", "torch")])
-def test_recover_steps_match_the_script(case, path, request):
+# The Triton kernel is fp32 only: it runs on the trained (well-conditioned) digits teacher, where every
+# path lands within 1e-6 of the oracle. fp64 cases: the fused torch path computes the eval-BN scale in
+# fp32 (5e-5 measured), the reference path agrees to 1e-12.
+@pytest.mark.parametrize("case, path, atol", [("gray_case", path, 1e-5) for path in ("reference", "torch", "triton")]
+                         + [(case, path, 5e-4) for case in ("rgb_case", "resnet_case")
+                            for path in ("reference", "torch")])
+def test_recover_steps_match_the_script(case, path, atol, request):
     model, init, labels, aug, mean, std = request.getfixturevalue(case)
     lr, r_bn, first = 0.25, 0.05, 10.0
     bounds = tuple(torch.tensor(b, dtype=init.dtype).view(1, -1, 1, 1)
@@ -206,16 +210,14 @@ def test_recover_steps_match_the_script(case, path, request):
     for (ce, bn), (ce_ref, bn_ref) in zip(log, expected_log):
         assert ce == pytest.approx(ce_ref, rel=1e-4) and bn == pytest.approx(bn_ref, rel=1e-4)
     assert (images - init).abs().max() > 0.1  # the steps moved the pixels
-    # Adam divides by sqrt(v): where a pixel's gradient is ~0, float rounding of the BN paths (1e-7)
-    # moves it by up to ~1e-4 after a few steps; any setting the oracle restates moves it by > 1e-2
-    torch.testing.assert_close(images, expected, rtol=0, atol=1e-3)
+    torch.testing.assert_close(images, expected, rtol=0, atol=atol)
     # the valid range is reached and never left
     assert ((images >= bounds[0] - 1e-6) & (images <= bounds[1] + 1e-6)).all()
 
 
-def test_the_oracle_tells_the_script_settings_apart(rgb_case):
+def test_the_oracle_tells_the_script_settings_apart(gray_case):
     """The comparison above is sharp enough to see each setting it restates."""
-    model, init, labels, aug, mean, std = rgb_case
+    model, init, labels, aug, mean, std = gray_case
     lr, r_bn, first = 0.25, 0.05, 10.0
     bounds = tuple(torch.tensor(b, dtype=torch.float32).view(1, -1, 1, 1)
                    for b in ([-m / s for m, s in zip(mean, std)], [(1 - m) / s for m, s in zip(mean, std)]))
