@@ -1,7 +1,9 @@
 """Mean and spread of several runs' reports: `python -m engine.evaluate.aggregate RUN_DIR ...`.
 
 Each RUN_DIR holds the report.json of one `scdd` run (typically the same settings with seed=0,1,2);
-prints one markdown table of top-1 % as mean +- sample standard deviation per row and ipc.
+prints two markdown tables, final top-1 % (the headline) and best top-1 % (best full test pass), as
+mean +- sample standard deviation per row and ipc. A run whose report has no best for a row (written
+before best was recorded) counts in the final table only.
 """
 from __future__ import annotations
 
@@ -14,18 +16,23 @@ from pathlib import Path
 from engine.evaluate.report import ROW_TITLES
 
 
-def collect(reports: list[dict]) -> dict[str, dict[str, list[float]]]:
-    """row title -> column (ipc, or 'all') -> top-1 values, one per report that has the row."""
+METRICS = {"top1": "final top-1 %", "best_top1": "best top-1 %"}
+
+
+def collect(reports: list[dict], metric: str = "top1") -> dict[str, dict[str, list[float]]]:
+    """row title -> column (ipc, or 'all') -> ``metric`` values (top1 | best_top1), one per report that
+    has it. Teachers have one top-1 (no training curve here): they are rows of the top1 table only."""
     table: dict[str, dict[str, list[float]]] = {}
     for report in reports:
         for ipc, rows in report["ipc"].items():
             for key, row in rows.items():
-                table.setdefault(ROW_TITLES.get(key, key), {}).setdefault(ipc, []).append(row["top1"])
-        if "full_data" in report:
-            table.setdefault("full training data", {}).setdefault("all", []).append(report["full_data"]["top1"])
+                if row.get(metric) is not None:
+                    table.setdefault(ROW_TITLES.get(key, key), {}).setdefault(ipc, []).append(row[metric])
+        if report.get("full_data", {}).get(metric) is not None:
+            table.setdefault("full training data", {}).setdefault("all", []).append(report["full_data"][metric])
         for key, title in (("ssl_probe_top1", "teacher: SSL + linear probe"),
                            ("supervised_top1", "teacher: supervised")):
-            if key in report.get("teacher", {}):
+            if metric == "top1" and key in report.get("teacher", {}):
                 table.setdefault(title, {}).setdefault("all", []).append(report["teacher"][key])
     return table
 
@@ -36,10 +43,11 @@ def format_cell(values: list[float]) -> str:
     return f"{mean:.1f} ± {spread:.1f}" if len(values) > 1 else f"{mean:.1f}"
 
 
-def render(table: dict[str, dict[str, list[float]]], runs: int) -> str:
+def render(table: dict[str, dict[str, list[float]]], runs: int, metric: str = "top1") -> str:
     columns = sorted({c for cols in table.values() for c in cols if c != "all"}, key=int)
-    head = "| method | " + " | ".join(f"IPC {c} top-1 %" for c in columns) + " | all |"
-    lines = [f"top-1 % over {runs} runs, mean ± sample sd", "", head, "|---" * (len(columns) + 2) + "|"]
+    name = METRICS[metric]
+    head = "| method | " + " | ".join(f"IPC {c} {name}" for c in columns) + " | all |"
+    lines = [f"{name} over {runs} runs, mean ± sample sd", "", head, "|---" * (len(columns) + 2) + "|"]
     for title, cols in table.items():
         cells = [format_cell(cols[c]) if c in cols else "-" for c in columns]
         lines.append(f"| {title} | " + " | ".join(cells) + f" | {format_cell(cols['all']) if 'all' in cols else '-'} |")
@@ -56,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     reports = [json.loads((r / "report.json").read_text()) for r in args.runs]
-    print(render(collect(reports), len(reports)))
+    print("\n\n".join(render(collect(reports, metric), len(reports), metric) for metric in METRICS))
     return 0
 
 

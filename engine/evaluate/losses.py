@@ -8,8 +8,9 @@ import torch.nn.functional as F
 def soft_label_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(softmax(t/T) || softmax(s/T)), mean over the batch.
 
-    Shapes: both [B, K]. Teacher logits may hold -inf outside a stored top-k (zero probability);
-    those classes then contribute nothing. No T^2 factor, as in SRe2L/SC-DD's scripts.
+    Shapes: both [B, K]. Teacher logits are the teacher's (online) or the stored labels' reconstruction
+    (engine.artifacts.soft_labels: same target at this T); a -inf logit is a class of zero probability
+    and contributes nothing. No T^2 factor, as in SRe2L/SC-DD's ImageNet scripts.
     """
     log_student = F.log_softmax(student_logits / temperature, dim=1)
     target = F.softmax(teacher_logits / temperature, dim=1)

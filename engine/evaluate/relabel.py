@@ -1,11 +1,15 @@
 """Stored relabeling (SRe2L/FKD style): per-epoch crop parameters + the teacher's top-k logits.
 
-For every image of an epoch, in the order the student sees them: its crop box, flip bit, CutMix
-partner, and the teacher's top-k logits on the augmented batch (fp16 values + int16 class
-indices). The files (engine.artifacts.soft_labels) replay the online labels for the same crops.
+For every image of an epoch, in the order the student sees them: its crop box and flip bit, each
+step's batch-level parameters (the mixing: partners, box, lam), and the teacher's top-k logits on
+the augmented batch (fp16 values + int16 class indices) plus the log of its remaining mass at the
+recipe's temperature (fp32). The files (engine.artifacts.soft_labels, which states the semantics)
+replay the online labels for the same crops: exactly with k >= the class count, else top-k + the
+rest mass spread evenly (FKD).
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Callable
 
@@ -31,8 +35,6 @@ def precompute_soft_labels(teacher: nn.Module, train_set, normalize: Callable, r
     """
     teacher = teacher.to(device).eval()
     count = len(train_set)
-    import dataclasses
-
     full = {"recipe": dataclasses.asdict(recipe), "seed": seed, "topk": topk, "dtype": dtype, "count": count,
             **(fingerprint or {})}
     soft_labels.open_store(folder, full, resume)
@@ -42,44 +44,58 @@ def precompute_soft_labels(teacher: nn.Module, train_set, normalize: Callable, r
         if soft_labels.has_epoch(folder, epoch):
             continue
         order = epoch_order(seed, epoch, count)
-        boxes, flips, cutmix, values, indices = [], [], [], [], []
+        boxes, flips, steps, values, indices, rest = [], [], [], [], [], []
         for step, (images, _labels) in enumerate(load_batches(train_set, batches_of(order, recipe.batch_size),
                                                                recipe.workers)):
             params = sample_params(step_rng(seed, epoch, step), len(images), image_size, recipe.crop_scale,
                                    recipe.flip, recipe.cutmix_prob, recipe.cutmix_alpha)
-            logits = teacher(apply_params(normalize(to_unit_float(images.to(device))), params)).float()
-            top = logits.topk(min(topk, logits.shape[1]), dim=1)
-            values.append(top.values.to(store_dtype).cpu())
-            indices.append(top.indices.to(torch.int16).cpu())
+            logits = teacher(apply_params(normalize(to_unit_float(images.to(device))), params))
+            kept = soft_labels.compress(logits, topk, recipe.temperature, store_dtype)
+            values.append(kept["values"].cpu())
+            indices.append(kept["indices"].cpu())
+            rest.append(kept["rest"].cpu())
             boxes.append(params.boxes)
             flips.append(params.flips)
-            cutmix.append(None if params.cutmix_partner is None else
-                          (params.cutmix_partner.astype(np.int16), params.cutmix_box, params.cutmix_lam))
+            steps.append(_batch_fields(params))
         soft_labels.save_epoch(folder, epoch, {
             "order": order.astype(np.int32), "boxes": np.concatenate(boxes), "flips": np.concatenate(flips),
-            "cutmix": cutmix, "batch_size": recipe.batch_size, "values": torch.cat(values),
-            "indices": torch.cat(indices)})
+            "steps": steps, "batch_size": recipe.batch_size, "values": torch.cat(values),
+            "indices": torch.cat(indices), "rest": torch.cat(rest), "temperature": recipe.temperature})
     total = soft_labels.total_bytes(folder, recipe.epochs)
     return {"bytes": total, "bytes_per_image_epoch": total / (count * recipe.epochs)}
 
 
+_PER_IMAGE = ("boxes", "flips")
+"""AugParams fields with one row per image, stored concatenated over the epoch's steps."""
+
+
+def _batch_fields(params: AugParams) -> dict:
+    """Every other AugParams field of one step, as drawn (whatever mixing the recipe uses); index arrays
+    (partners within the batch) as int16."""
+    out = {}
+    for f in dataclasses.fields(params):
+        if f.name not in _PER_IMAGE:
+            value = getattr(params, f.name)
+            out[f.name] = value.astype(np.int16) if isinstance(value, np.ndarray) else value
+    return out
+
+
 def load_epoch_labels(folder: Path, epoch: int) -> dict:
-    """One epoch's order, per-step augmentation parameters and stored logits."""
+    """One epoch's order, per-step augmentation parameters and stored logits (with their rest mass)."""
     raw = soft_labels.load_epoch(folder, epoch)
     bs = raw["batch_size"]
     params = []
-    for step, mix in enumerate(raw["cutmix"]):
+    for step, fields in enumerate(raw["steps"]):
         rows = slice(step * bs, (step + 1) * bs)
-        p = AugParams(boxes=raw["boxes"][rows], flips=raw["flips"][rows])
-        if mix is not None:
-            p.cutmix_partner, p.cutmix_box, p.cutmix_lam = mix[0].astype(np.int64), tuple(mix[1]), mix[2]
-        params.append(p)
+        fields = {k: v.astype(np.int64) if isinstance(v, np.ndarray) else v for k, v in fields.items()}
+        params.append(AugParams(boxes=raw["boxes"][rows], flips=raw["flips"][rows], **fields))
     return {"order": raw["order"].astype(np.int64), "params": params, "values": raw["values"],
-            "indices": raw["indices"], "batch_size": bs}
+            "indices": raw["indices"], "rest": raw["rest"], "temperature": raw["temperature"], "batch_size": bs}
 
 
 def reconstruct_logits(stored: dict, step: int, num_classes: int) -> torch.Tensor:
-    """[B, K] fp32 logits of ``step``: the stored top-k, -inf elsewhere."""
+    """[B, K] fp32 logits of ``step`` whose softmax(. / T) is the stored target (T: the recipe's)."""
     bs = stored["batch_size"]
     rows = slice(step * bs, (step + 1) * bs)
-    return soft_labels.reconstruct_logits(stored["values"][rows], stored["indices"][rows], num_classes)
+    return soft_labels.reconstruct_logits(stored["values"][rows], stored["indices"][rows], stored["rest"][rows],
+                                          num_classes, stored["temperature"])

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from engine.artifacts import student as student_artifacts
+from engine.artifacts import soft_labels, student as student_artifacts
 from engine.artifacts.distilled import (Codec, DistilledSet, is_complete, real_subset_dataset,
                                         real_subset_indices, real_subset_record)
 from engine.artifacts.fingerprint import StaleArtifact, announce_overwrite, digest
@@ -125,7 +125,7 @@ class Evaluator:
 
     def row_fingerprint(self, recipe: StudentRecipe, student_cfg: ModelConfig, seed: int,
                         train: TrainingSet) -> dict:
-        stored = ({"topk": self.cfg.stored_topk, "dtype": self.cfg.stored_dtype}
+        stored = ({"topk": self.cfg.stored_topk, "dtype": self.cfg.stored_dtype, "format": soft_labels.FORMAT}
                   if recipe.loss == "kl" and self.cfg.relabel == "stored" else None)
         return {"recipe": dataclasses.asdict(recipe), "student": dataclasses.asdict(student_cfg), "seed": seed,
                 "train_set": train.digest, "label_teacher": self.teacher_digest if recipe.loss == "kl" else None,
@@ -183,8 +183,9 @@ class Evaluator:
                                checkpoint=state_file, progress=ctx.run.progress,
                                desc=f"{key} ipc={ipc}" if ipc else key, dist=ctx.dist, test_loader=test_loader,
                                fingerprint=fingerprint)
-        row = {"top1": result.top1, "top5": result.top5, "images": len(train.dataset), "epochs": recipe.epochs,
-               "seconds": result.seconds, "images_per_s": result.images_per_s, "history": result.history}
+        row = {"top1": result.top1, "best_top1": result.best_top1, "top5": result.top5,
+               "images": len(train.dataset), "epochs": recipe.epochs, "seconds": result.seconds,
+               "images_per_s": result.images_per_s, "history": result.history}
         if self.share.is_array:
             row["task"] = {"index": self.share.index, "count": self.share.count}
         if storage is not None:
@@ -265,6 +266,8 @@ def evaluate_rows(ctx: RunContext, cfg: EvaluateConfig, sets: dict[str, Path],
         rows["random_real"] = dict(seeds[0])
         rows["random_real"]["top1"] = float(np.mean([s["top1"] for s in seeds]))
         rows["random_real"]["top1_std"] = float(np.std([s["top1"] for s in seeds]))
+        bests = [s.get("best_top1") for s in seeds]
+        rows["random_real"]["best_top1"] = None if None in bests else float(np.mean(bests))
         rows["random_real"]["seconds"] = float(sum(s["seconds"] for s in seeds))
     if cfg.full_data:
         full = TrainingSet(bundle.train, digest({"data": data_facts(bundle), "split": "train"}))

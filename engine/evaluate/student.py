@@ -98,7 +98,10 @@ def student_lr(recipe: StudentRecipe, epoch: int, step: int, steps_per_epoch: in
 @dataclass
 class StudentResult:
     top1: float
+    """Final: the test pass after the last epoch (the headline)."""
     top5: Optional[float]
+    best_top1: Optional[float] = None
+    """Best of the full test passes (every eval_every epochs and the last); never a partial pass."""
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     images_per_s: float = 0.0
@@ -187,7 +190,8 @@ def train_student(student: nn.Module, train_set: Dataset, test_set: Dataset, nor
             preemption.check(f"epoch {epoch + 1} of {recipe.epochs} of {desc} (checkpoint {checkpoint})")
     seconds = time.time() - start
     final = history[-1]
-    return StudentResult(top1=final["top1"], top5=final["top5"], history=history, seconds=seconds,
+    return StudentResult(top1=final["top1"], top5=final["top5"], best_top1=student_artifacts.best_top1(history),
+                         history=history, seconds=seconds,
                          images_per_s=seen / seconds if seconds > 0 else 0.0)
 
 
