@@ -19,7 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from engine.artifacts import soft_labels
-from engine.evaluate.augment import AugParams, apply_params, sample_params, step_rng
+from engine.evaluate.augment import AugParams, apply_params, step_rng
 from engine.training.batches import batches_of, epoch_order, load_batches, to_unit_float
 
 
@@ -39,6 +39,7 @@ def precompute_soft_labels(teacher: nn.Module, train_set, normalize: Callable, r
             **(fingerprint or {})}
     soft_labels.open_store(folder, full, resume)
     image_size = train_set[0][0].shape[-1]
+    fill = normalize(torch.zeros(1, train_set[0][0].shape[0], 1, 1, device=device))  # a black pad pixel
     store_dtype = torch.float16 if dtype == "float16" else torch.float32
     for epoch in tqdm(range(recipe.epochs), desc="relabel", disable=not progress, unit="ep", leave=False):
         if soft_labels.has_epoch(folder, epoch):
@@ -47,9 +48,8 @@ def precompute_soft_labels(teacher: nn.Module, train_set, normalize: Callable, r
         boxes, flips, steps, values, indices, rest = [], [], [], [], [], []
         for step, (images, _labels) in enumerate(load_batches(train_set, batches_of(order, recipe.batch_size),
                                                                recipe.workers)):
-            params = sample_params(step_rng(seed, epoch, step), len(images), image_size, recipe.crop_scale,
-                                   recipe.flip, recipe.cutmix_prob, recipe.cutmix_alpha)
-            logits = teacher(apply_params(normalize(to_unit_float(images.to(device))), params))
+            params = recipe.sample(step_rng(seed, epoch, step), len(images), image_size)
+            logits = teacher(apply_params(normalize(to_unit_float(images.to(device))), params, fill))
             kept = soft_labels.compress(logits, topk, recipe.temperature, store_dtype)
             values.append(kept["values"].cpu())
             indices.append(kept["indices"].cpu())

@@ -47,7 +47,8 @@ class EvaluateConfig:
     relabel: str = "online"
     """online (teacher labels each augmented batch; SC-DD) | stored (precomputed per epoch; SRe2L/FKD)."""
     stored_topk: int = 10
-    """Stored relabel keeps this many top logits per image (fp16 values + int16 indices)."""
+    """Stored relabel keeps this many top fp16 logits per image plus the rest of the teacher's probability mass
+    at the temperature, spread evenly over the other classes (FKD); all logits when it covers the classes."""
     stored_dtype: str = "float16"
     mix: str = "cutmix"
     """Per-batch mixing: cutmix | mixup | none. The teacher labels the mixed batch."""
@@ -115,10 +116,6 @@ class EvaluateConfig:
         if self.mixup_alpha <= 0 or self.crop_padding < 0 or not 0 <= self.momentum < 1:
             raise ConfigError(f"evaluate.mixup_alpha={self.mixup_alpha} must be > 0, evaluate.crop_padding="
                               f"{self.crop_padding} >= 0 and evaluate.momentum={self.momentum} in [0, 1)")
-        if self.relabel == "stored" and (self.mix == "mixup" or self.crop == "pad"):
-            # relabel.py's files hold crop boxes and CutMix only; replaying other views would mislabel them
-            raise ConfigError(f"evaluate.relabel=stored cannot store evaluate.mix={self.mix} / evaluate.crop="
-                              f"{self.crop} views yet; use evaluate.relabel=online")
         if not 0 <= self.lr_floor < 1 or not 0 <= self.warmup_epochs < self.epochs:
             raise ConfigError(f"evaluate.lr_floor={self.lr_floor} must be in [0, 1) and evaluate.warmup_epochs="
                               f"{self.warmup_epochs} in [0, epochs)")

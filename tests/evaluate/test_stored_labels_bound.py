@@ -178,3 +178,31 @@ def test_label_files_of_the_old_format_are_refused_or_replaced(tmp_path, capsys)
     soft_labels.open_store(folder, {"topk": 10, "teacher": "abc"}, resume=False)
     assert not soft_labels.has_epoch(folder, 0)
     assert "replacing the existing stored soft labels" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("augment", [{"mix": "mixup"}, {"crop": "pad", "mix": "cutmix"}])
+def test_stored_labels_replay_every_augmentation_of_the_recipe(digits, tmp_path, augment):
+    """All logits in fp32: a student from the files is the online one, bit for bit, whatever the recipe's
+    crop and mixing (each step's batch-level parameters are stored as drawn)."""
+    from engine.evaluate.student import train_student
+    from engine.models import build_model
+
+    bundle, teacher, _ = digits
+    train_set = random_real_subset(bundle, 3, seed=0).dataset
+    recipe = StudentRecipe(epochs=2, batch_size=16, lr=1e-2, weight_decay=0.0, temperature=T, loss="kl",
+                           crop_scale=(0.5, 1.0), flip=True, cutmix_prob=1.0, cutmix_alpha=1.0, eval_every=2,
+                           **augment)
+    device = torch.device("cpu")
+    students = []
+    for source in ("online", "stored"):
+        if source == "stored":
+            precompute_soft_labels(teacher, train_set, bundle.normalize, recipe, device, 0, tmp_path / "labels", 10,
+                                   "float32", progress=False)
+        torch.manual_seed(0)
+        student = build_model(SMALL_MODEL, 10, 1, 8)
+        train_student(student, train_set, bundle.test, bundle.normalize, recipe, device, 0,
+                      teacher=teacher if source == "online" else None,
+                      stored_labels=tmp_path / "labels" if source == "stored" else None, progress=False)
+        students.append(student.state_dict())
+    for key in students[0]:
+        assert torch.equal(students[0][key], students[1][key]), key

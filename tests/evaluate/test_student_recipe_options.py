@@ -153,7 +153,6 @@ def test_temperature_squared_scales_the_soft_label_loss(digits):
     ({"lr_per": "batch"}, "evaluate.lr_per='batch'"),
     ({"mixup_alpha": 0.0}, "evaluate.mixup_alpha=0.0"),
     ({"warmup_epochs": 200}, "evaluate.warmup_epochs=200"),
-    ({"relabel": "stored", "mix": "mixup"}, "evaluate.relabel=stored cannot store evaluate.mix=mixup"),
 ])
 def test_bad_student_options_are_one_line_errors(override, message):
     with pytest.raises(ConfigError, match=message) as info:

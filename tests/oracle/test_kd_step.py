@@ -15,7 +15,7 @@ Crop boxes, flips, CutMix partners and box, and the epoch order come from the en
   * CutMix every batch with probability ``cutmix_prob`` (1 here: the script mixes every batch).
   * lr per step, cosine over all steps; with one step per epoch (as here) it is the script's per-epoch
     cosine. Weight decay is 0 here: which parameters decay is the optimizer's part, tested with it.
-  * MixUp (the CIFAR recipe) is not in the engine's student augmentation on this branch: not covered.
+  * MixUp (evaluate.mix=mixup, the CIFAR script's mix_aug): every batch, images = lam x + (1 - lam) x[perm].
 """
 import copy
 import math
@@ -28,7 +28,7 @@ from torch import nn
 
 from engine.artifacts.teacher import load_teacher
 from engine.data import DataConfig, build_data
-from engine.evaluate.augment import sample_params, step_rng
+from engine.evaluate.augment import step_rng
 from engine.evaluate.stage import random_real_subset
 from engine.evaluate.student import StudentRecipe, train_student
 from engine.models import build_model
@@ -72,13 +72,15 @@ def oracle_train(student, teacher, train_set, normalize, recipe: StudentRecipe, 
         for group in optimizer.param_groups:  # LambdaLR(0.5 (1 + cos(pi epoch / epochs))), stepped per epoch
             group["lr"] = recipe.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / recipe.epochs))
         order = epoch_order(SEED, epoch, len(train_set))
-        params = sample_params(step_rng(SEED, epoch, 0), len(order), size, recipe.crop_scale, recipe.flip,
-                               recipe.cutmix_prob, recipe.cutmix_alpha)
-        assert params.cutmix_partner is not None
+        params = recipe.sample(step_rng(SEED, epoch, 0), len(order), size)
         data = normalize(oracle_crop_flip(train_set.images[order].float() / 255, params.boxes, params.flips))
         clean = data.clone()
-        top, bottom, left, right = params.cutmix_box
-        data[:, :, top:bottom, left:right] = data[params.cutmix_partner, :, top:bottom, left:right]
+        if recipe.mix == "mixup":  # utils.mixup
+            lam, rand_index = params.mixup_lam, torch.from_numpy(params.mixup_partner)
+            data = lam * data + (1 - lam) * data[rand_index]
+        else:  # utils.cutmix
+            top, bottom, left, right = params.cutmix_box
+            data[:, :, top:bottom, left:right] = data[params.cutmix_partner, :, top:bottom, left:right]
         student.train()
         output = student(data)
         soft_label = teacher(clean if teacher_on_clean else data).detach()
@@ -93,8 +95,8 @@ def oracle_train(student, teacher, train_set, normalize, recipe: StudentRecipe, 
     return losses
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+@pytest.fixture(scope="module", params=["cutmix", "mixup"])
+def setup(tmp_path_factory, request):
     bundle = build_data(DataConfig(name="digits"))
     teacher, _ = load_teacher(train_digits_teacher(tmp_path_factory.mktemp("t") / "teacher.pt"), SMALL_MODEL,
                               bundle)
@@ -102,7 +104,7 @@ def setup(tmp_path_factory):
     train_set = random_real_subset(bundle, 3, seed=0).dataset  # 30 real digits, uint8
     recipe = StudentRecipe(epochs=EPOCHS, batch_size=len(train_set), lr=LR, weight_decay=0.0, temperature=T,
                            loss="kl", crop_scale=(0.5, 1.0), flip=True, cutmix_prob=1.0, cutmix_alpha=1.0,
-                           eval_every=EPOCHS)
+                           eval_every=EPOCHS, mix=request.param)
     torch.manual_seed(1)
     initial = build_model(SMALL_MODEL, 10, 1, 8)
     engine_student = copy.deepcopy(initial)

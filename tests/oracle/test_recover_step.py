@@ -12,8 +12,9 @@ reference loss (kernels.bn_matching_reference, autograd), the fused BN module's 
 
 Crop parameters come from the engine's own sampler (same generator, same draws): the oracle checks
 what is done with them, not how they are drawn. Deliberate differences, restated as the engine does:
-  * roll: the script rolls by randint(0, jitter) pixels per axis, the engine by -jitter..jitter
-    (engine.recover.augment); the oracle rolls by the engine's signed shift.
+  * roll: SC-DD's scripts roll by randint(0, jitter) pixels per axis (recover.jitter_mode=forward);
+    the engine's default rolls by -jitter..jitter (SRe2L's Tiny-ImageNet script): both are restated.
+  * crop: SC-DD's CIFAR-100 script has its crop and flip commented out (recover.crop=false, flip off).
   * one (crop, flip, roll) per step for the whole batch, as the script's batched transforms do.
   * no image prior losses: the script's tv_l2 and l2_scale default to 0 and SC-DD's commands leave them.
 """
@@ -76,14 +77,17 @@ def oracle_recover(model, init, targets, lr, r_bn, first_bn_multiplier, aug: Ste
             for group in optimizer.param_groups:  # lr_cosine_policy(lr, 0, iterations)
                 group["lr"] = 0.5 * (1 + np.cos(np.pi * iteration / ITERATIONS)) * lr
             # the engine's draws: 22 crop uniforms (fp64), a flip uniform, two roll integers
-            uniforms = torch.rand(1, CROP_UNIFORMS, generator=generator, dtype=torch.float64).numpy()
-            top, left, height, width = crop_boxes(uniforms, size, aug.crop_scale)[0].tolist()
-            inputs_jit = TF.resized_crop(inputs, top, left, height, width, [size, size],
-                                         InterpolationMode.BILINEAR, antialias=True)
+            inputs_jit = inputs
+            if aug.crop:
+                uniforms = torch.rand(1, CROP_UNIFORMS, generator=generator, dtype=torch.float64).numpy()
+                top, left, height, width = crop_boxes(uniforms, size, aug.crop_scale)[0].tolist()
+                inputs_jit = TF.resized_crop(inputs, top, left, height, width, [size, size],
+                                             InterpolationMode.BILINEAR, antialias=True)
             if aug.flip and bool(torch.rand(1, generator=generator) < 0.5):
                 inputs_jit = TF.hflip(inputs_jit)
             if aug.jitter > 0:
-                off1, off2 = torch.randint(-aug.jitter, aug.jitter + 1, (2,), generator=generator).tolist()
+                low = 0 if aug.jitter_mode == "forward" else -aug.jitter  # random.randint(0, jitter): forward
+                off1, off2 = torch.randint(low, aug.jitter + 1, (2,), generator=generator).tolist()
                 inputs_jit = torch.roll(inputs_jit, shifts=(off1, off2), dims=(2, 3))
             optimizer.zero_grad()
             outputs = model(inputs_jit)
@@ -168,6 +172,15 @@ def rgb_case():
 
 
 @pytest.fixture(scope="module")
+def cifar_script_case():
+    """SC-DD's CIFAR-100 recover augmentation: no crop, no flip, a forward roll of 0..4 pixels (fp64 as
+    ``rgb_case``)."""
+    model, init, labels, _, mean, std = _rgb_case(ModelConfig(name="convnet", width=16, depth=2), torch.float64)
+    aug = StepAugment(image_size=32, crop_scale=(0.08, 1.0), flip=False, jitter=4, crop=False, jitter_mode="forward")
+    return model, init, labels, aug, mean, std
+
+
+@pytest.fixture(scope="module")
 def resnet_case():
     """The CIFAR ResNet-18 (20 BN layers, downsample branches included), in fp64: through this untrained
     net the BN loss's input gradient carries fp32 rounding of up to ~2% of its largest entry (measured
@@ -197,7 +210,7 @@ def gray_case(tmp_path_factory):
 # path lands within 1e-6 of the oracle. fp64 cases: the fused torch path computes the eval-BN scale in
 # fp32 (5e-5 measured), the reference path agrees to 1e-12.
 @pytest.mark.parametrize("case, path, atol", [("gray_case", path, 1e-5) for path in ("reference", "torch", "triton")]
-                         + [(case, path, 5e-4) for case in ("rgb_case", "resnet_case")
+                         + [(case, path, 5e-4) for case in ("rgb_case", "resnet_case", "cifar_script_case")
                             for path in ("reference", "torch")])
 def test_recover_steps_match_the_script(case, path, atol, request):
     model, init, labels, aug, mean, std = request.getfixturevalue(case)
