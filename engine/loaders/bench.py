@@ -83,7 +83,7 @@ def run(image_size: int, files: int, batch: int, workers: int, epochs: int,
                           beton_dir=str(root / "ffcv"))
         if "ffcv" in loaders:
             start = time.perf_counter()
-            convert(bundle, root / "ffcv", fixed_size=None, fmt="jpg", workers=workers)
+            convert(bundle, root / "ffcv", fmt="jpg", workers=workers)
             results["ffcv_convert_s"] = round(time.perf_counter() - start, 1)
         for kind in loaders:
             loader = build_loader(kind, bundle, "train", spec, rank=0, world_size=1)

@@ -64,7 +64,7 @@ def _shard_order_class():
 
 class FFCVLoader(BatchLoader):
     def __init__(self, beton: Path, mean, std, channels: int, stored_channels: int,
-                 image_size: int, spec: LoaderSpec, rank: int, world_size: int) -> None:
+                 image_size: int, spec: LoaderSpec, rank: int, world_size: int, eval_ratio: float = 1.0) -> None:
         from ffcv.reader import Reader
 
         try:
@@ -77,6 +77,7 @@ class FFCVLoader(BatchLoader):
         self.channels = channels
         self.stored_channels = stored_channels
         self.image_size = image_size
+        self.eval_ratio = eval_ratio
         self.normalize = normalizer(mean, std, spec.normalize)
         self._loader = None
 
@@ -93,8 +94,10 @@ class FFCVLoader(BatchLoader):
         if s.transform == "eval":
             meta = Reader(str(self.beton)).metadata["f0"]
             exact = bool((meta["width"] == size[1]).all() and (meta["height"] == size[0]).all())
-            # Already at the size: decode as stored (bit-exact for raw), no resampling.
-            decoder = SimpleRGBImageDecoder() if exact else CenterCropRGBImageDecoder(size, ratio=1.0)
+            # Built-in data already at the size: decode as stored (bit-exact for raw), no resampling.
+            # Image files: the center crop of eval_ratio of the shorter side (224/256), resized.
+            decoder = (SimpleRGBImageDecoder() if exact and self.eval_ratio == 1.0
+                       else CenterCropRGBImageDecoder(size, ratio=self.eval_ratio))
             return {"image": [decoder, ToTensor(), ToTorchImage()], "label": label}
 
         def view():

@@ -56,9 +56,11 @@ class LoaderConfig:
         name = getattr(data_cfg, "name", "NAME")
         root = getattr(data_cfg, "root", None)
         size = getattr(data_cfg, "image_size", None)
+        ratio = getattr(data_cfg, "eval_crop_ratio", None)
         out = self.beton_dir or "DIR"
         command = (f"python -m engine.loaders.convert_ffcv --data {name}"
                    + (f" --root {root}" if root else "") + (f" --image-size {size}" if size else "")
+                   + (f" --eval-crop-ratio {ratio}" if name == "imagefolder" and ratio else "")
                    + f" --out {out}")
         if not self.beton_dir:
             raise ConfigError(f"loader=ffcv needs loader.beton_dir=DIR; write it with `{command}`")
