@@ -145,7 +145,9 @@ class DALILoader(BatchLoader):
             outputs = []
             if s.transform == "eval":
                 images = fn.decoders.image(data, device=decode_device, output_type=color) if encoded else data
-                if encoded:  # image files: Resize(round(size / ratio)) + CenterCrop(size), as engine.data
+                # Image files: Resize(round(size / ratio)) + CenterCrop(size), as engine.data; DALI rounds
+                # a half-pixel crop offset up where torchvision rounds it to even (a 1 px shift at most).
+                if encoded:
                     images = fn.resize(images, resize_shorter=eval_resize_side(size, self.eval_ratio), antialias=True)
                 elif self.arrays.shape[1:3] != (size, size):
                     images = fn.resize(images, resize_shorter=size, antialias=True)

@@ -12,6 +12,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from engine.data.views import eval_resize_side
 from engine.errors import ConfigError
 from engine.loaders.common import BatchLoader, LoaderSpec, normalizer, shard_indices
 
@@ -96,8 +97,11 @@ class FFCVLoader(BatchLoader):
             exact = bool((meta["width"] == size[1]).all() and (meta["height"] == size[0]).all())
             # Built-in data already at the size: decode as stored (bit-exact for raw), no resampling.
             # Image files: the center crop of eval_ratio of the shorter side (224/256), resized.
+            # FFCV crops int(ratio * shorter side) then resizes: ratio size / round(size / eval_ratio)
+            # (224/256) shows the region Resize(round(size / eval_ratio)) + CenterCrop(size) shows.
+            ratio = size[0] / eval_resize_side(size[0], self.eval_ratio)
             decoder = (SimpleRGBImageDecoder() if exact and self.eval_ratio == 1.0
-                       else CenterCropRGBImageDecoder(size, ratio=self.eval_ratio))
+                       else CenterCropRGBImageDecoder(size, ratio=ratio))
             return {"image": [decoder, ToTensor(), ToTorchImage()], "label": label}
 
         def view():
