@@ -197,3 +197,54 @@ def test_student_trains_on_dataset_crops_without_cropping_again(bundle):
     crops = torch.stack([train.at_epoch(0)[int(i)][0] for i in first]).float() / 255
     # the student saw exactly epoch 0's dataset crops (normalized), no second crop
     assert torch.allclose(seen[0], bundle.normalize(crops), atol=1e-5)
+
+
+def test_pretraining_views_are_full_resolution_crops_and_replay_on_resume(bundle, tmp_path):
+    from engine.squeeze.augment import AugmentSpec
+    from engine.squeeze.pretrain import Interrupted, Schedule, crop_source, train
+
+    class Spy(torch.nn.Module):
+        num_views = 2
+
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 1)
+            self.seen = []
+
+        def trainable(self):
+            return list(self.parameters())
+
+        def loss(self, views, labels, generator):
+            self.seen.append([v.detach().clone() for v in views])
+            return sum(self.lin(v.mean(dim=(2, 3))).pow(2).mean() for v in views)
+
+    # geometry only: the photometric steps are off, so a view is the normalized crop itself
+    spec = AugmentSpec(image_size=SIZE, crop_scale=(0.08, 1.0), flip=True, jitter_strength=0.0,
+                       jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)
+    schedule = Schedule(epochs=2, batch_size=8, lr=0.01, momentum=0.9, weight_decay=0.0)
+
+    def run(state, resume=False, stop=None):
+        torch.manual_seed(0)
+        method = Spy()
+        try:
+            train(method, bundle.train, schedule=schedule, spec=spec, normalize=bundle.normalize,
+                  device=torch.device("cpu"), generator=torch.Generator().manual_seed(9), state_path=state,
+                  fingerprint={"t": 1}, resume=resume, stop_after_epochs=stop, progress=False)
+        except Interrupted:
+            pass
+        return method.seen
+
+    seen = run(tmp_path / "a.pt")
+    crops = crop_source(bundle.train, spec, 2, seed=9)
+    order = torch.randperm(len(bundle.train), generator=torch.Generator().manual_seed(9))[:8]
+    expected = torch.stack([crops.at_epoch(0)[int(i)][0] for i in order]).float() / 255  # [B, 2, C, S, S]
+    for k in range(2):
+        assert torch.allclose(seen[0][k], bundle.normalize(expected[:, k]), atol=1e-5)
+    assert not torch.allclose(seen[0][0], seen[0][1])
+    steps = len(bundle.train) // 8
+    first = run(tmp_path / "b.pt", stop=1)
+    assert len(first) == steps
+    resumed = run(tmp_path / "b.pt", resume=True)  # epoch 2 only, its crops replayed
+    assert len(resumed) == steps
+    for a, b in zip(seen[steps:], resumed):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
