@@ -245,6 +245,11 @@ def evaluate_rows(ctx: RunContext, cfg: EvaluateConfig, sets: dict[str, Path],
     evaluator = Evaluator(ctx, cfg, teacher, loader, source, share=share, gather=gather_count is not None,
                           gather_count=gather_count or 1)
     results: dict = {"ipc": {}}
+    if (ctx.dist.is_main and hasattr(bundle.train, "crop_views") and cfg.loss == "kl" and cfg.relabel == "stored"
+            and (cfg.random_real_seeds or cfg.full_data)):
+        print("evaluate: relabel=stored replays crop boxes of image_size images, so the real-image rows train on "
+              "the eval-size images (Resize + CenterCrop), not on crops of the full-resolution files as "
+              "relabel=online does")
     for ipc in sorted(set(ctx.run.ipc)):
         rows = {}
         for key, path in sets.items():

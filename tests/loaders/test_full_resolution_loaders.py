@@ -91,6 +91,14 @@ def test_ffcv_betons_keep_full_resolution_and_crop_from_it(marked, tmp_path):
 
     stored = Reader(str(tmp_path / "train.beton")).metadata["f0"]
     assert (stored["width"] == 512).all() and (stored["height"] == 384).all()
+    from engine.errors import ConfigError
+    from engine.loaders.settings import LoaderConfig
+
+    data_cfg = DataConfig(name="imagefolder", root="R", image_size=SIZE)
+    LoaderConfig(name="ffcv", beton_dir=str(tmp_path)).check(data_cfg, marked)
+    with pytest.raises(ConfigError, match="eval_crop_ratio=0.875 but data.eval_crop_ratio=1.0.*--eval-crop-ratio 1.0"):
+        LoaderConfig(name="ffcv", beton_dir=str(tmp_path)).check(
+            DataConfig(name="imagefolder", root="R", image_size=SIZE, eval_crop_ratio=1.0), marked)
     crops = _train_batches("ffcv", marked, 6, beton_dir=str(tmp_path))
     assert crops.shape[1:] == (3, SIZE, SIZE) and (_is_mark(crops) > 10).any()
     evals = _eval("ffcv", marked, beton_dir=str(tmp_path))
