@@ -7,8 +7,9 @@ Works for every entry of engine.data (imagefolder, cifar10, cifar100, mnist5k, d
 files are stored at their own resolution (the longer side capped by --max-resolution when given):
 the loader's train transform takes random resized crops of the whole image, its eval transform
 the center crop of ratio data.eval_crop_ratio (224/256), as engine.data.views does. --image-size
-is the output size recorded in meta.json (built-in data is resized to it, as engine.data does). Each file is written under a temporary name and renamed when complete;
-meta.json (statistics, channels, size) is written last, so a directory without it is unfinished.
+is the output size recorded in meta.json (built-in data is resized to it, as engine.data does).
+Each file is written under a temporary name and renamed when complete; meta.json (statistics,
+channels, size, eval crop ratio) is written last, so a directory without it is unfinished.
 """
 from __future__ import annotations
 
