@@ -65,9 +65,12 @@ def distilled_training_set(folder: Path, bundle: DataBundle, ipc: int, cfg: Eval
 def real_crops(cfg: EvaluateConfig, bundle: DataBundle, seed: int) -> Optional[CropSpec]:
     """How students crop real images of an image-folder tree: random resized crops of the full files
     in the dataset (the recipe's crop scale; flips and CutMix stay with the student), seeded by the
-    row's seed. None for in-memory data (the student crops its image_size images) and for stored
-    relabeling, which replays crop boxes in image_size images: its real rows read the eval-size images."""
+    row's seed. None for in-memory data (the student crops its image_size images), for stored
+    relabeling, which replays crop boxes in image_size images (its real rows read the eval-size
+    images), and for a student crop other than random-resized (CIFAR's pad-and-crop windows)."""
     if not hasattr(bundle.train, "crop_views") or (cfg.loss == "kl" and cfg.relabel == "stored"):
+        return None
+    if getattr(cfg, "crop", "rrc") != "rrc":
         return None
     return CropSpec(size=bundle.image_size, scale=tuple(make_recipe(cfg, bundle).crop_scale), seed=seed)
 
