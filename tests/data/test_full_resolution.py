@@ -2,7 +2,6 @@
 
 Real images: foolbox's ImageNet PNGs (512x512) and non-square crops of them (512x384, 300x420).
 """
-import math
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from engine.data import DataConfig, build_data
 from engine.data.views import CropSpec, MemorySource, crop_box, view_rng
-from realdata import foolbox_samples, make_imagefolder_tree
+from realdata import make_imagefolder_tree
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
