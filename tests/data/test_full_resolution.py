@@ -162,6 +162,10 @@ def test_real_subset_rows_crop_full_files_and_cache_under_the_size_rule(bundle):
     small = real_subset_dataset(bundle.train, indices, [0, 1], Codec(), 3, SIZE, 1000, spec)
     assert type(big.source).__name__ == "MemorySource" and type(small.source).__name__ == "FileSource"
     assert big.boxes(1) == small.boxes(1)
+    # each crop goes through the distilled sets' codec: JPEG changes it a little, PNG not at all
+    jpeg = real_subset_dataset(bundle.train, indices, [0, 1], Codec("jpeg", 90), 3, SIZE, 0, spec)
+    diff = (jpeg[1][0].float() - small[1][0].float()).abs()
+    assert 0 < diff.mean() < 8
     full = full_training_set(cfg, bundle, seed=4)
     assert full.dataset.crops_in_data and len(full.dataset) == len(bundle.train)
     assert full.digest != full_training_set(EvaluateConfig(epochs=1, relabel="stored"), bundle, 4).digest
