@@ -15,7 +15,9 @@ into a uint8 tensor instead; see ``should_cache``).
 
 A random real subset is an index list into the real training split (``real_subset.json``), served
 through the same codec as the distilled sets (8-bit, PNG or JPEG), so a report's rows differ only
-in their images.
+in their images. From an image-folder tree it is served at the files' own resolution: each item is
+a random resized crop of the full file (engine.data.views), put through the codec at the output
+size; see ``real_subset_dataset`` for what its memory cache keeps.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from torchvision.utils import make_grid
 
 from engine.artifacts.fingerprint import announce_overwrite, digest, require_match
 from engine.data.imagefolder import ImageFolderDataset
+from engine.data.views import CACHE_SIDE_FACTOR, CropSpec, CropViews, MemorySource, cached_bytes
 from engine.data.tensor_dataset import TensorImageDataset
 from engine.errors import ConfigError
 from engine.io import atomic_write, save_json
@@ -322,7 +325,22 @@ class CodecSubset(Dataset):
 
 
 def real_subset_dataset(base: Dataset, indices: Sequence[int], labels: Sequence[int], codec: Codec,
-                        channels: int, image_size: int, cache_bytes: int) -> Dataset:
+                        channels: int, image_size: int, cache_bytes: int,
+                        crops: Optional[CropSpec] = None) -> Dataset:
+    """The real images at ``indices``; ``crops`` (an image-folder ``base``): random resized crops of the
+    full-resolution files instead (``CropViews``, each view through ``codec``).
+
+    Memory: with ``crops`` the cache keeps every image decoded once with its shorter side capped at
+    ``CACHE_SIDE_FACTOR`` x ``crops.size`` (448 px for 224; smaller images as they are) when those
+    8-bit pixels fit ``cache_bytes``; crops are then cut per sample from the cached image (the same
+    box as from the file, scaled). Otherwise the files are decoded per sample. Without ``crops``:
+    the eval-size images, decoded once into one uint8 tensor under the same size rule."""
+    if crops is not None:
+        source = base.source(indices)
+        max_short = CACHE_SIDE_FACTOR * crops.size
+        if cache_bytes > 0 and cached_bytes(source.full_sizes(), channels, max_short) <= cache_bytes:
+            source = MemorySource(source, max_short)
+        return CropViews(source, labels, crops, finish=codec.roundtrip)
     subset = CodecSubset(base, indices, labels, codec)
     if not should_cache(len(subset), channels, image_size, cache_bytes):
         return subset

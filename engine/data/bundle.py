@@ -18,7 +18,13 @@ class DataConfig:
     root: Optional[str] = None
     """Folder holding the data (image-folder tree or CIFAR pickle batches); unused by built-ins."""
     image_size: Optional[int] = None
-    """Side length images are resized to; None keeps the entry's native size."""
+    """Side length images are resized to; None keeps the entry's native size. Image-folder trees keep
+    their files at full resolution: training crops come from the whole file, evaluation shows
+    Resize(round(image_size / eval_crop_ratio)) + CenterCrop(image_size) (engine.data.views)."""
+    eval_crop_ratio: float = 0.875
+    """Image-folder trees: the eval center crop's share of the resized shorter side (0.875: ImageNet's
+    Resize(256) + CenterCrop(224); 1.0: resize the shorter side to image_size and crop, as for
+    Tiny-ImageNet at its native 64 px). Built-in data ignores it."""
     channels: Optional[int] = None
     """1 (gray) or 3 (RGB); None keeps the entry's native channel count."""
     mean: Optional[list[float]] = None
@@ -52,6 +58,9 @@ class DataConfig:
                                   f"length, 1 (gray) or 3 (RGB)")
             if any(s <= 0 for s in self.std):
                 raise ConfigError(f"data.std={list(self.std)} must be > 0 in every channel")
+        if not 0 < self.eval_crop_ratio <= 1:
+            raise ConfigError(f"data.eval_crop_ratio={self.eval_crop_ratio} must be in (0, 1] (0.875: "
+                              f"Resize(256) + CenterCrop(224))")
         if self.stats_samples < 1:
             raise ConfigError(f"data.stats_samples={self.stats_samples} must be >= 1")
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -9,6 +10,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from engine.data.bundle import DataBundle, DataConfig
+from engine.data.views import CropSpec, CropViews, FileSource, eval_crop, open_image, to_chw
 from engine.errors import ConfigError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
@@ -39,42 +41,40 @@ def scan_tiny_imagenet_val(val_dir: Path) -> dict[str, list[Path]]:
     return {c: sorted(v) for c, v in sorted(per_class.items())}
 
 
-def load_image(path: Path, channels: int, size: int) -> torch.Tensor:
-    """Decode, convert to gray/RGB, resize the shorter side and center-crop; float [C,S,S] in [0,1]."""
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB" if channels == 3 else "L")
-            w, h = img.size
-            scale = size / min(w, h)
-            if scale != 1.0:
-                img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))),
-                                 Image.BILINEAR)
-            w, h = img.size
-            left, top = (w - size) // 2, (h - size) // 2
-            img = img.crop((left, top, left + size, top + size))
-            array = np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise ConfigError(f"image file {path} is corrupt or unreadable ({exc}); "
-                          f"remove or replace it") from exc
-    if array.ndim == 2:
-        array = array[:, :, None]
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+def load_image(path: Path, channels: int, size: int, ratio: float = 1.0) -> torch.Tensor:
+    """Decode, convert to gray/RGB, Resize(round(size / ratio)) + CenterCrop(size) (engine.data.views);
+    float [C,S,S] in [0,1]. ratio 1 keeps a size x size file's pixels exactly."""
+    return to_chw(eval_crop(open_image(path, channels), size, ratio)).float().div_(255.0)
 
 
 class ImageFolderDataset(Dataset):
-    """Lists files at construction, decodes one image per __getitem__ (never all in memory)."""
+    """Lists files at construction, decodes one image per __getitem__ (never all in memory).
 
-    def __init__(self, files: list[Path], labels: list[int], channels: int, image_size: int) -> None:
+    Items are the eval transform of the file (``crop_ratio``: see engine.data.views.eval_crop);
+    ``crop_views(spec)`` gives the random-resized-crop views of the full-resolution files instead.
+    """
+
+    def __init__(self, files: list[Path], labels: list[int], channels: int, image_size: int,
+                 crop_ratio: float = 1.0) -> None:
         self.files = files
         self.labels = labels
         self.channels = channels
         self.image_size = image_size
+        self.crop_ratio = crop_ratio
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int):
-        return load_image(self.files[index], self.channels, self.image_size), self.labels[index]
+        return load_image(self.files[index], self.channels, self.image_size, self.crop_ratio), self.labels[index]
+
+    def source(self, indices: Optional[Sequence[int]] = None) -> FileSource:
+        """The full-resolution files (of ``indices``, default all) for crop views."""
+        files = self.files if indices is None else [self.files[i] for i in indices]
+        return FileSource(files, self.channels)
+
+    def crop_views(self, spec: CropSpec) -> CropViews:
+        return CropViews(self.source(), self.labels, spec)
 
 
 def _verify(files: list[Path], mode: str) -> None:
@@ -150,8 +150,8 @@ def load_imagefolder(cfg: DataConfig) -> DataBundle:
             image_size = min(first.size)
     else:
         image_size = cfg.image_size
-    train = ImageFolderDataset(train_files, train_labels, channels, image_size)
-    val = ImageFolderDataset(val_files, val_labels, channels, image_size)
+    train = ImageFolderDataset(train_files, train_labels, channels, image_size, cfg.eval_crop_ratio)
+    val = ImageFolderDataset(val_files, val_labels, channels, image_size, cfg.eval_crop_ratio)
     if cfg.mean is not None and cfg.std is not None:
         mean, std = list(cfg.mean), list(cfg.std)
     else:

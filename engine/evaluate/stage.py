@@ -29,6 +29,7 @@ from engine.artifacts.teacher import data_facts, load_teacher, teacher_digest
 from engine.config import from_mapping
 from engine.context import RunContext
 from engine.data import DataBundle
+from engine.data.views import CropSpec
 from engine.distributed import TaskShare, barrier, task_share
 from engine.errors import ConfigError
 from engine.evaluate.relabel import precompute_soft_labels
@@ -63,21 +64,48 @@ def distilled_training_set(folder: Path, bundle: DataBundle, ipc: int, cfg: Eval
     return TrainingSet(distilled.dataset(ipc, cfg.cache_mb * 2**20), f"{distilled.digest}/ipc{ipc}")
 
 
+def real_crops(cfg: EvaluateConfig, bundle: DataBundle, seed: int) -> Optional[CropSpec]:
+    """How students crop real images of an image-folder tree: random resized crops of the full files
+    in the dataset (the recipe's crop scale; flips and CutMix stay with the student), seeded by the
+    row's seed. None for in-memory data (the student crops its image_size images), for stored
+    relabeling, which replays crop boxes in image_size images (its real rows read the eval-size
+    images), and for a student crop other than random-resized (CIFAR's pad-and-crop windows)."""
+    if not hasattr(bundle.train, "crop_views") or (cfg.loss == "kl" and cfg.relabel == "stored"):
+        return None
+    if cfg.crop != "rrc":
+        return None
+    return CropSpec(size=bundle.image_size, scale=tuple(make_recipe(cfg, bundle).crop_scale), seed=seed)
+
+
 def random_real_subset(bundle: DataBundle, ipc: int, seed: int, cfg: Optional[EvaluateConfig] = None,
                        record: Optional[Path] = None, codec: Codec = Codec()) -> TrainingSet:
-    """``ipc`` random real training images per class, served through the distilled sets' codec.
+    """``ipc`` random real training images per class, served through the distilled sets' codec (an
+    image-folder tree: crops of the full-resolution files, see ``real_crops``).
 
     ``record``: where the index list is written (the row folder's real_subset.json)."""
+    cfg = cfg or EvaluateConfig()
     train_labels = bundle.labels("train")
     indices = real_subset_indices(train_labels, bundle.num_classes, ipc, seed)
     labels = [train_labels[i] for i in indices]
+    crops = real_crops(cfg, bundle, seed)
     fingerprint = {"data": data_facts(bundle), "ipc": ipc, "seed": seed, "codec": dataclasses.asdict(codec)}
+    if crops is not None:
+        fingerprint["crops"] = dataclasses.asdict(crops)
     subset = real_subset_record(indices, labels, fingerprint)
     if record is not None:
         save_json(subset, record)
     dataset = real_subset_dataset(bundle.train, indices, labels, codec, bundle.channels, bundle.image_size,
-                                  (cfg or EvaluateConfig()).cache_mb * 2**20)
+                                  cfg.cache_mb * 2**20, crops)
     return TrainingSet(dataset, subset["digest"])
+
+
+def full_training_set(cfg: EvaluateConfig, bundle: DataBundle, seed: int) -> TrainingSet:
+    """The whole training split (streamed): an image-folder tree as full-resolution crops (``real_crops``)."""
+    crops = real_crops(cfg, bundle, seed)
+    facts = {"data": data_facts(bundle), "split": "train"}
+    if crops is None:
+        return TrainingSet(bundle.train, digest(facts))
+    return TrainingSet(bundle.train.crop_views(crops), digest({**facts, "crops": dataclasses.asdict(crops)}))
 
 
 def build_eval_config(ctx: RunContext, **overrides) -> EvaluateConfig:
@@ -249,6 +277,11 @@ def evaluate_rows(ctx: RunContext, cfg: EvaluateConfig, sets: dict[str, Path],
                           gather_count=gather_count or 1)
     imported = external_sets(ctx, cfg)
     results: dict = {"ipc": {}}
+    if (ctx.dist.is_main and hasattr(bundle.train, "crop_views") and cfg.loss == "kl" and cfg.relabel == "stored"
+            and (cfg.random_real_seeds or cfg.full_data)):
+        print("evaluate: relabel=stored replays crop boxes of image_size images, so the real-image rows train on "
+              "the eval-size images (Resize + CenterCrop), not on crops of the full-resolution files as "
+              "relabel=online does")
     for ipc in sorted(set(ctx.run.ipc)):
         rows = {}
         for key, path in {**sets, **imported}.items():
@@ -270,7 +303,7 @@ def evaluate_rows(ctx: RunContext, cfg: EvaluateConfig, sets: dict[str, Path],
         rows["random_real"]["best_top1"] = None if None in bests else float(np.mean(bests))
         rows["random_real"]["seconds"] = float(sum(s["seconds"] for s in seeds))
     if cfg.full_data:
-        full = TrainingSet(bundle.train, digest({"data": data_facts(bundle), "split": "train"}))
+        full = full_training_set(cfg, bundle, ctx.run.seed)
         row = evaluator.run_row("full_data", None, full, epochs=cfg.full_data_epochs)
         if row is not None:
             results["full_data"] = row

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from engine.data.views import at_epoch, crops_in_data
 from engine.evaluate.augment import AugParams, apply_params, sample_params, step_rng
 from engine.evaluate.losses import mixed_cross_entropy, soft_label_kl
 from engine import preemption
@@ -205,12 +206,17 @@ def _train_epoch(run: _Run, train_set: Dataset, epoch: int) -> tuple[dict, int]:
     else:
         order, step_params = epoch_order(run.seed, epoch, len(train_set)), None
     losses, seen, lr = [], 0, run.recipe.lr
-    batches = load_batches(train_set, batches_of(order, run.recipe.batch_size), run.recipe.workers)
+    cropped = crops_in_data(train_set)  # real images cropped at full resolution by the dataset
+    if cropped and stored is not None:
+        raise ValueError("stored labels replay crop boxes; a dataset that crops itself needs online labels")
+    batches = load_batches(at_epoch(train_set, epoch), batches_of(order, run.recipe.batch_size), run.recipe.workers)
     for step, (images, labels) in enumerate(batches):
         lr = student_lr(run.recipe, epoch, step, run.steps_per_epoch)
         set_lr(run.optimizer, lr)
         params = step_params[step] if step_params is not None else run.recipe.sample(
             step_rng(run.seed, epoch, step), len(labels), run.image_size)
+        if cropped:  # the whole (already cropped) image; flips and mixing stay as drawn
+            params.boxes[:] = (0, 0, run.image_size, run.image_size)
         loss = _train_step(run, to_unit_float(images), labels, params, stored, step)
         if loss is not None:
             losses.append(loss)

@@ -50,7 +50,9 @@ def _ffcv(bundle, split, spec, rank, world_size):
     mean, std = (bundle.mean, bundle.std) if bundle is not None else (meta["mean"], meta["std"])
     channels = bundle.channels if bundle is not None else meta["channels"]
     size = spec.image_size or (bundle.image_size if bundle is not None else meta["image_size"])
-    return FFCVLoader(path, mean, std, channels, meta["channels"], size, spec, rank, world_size)
+    # betons of image files hold them at full resolution; eval takes meta's center-crop ratio
+    ratio = 1.0 if meta.get("fixed_size", True) else meta.get("eval_crop_ratio", 1.0)
+    return FFCVLoader(path, mean, std, channels, meta["channels"], size, spec, rank, world_size, ratio)
 
 
 LOADERS: dict[str, Callable[..., BatchLoader]] = {"torch": _torch, "ffcv": _ffcv, "dali": _dali}

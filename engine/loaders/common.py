@@ -31,8 +31,10 @@ class LoaderSpec:
     rank may be short, and ranks may differ by one sample (no padding duplicates). True: each rank
     yields only full batches of an equal-length shard (floor(n / world) samples)."""
     transform: str = "eval"
-    """'eval': resize the shorter side and center-crop to the image size (as engine.data does);
-    'train': random resized crop (``crop_scale``, ``crop_ratio``) + horizontal flip (``flip``)."""
+    """'eval': resize the shorter side and center-crop to the image size (as engine.data does: image
+    files Resize(round(size / data.eval_crop_ratio)) + CenterCrop(size)); 'train': random resized
+    crop of the whole full-resolution image (``crop_scale``, ``crop_ratio``) + horizontal flip
+    (``flip``), as engine.data.views."""
     views: int = 1
     """Independently augmented views per image (2 for SSL pretraining); >1 needs transform='train'.
     With views > 1 a batch is ([view_1, ..., view_k], labels)."""

@@ -3,11 +3,13 @@
     python -m engine.loaders.convert_ffcv --data imagefolder --root DIR --out DIR \
         [--image-size N] [--channels 1|3] [--format jpg|raw] [--max-resolution N] [--workers N]
 
-Works for every entry of engine.data (imagefolder, cifar10, cifar100, mnist5k, digits). With
---image-size the images are resized and center-cropped as engine.data does and stored at that
-size; without it image-folder files keep their resolution (capped by --max-resolution) and the
-loader crops at read time. Each file is written under a temporary name and renamed when complete;
-meta.json (statistics, channels, size) is written last, so a directory without it is unfinished.
+Works for every entry of engine.data (imagefolder, cifar10, cifar100, mnist5k, digits). Image-folder
+files are stored at their own resolution (the longer side capped by --max-resolution when given):
+the loader's train transform takes random resized crops of the whole image, its eval transform
+the center crop of ratio data.eval_crop_ratio (224/256), as engine.data.views does. --image-size
+is the output size recorded in meta.json (built-in data is resized to it, as engine.data does).
+Each file is written under a temporary name and renamed when complete; meta.json (statistics,
+channels, size, eval crop ratio) is written last, so a directory without it is unfinished.
 """
 from __future__ import annotations
 
@@ -35,12 +37,11 @@ class _WriterDataset:
     by a black pixel, because FFCV's writer waits forever on a worker that died.
     """
 
-    def __init__(self, dataset, fixed_size: Optional[int], channels: int) -> None:
+    def __init__(self, dataset, channels: int) -> None:
         self.files = getattr(dataset, "files", None)
         self.images = getattr(dataset, "images", None)
         self.dataset = dataset
         self.labels = list(dataset.labels)
-        self.fixed_size = fixed_size
         self.channels = channels
         self.failures = mp.Value("i", 0)
         self.first_error = mp.Array("c", 400)
@@ -49,12 +50,12 @@ class _WriterDataset:
         return len(self.labels)
 
     def _image(self, index: int) -> np.ndarray:
-        if self.files is not None and self.fixed_size is None:
+        if self.files is not None:  # full resolution
             with Image.open(self.files[index]) as img:
                 array = np.asarray(img.convert("RGB" if self.channels == 3 else "L"), dtype=np.uint8)
         elif self.images is not None:
             array = self.images[index].permute(1, 2, 0).numpy()
-        else:  # image-folder at a fixed size: exactly engine.data's decode/resize/crop
+        else:
             image = self.dataset[index][0]
             array = image.mul(255.0).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
         if array.ndim == 2:
@@ -76,13 +77,13 @@ class _WriterDataset:
             return np.zeros((1, 1, 3), dtype=np.uint8), int(self.labels[index])
 
 
-def write_beton(dataset, path: Path, fixed_size: Optional[int], channels: int, fmt: str,
-                max_resolution: Optional[int], workers: int, jpeg_quality: int = 90) -> Path:
+def write_beton(dataset, path: Path, channels: int, fmt: str, max_resolution: Optional[int], workers: int,
+                jpeg_quality: int = 90) -> Path:
     """Write one split atomically; raises ConfigError (and leaves no file) if any image fails."""
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
-    source = _WriterDataset(dataset, fixed_size, channels)
+    source = _WriterDataset(dataset, channels)
 
     def write(tmp: str) -> None:
         fields = {"image": RGBImageField(write_mode=fmt, max_resolution=max_resolution,
@@ -106,19 +107,19 @@ def write_beton(dataset, path: Path, fixed_size: Optional[int], channels: int, f
     return atomic_write(path, write)
 
 
-def convert(bundle: DataBundle, out: Path, fixed_size: Optional[int], fmt: str = "jpg",
-            max_resolution: Optional[int] = None, workers: int = 2, jpeg_quality: int = 90) -> Path:
+def convert(bundle: DataBundle, out: Path, fmt: str = "jpg", max_resolution: Optional[int] = None,
+            workers: int = 2, jpeg_quality: int = 90) -> Path:
     if fmt not in ("jpg", "raw"):
         raise ConfigError(f"--format {fmt} is not one of jpg|raw")
     out.mkdir(parents=True, exist_ok=True)
     (out / META_FILE).unlink(missing_ok=True)  # unfinished until rewritten below
     for split, dataset in (("train", bundle.train), ("val", bundle.test)):
-        write_beton(dataset, out / f"{split}.beton", fixed_size, bundle.channels, fmt,
-                    max_resolution, workers, jpeg_quality)
+        write_beton(dataset, out / f"{split}.beton", bundle.channels, fmt, max_resolution, workers, jpeg_quality)
     save_json({"data": bundle.name, "channels": bundle.channels, "image_size": bundle.image_size,
                "mean": list(bundle.mean), "std": list(bundle.std), "num_classes": bundle.num_classes,
                "class_names": list(bundle.class_names), "format": fmt,
-               "fixed_size": fixed_size is not None or not hasattr(bundle.train, "files"),
+               "fixed_size": not hasattr(bundle.train, "files"),
+               "eval_crop_ratio": getattr(bundle.train, "crop_ratio", 1.0), "max_resolution": max_resolution,
                "num_train": len(bundle.train), "num_val": len(bundle.test)}, out / META_FILE)
     return out
 
@@ -130,11 +131,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default=None, help="data folder (image-folder tree or CIFAR batches)")
     p.add_argument("--out", required=True, help="output folder for train.beton, val.beton, meta.json")
     p.add_argument("--image-size", type=int, default=None,
-                   help="resize + center-crop to N and store at N (default: keep resolution)")
+                   help="output size N (built-in data is stored resized to N; image files keep their resolution)")
     p.add_argument("--channels", type=int, default=None, choices=(1, 3))
     p.add_argument("--format", default="jpg", choices=("jpg", "raw"))
     p.add_argument("--max-resolution", type=int, default=None,
-                   help="cap the longer side when storing full-resolution images")
+                   help="cap the longer side of stored image files (default: their full resolution)")
+    p.add_argument("--eval-crop-ratio", type=float, default=0.875,
+                   help="eval center crop share of the resized shorter side (data.eval_crop_ratio)")
     p.add_argument("--jpeg-quality", type=int, default=90)
     p.add_argument("--workers", type=int, default=2, help="writer processes")
     p.add_argument("--verify", default="header", choices=("header", "full", "none"))
@@ -147,9 +150,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         bundle = build_data(DataConfig(name=args.data, root=args.root, image_size=args.image_size,
-                                       channels=args.channels, verify=args.verify))
-        out = convert(bundle, Path(args.out).expanduser(), args.image_size, args.format,
-                      args.max_resolution, args.workers, args.jpeg_quality)
+                                       channels=args.channels, verify=args.verify,
+                                       eval_crop_ratio=args.eval_crop_ratio))
+        out = convert(bundle, Path(args.out).expanduser(), args.format, args.max_resolution, args.workers,
+                      args.jpeg_quality)
     except ConfigError as exc:
         print(f"convert_ffcv: error: {exc}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from engine.data.views import eval_resize_side
 from engine.errors import ConfigError
 from engine.loaders.common import BatchLoader, LoaderSpec
 
@@ -95,6 +96,7 @@ class DALILoader(BatchLoader):
         self.std = [255.0 * s for s in std]
         self.channels = channels
         self.image_size = image_size
+        self.eval_ratio = getattr(dataset, "crop_ratio", 1.0)
         self.where = where
         use_gpu = spec.device != "cpu" and torch.cuda.is_available()
         if spec.device == "cuda" and not use_gpu:
@@ -143,7 +145,11 @@ class DALILoader(BatchLoader):
             outputs = []
             if s.transform == "eval":
                 images = fn.decoders.image(data, device=decode_device, output_type=color) if encoded else data
-                if encoded or self.arrays.shape[1:3] != (size, size):
+                # Image files: Resize(round(size / ratio)) + CenterCrop(size), as engine.data; DALI rounds
+                # a half-pixel crop offset up where torchvision rounds it to even (a 1 px shift at most).
+                if encoded:
+                    images = fn.resize(images, resize_shorter=eval_resize_side(size, self.eval_ratio), antialias=True)
+                elif self.arrays.shape[1:3] != (size, size):
                     images = fn.resize(images, resize_shorter=size, antialias=True)
                 outputs.append(fn.crop_mirror_normalize(images, crop=(size, size), **norm))
             else:

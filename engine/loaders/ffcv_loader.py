@@ -12,6 +12,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from engine.data.views import eval_resize_side
 from engine.errors import ConfigError
 from engine.loaders.common import BatchLoader, LoaderSpec, normalizer, shard_indices
 
@@ -64,7 +65,7 @@ def _shard_order_class():
 
 class FFCVLoader(BatchLoader):
     def __init__(self, beton: Path, mean, std, channels: int, stored_channels: int,
-                 image_size: int, spec: LoaderSpec, rank: int, world_size: int) -> None:
+                 image_size: int, spec: LoaderSpec, rank: int, world_size: int, eval_ratio: float = 1.0) -> None:
         from ffcv.reader import Reader
 
         try:
@@ -77,6 +78,7 @@ class FFCVLoader(BatchLoader):
         self.channels = channels
         self.stored_channels = stored_channels
         self.image_size = image_size
+        self.eval_ratio = eval_ratio
         self.normalize = normalizer(mean, std, spec.normalize)
         self._loader = None
 
@@ -93,8 +95,13 @@ class FFCVLoader(BatchLoader):
         if s.transform == "eval":
             meta = Reader(str(self.beton)).metadata["f0"]
             exact = bool((meta["width"] == size[1]).all() and (meta["height"] == size[0]).all())
-            # Already at the size: decode as stored (bit-exact for raw), no resampling.
-            decoder = SimpleRGBImageDecoder() if exact else CenterCropRGBImageDecoder(size, ratio=1.0)
+            # Built-in data already at the size: decode as stored (bit-exact for raw), no resampling.
+            # Image files: the center crop of eval_ratio of the shorter side (224/256), resized.
+            # FFCV crops int(ratio * shorter side) then resizes: ratio size / round(size / eval_ratio)
+            # (224/256) shows the region Resize(round(size / eval_ratio)) + CenterCrop(size) shows.
+            ratio = size[0] / eval_resize_side(size[0], self.eval_ratio)
+            decoder = (SimpleRGBImageDecoder() if exact and self.eval_ratio == 1.0
+                       else CenterCropRGBImageDecoder(size, ratio=ratio))
             return {"image": [decoder, ToTensor(), ToTorchImage()], "label": label}
 
         def view():

@@ -56,9 +56,11 @@ class LoaderConfig:
         name = getattr(data_cfg, "name", "NAME")
         root = getattr(data_cfg, "root", None)
         size = getattr(data_cfg, "image_size", None)
+        ratio = getattr(data_cfg, "eval_crop_ratio", None)
         out = self.beton_dir or "DIR"
         command = (f"python -m engine.loaders.convert_ffcv --data {name}"
                    + (f" --root {root}" if root else "") + (f" --image-size {size}" if size else "")
+                   + (f" --eval-crop-ratio {ratio}" if name == "imagefolder" and ratio else "")
                    + f" --out {out}")
         if not self.beton_dir:
             raise ConfigError(f"loader=ffcv needs loader.beton_dir=DIR; write it with `{command}`")
@@ -68,6 +70,14 @@ class LoaderConfig:
                 raise ConfigError(f"loader=ffcv: {folder / file} is missing (conversion not run or "
                                   f"unfinished); write it with `{command}`")
         meta = json.loads((folder / "meta.json").read_text())
+        if name == "imagefolder" and meta.get("fixed_size", False):
+            raise ConfigError(f"loader=ffcv: {folder} holds image-folder images at one fixed size (an older "
+                              f"convert_ffcv); training crops need the full-resolution files: rewrite it with "
+                              f"`{command}`")
+        if name == "imagefolder" and ratio and abs(meta.get("eval_crop_ratio", 1.0) - ratio) > 1e-9:
+            raise ConfigError(f"loader=ffcv: {folder} was written for data.eval_crop_ratio="
+                              f"{meta.get('eval_crop_ratio', 1.0)} but data.eval_crop_ratio={ratio}; rewrite it "
+                              f"with `{command}` or set data.eval_crop_ratio={meta.get('eval_crop_ratio', 1.0)}")
         if bundle is not None and (meta.get("num_train"), meta.get("num_val")) != (len(bundle.train),
                                                                                      len(bundle.test)):
             raise ConfigError(f"loader=ffcv: {folder} holds {meta.get('num_train')}/{meta.get('num_val')} "

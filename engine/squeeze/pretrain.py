@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from engine.artifacts.fingerprint import require_match
+from engine.data.views import CropSpec, at_epoch
 from engine.distributed import DistEnv, all_reduce_sum
 from engine.errors import ConfigError
 from engine import preemption
@@ -69,6 +70,12 @@ def train(method: nn.Module, dataset: Dataset, *, schedule: Schedule, spec: Augm
     positions r, r+W, ... (the epoch order is the same on every rank); views are drawn from a
     per-rank generator so ranks do not repeat each other's crops.
 
+    An image-folder tree (a dataset with ``crop_views``) is cropped at its own resolution: each
+    batch holds ``views`` random resized crops of every full-resolution file (engine.data.views,
+    seeded by (generator's seed, epoch, index), so a resume replays them), flipped as ``spec``
+    says; ``augment_color`` adds the photometric steps. In-memory data is cropped on the device by
+    ``augment_batch``.
+
     ``loader`` (an engine.loaders BatchLoader of this rank's shard: drop_last, batch_size / W,
     ``views=num_views``, [0, 1] floats, see engine.squeeze.stage) replaces the in-process batches:
     FFCV/DALI crop and flip while decoding (their randomness is their own, so a resume replays the
@@ -102,6 +109,8 @@ class _Run:
     wrapped: Trainer
     dataset: Dataset
     loader: object
+    crops: Dataset | None
+    """Full-resolution crop views of ``dataset`` (image trees), or None: crops happen on the device."""
     schedule: Schedule
     spec: AugmentSpec | None
     normalize: Callable[[torch.Tensor], torch.Tensor]
@@ -147,7 +156,10 @@ def _setup(method: nn.Module, dataset: Dataset, *, schedule: Schedule, spec: Aug
     view_generator = generator if world == 1 else torch.Generator().manual_seed(
         int(torch.randint(2**62, (1,), generator=generator)) + dist.rank)
     steps_per_epoch = len(dataset) // schedule.batch_size if loader is None else len(loader)
-    return _Run(method=method, wrapped=wrapped, dataset=dataset, loader=loader, schedule=schedule, spec=spec,
+    crops = None if loader is not None else crop_source(dataset, spec, getattr(method, "num_views"),
+                                                         generator.initial_seed())
+    return _Run(method=method, wrapped=wrapped, dataset=dataset, loader=loader, crops=crops,
+                schedule=schedule, spec=spec,
                 normalize=normalize, device=device, dist=dist, generator=generator,
                 view_generator=view_generator, state_path=rank_state_path(state_path, dist.rank, world),
                 fingerprint={**fingerprint, "world_size": world} if world > 1 else fingerprint,
@@ -188,7 +200,8 @@ def _epoch_batches(run: _Run, epoch: int):
     world = run.dist.world_size
     order = torch.randperm(len(run.dataset), generator=run.generator)
     mine = order if world == 1 else rank_order(order, run.schedule.batch_size, run.dist.rank, world)
-    return load_batches(run.dataset, batches_of(mine, run.micro_batch, drop_last=True), run.workers)
+    dataset = run.dataset if run.crops is None else at_epoch(run.crops, epoch)
+    return load_batches(dataset, batches_of(mine, run.micro_batch, drop_last=True), run.workers)
 
 
 def _run_epoch(run: _Run, epoch: int) -> dict:
@@ -226,12 +239,37 @@ def _run_epoch(run: _Run, epoch: int) -> dict:
 
 def _step_views(run: _Run, images) -> list[torch.Tensor]:
     """The method's ``views`` augmented, normalized views of one batch, in the trainer's input dtype."""
+    if run.crops is not None:
+        return [v.to(run.wrapped.input_dtype)
+                for v in batch_views(images, run.views, run.spec, run.view_generator, run.normalize, run.device)]
     if run.loader is None:
         images = images.to(run.device, non_blocking=True)
         return [_view(images, run.spec, run.view_generator, run.normalize).to(run.wrapped.input_dtype)
                 for _ in range(run.views)]
     return [v.to(run.wrapped.input_dtype)
             for v in _loader_views(images, run.views, run.spec, run.view_generator, run.normalize, run.device)]
+
+
+def crop_source(dataset: Dataset, spec: AugmentSpec | None, views: int, seed: int) -> Dataset | None:
+    """``dataset``'s full-resolution crop views for ``spec``'s geometry (image-folder trees), or None
+    (in-memory data, or no augmentation): then ``augment_batch`` crops on the device.
+
+    The one switch between the two crop paths, for pretraining and anything else that trains on
+    ``spec`` views of a real split (the probe): iterate ``at_epoch(source, epoch)`` and turn its
+    batches into views with ``batch_views``."""
+    if spec is None or not hasattr(dataset, "crop_views"):
+        return None
+    return dataset.crop_views(CropSpec(size=spec.image_size, scale=tuple(spec.crop_scale),
+                                       ratio=tuple(spec.crop_ratio), views=views,
+                                       flip=0.5 if spec.flip else 0.0, seed=seed))
+
+
+def batch_views(images: torch.Tensor, views: int, spec: AugmentSpec, generator: torch.Generator,
+                normalize: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """``views`` normalized channels_last views of a ``crop_source`` batch (uint8 [B,C,S,S] for one
+    view, [B,V,C,S,S] for V): crops and flips are done, the photometric steps are added here."""
+    crops = list(images.unbind(1)) if images.ndim == 5 else [images]
+    return _loader_views(crops, views, spec, generator, normalize, device)
 
 
 def _view(images: torch.Tensor, spec: AugmentSpec | None, generator: torch.Generator,

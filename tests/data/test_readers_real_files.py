@@ -11,13 +11,15 @@ from realdata import foolbox_samples, make_imagefolder_tree, write_cifar_batches
 
 def test_imagefolder_imagenet_layout(tmp_path):
     per_class = make_imagefolder_tree(tmp_path, "cifar10")
-    bundle = build_data(DataConfig(name="imagefolder", root=str(tmp_path), image_size=32, channels=3))
+    bundle = build_data(DataConfig(name="imagefolder", root=str(tmp_path), image_size=32, channels=3,
+                                   eval_crop_ratio=1.0))
     assert bundle.num_classes == len(per_class)
     assert bundle.class_names == sorted(per_class)
     assert len(bundle.train) == 20 and len(bundle.test) == 10
     x, y = bundle.train[0]
     assert x.shape == (3, 32, 32)
-    # pixels are the file's pixels (no resize at native size)
+    # ratio 1 at the native size: the file's pixels (no resize); the default 0.875 is covered in
+    # tests/data/test_full_resolution.py
     first = sorted(per_class)[0]
     expected = np.asarray(Image.open(per_class[first][0]).convert("RGB"), dtype=np.float32) / 255
     assert torch.allclose(x, torch.from_numpy(expected).permute(2, 0, 1), atol=1e-6)

@@ -66,7 +66,7 @@ def test_two_view_train_mode_gives_two_different_views(png_bundle, raw_betons):
 
 def test_gray_builtin_round_trip_and_sharding(tmp_path):
     bundle = build_data(DataConfig(name="digits"))
-    convert(bundle, tmp_path, fixed_size=None, fmt="raw", workers=1)
+    convert(bundle, tmp_path, fmt="raw", workers=1)
     images, labels = [], []
     for rank in range(2):
         loader = build_loader("ffcv", bundle, "test",
@@ -94,7 +94,7 @@ def test_failed_conversion_leaves_no_beton_and_no_temp_file(png_tree, tmp_path):
                                    verify="none", mean=[0.5] * 3, std=[0.25] * 3))
     out = tmp_path / "out"
     with pytest.raises(ConfigError, match="failed while writing train.beton"):
-        convert(bundle, out, fixed_size=32, fmt="jpg", workers=2)
+        convert(bundle, out, fmt="jpg", workers=2)
     assert list(out.iterdir()) == []
 
 
