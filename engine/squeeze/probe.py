@@ -22,7 +22,9 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from engine.models import ClassifierNet
+from engine.data.views import at_epoch
 from engine.squeeze.augment import AugmentSpec, augment_batch
+from engine.squeeze.pretrain import batch_views, crop_source
 from engine.training.batches import batches_of, load_batches
 from engine.training.metrics import evaluate_accuracy
 from engine.training.schedule import cosine_lr
@@ -109,7 +111,7 @@ def linear_probe(model: ClassifierNet, train: Dataset, test: Dataset,
         if views == "features":
             batches = _feature_batches((train_x - mean) / std, train_y, batch_size, generator)
         else:
-            batches = _view_batches(model, train, normalize, augment, batch_size, device, generator, workers)
+            batches = _view_batches(model, train, normalize, augment, batch_size, device, generator, workers, epoch)
         total, correct, count = 0.0, 0, 0
         for z, y in batches:
             logits = F.linear(z, weight, bias)
@@ -143,13 +145,19 @@ def _feature_batches(z: torch.Tensor, labels: torch.Tensor, batch_size: int,
 
 def _view_batches(model: ClassifierNet, train: Dataset, normalize: Callable[[torch.Tensor], torch.Tensor],
                   spec: AugmentSpec, batch_size: int, device: torch.device, generator: torch.Generator,
-                  workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch of (frozen eval-mode features of fresh augmented views, labels), on ``device``."""
+                  workers: int, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of (frozen eval-mode features of fresh augmented views, labels), on ``device``. An
+    image-folder tree is cropped from its full-resolution files, as pretraining's views are."""
     order = torch.randperm(len(train), generator=generator)
-    for images, labels in load_batches(train, batches_of(order, batch_size), workers):
-        views = augment_batch(images.to(device, non_blocking=True), spec, generator)
+    crops = crop_source(train, spec, 1, generator.initial_seed())
+    source = train if crops is None else at_epoch(crops, epoch)
+    for images, labels in load_batches(source, batches_of(order, batch_size), workers):
+        if crops is None:
+            views = normalize(augment_batch(images.to(device, non_blocking=True), spec, generator))
+        else:
+            views = batch_views(images, 1, spec, generator, normalize, device)[0]
         with torch.no_grad():
-            features = model.features(normalize(views)).float()
+            features = model.features(views).float()
         yield features, labels.long().to(device)
 
 

@@ -336,7 +336,9 @@ def _train_teacher(ctx: RunContext, cfg: SqueezeConfig, kind: str, settings: Tra
     augment = spec_for(settings.augment, bundle.image_size, _flip_for(cfg, bundle.channels), cfg.crop_scale)
     fingerprint = {"settings": dataclasses.asdict(settings),
                    "augment": dataclasses.asdict(augment) if augment else None,
-                   "model": dataclasses.asdict(ctx.model_cfg), "data": data_facts(bundle), "seed": ctx.run.seed}
+                   "model": dataclasses.asdict(ctx.model_cfg), "data": data_facts(bundle), "seed": ctx.run.seed,
+                   # image trees crop views from the full-resolution files (engine.data.views), others on the device
+                   "views_from": "files" if hasattr(bundle.train, "crop_views") else "device"}
     if loader is not None and loader.external:
         fingerprint["loader"] = loader.name
     # The teacher records what made it: the pretraining fingerprint, plus the probe for an SSL teacher.
