@@ -7,6 +7,7 @@ from typing import Optional
 
 from engine.artifacts.layout import SET_FOLDERS
 from engine.errors import ConfigError
+from engine.training.precision import check_precision
 
 RESERVED_ROWS = (*SET_FOLDERS, "random_real", "full_data")
 """Report row keys of our own rows: an external set may not take one of these names."""
@@ -87,6 +88,16 @@ class EvaluateConfig:
     <run>/external/<name> and trained on as one more report row, ``name``, with the same teacher and recipe.
     Images must be data.image_size square (never resized). None, not {}, by default: Hydra then takes the
     dict as given instead of merging it into an empty one (which struct mode refuses)."""
+    precision: str = "auto"
+    """auto (bf16 on CUDA, fp32 on the CPU) | fp32 | bf16: the student's and the teacher's soft-label forward
+    under bf16 autocast; weights, optimizer state, BN running statistics and the loss stay fp32. bf16 vs fp32
+    over a few steps on digits: see tests/evaluate/test_precision.py for the tolerance."""
+    channels_last: Optional[bool] = None
+    """NHWC student, teacher and batches. None: on CUDA only (on the CPU the small students measured no
+    faster: benchmarks/student_speed.py)."""
+    compile: bool = False
+    """torch.compile the student's forward/backward (fixed shapes). Each student pays the compilation once
+    (CPU, ConvNet 28 px: see benchmarks/student_speed.py), so it pays off only for long runs."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.full_data_epochs < 1:
@@ -126,6 +137,7 @@ class EvaluateConfig:
         if self.crop_scale is not None and not (len(self.crop_scale) == 2
                                                 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1):
             raise ConfigError(f"evaluate.crop_scale={self.crop_scale} must be [low, high] in (0, 1]")
+        check_precision(self.precision, "evaluate.precision")
         if self.external_sets is not None and not isinstance(self.external_sets, dict):
             raise ConfigError(f"evaluate.external_sets={self.external_sets!r} must map names to folders: "
                               f"evaluate.external_sets={{name:/path/to/set}}")
