@@ -95,3 +95,23 @@ def open_logger(config: LoggerConfig, folder: Path, is_main: bool = True) -> Met
     if config.name == "none" or not is_main:
         return NULL_LOGGER
     return TensorBoardLogger(folder, config.flush_seconds)
+
+
+def replay_loss_log(logger: MetricsLogger, path: Path) -> int:
+    """A finished recover set's loss log (CSV: batch, step, lr, ce, bn, acc, ...) as one curve per
+    quantity under recover/: class batch b's step s at x = b x (steps per batch) + s, so each batch's
+    descent follows the last. Written after synthesis (the log is per batch record); returns rows read."""
+    import csv
+
+    if not path.is_file():
+        return 0
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        return 0
+    per_batch = max(int(row["step"]) for row in rows) + 1
+    for row in rows:
+        x = int(row["batch"]) * per_batch + int(row["step"])
+        logger.scalars({f"recover/{key}": float(row[key]) for key in ("ce", "bn", "acc", "lr") if row.get(key)}, x)
+    logger.flush()
+    return len(rows)
