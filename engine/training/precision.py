@@ -39,8 +39,10 @@ def autocast(precision: str, device: torch.device):
 
 
 def use_channels_last(choice: Optional[bool], device: torch.device) -> bool:
-    """None: channels_last on CUDA (cuDNN's NHWC kernels), the default layout on the CPU, where the
-    small students measured no faster in NHWC (benchmarks/student_speed.py)."""
+    """None: channels_last on CUDA (cuDNN's NHWC kernels), the default layout on the CPU. On the CPU NHWC
+    measured 1.0-1.5x for the default fp32 student and 1.6x under bf16 (benchmarks/student_speed.py, oneDNN
+    with AMX, noisy shared cores), but it changes fp32 rounding (~1e-6), and stored relabeling's teacher
+    forward runs in the default layout: online and stored labels stay bit-equal only without it."""
     return torch.device(device).type == "cuda" if choice is None else bool(choice)
 
 
