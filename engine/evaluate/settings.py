@@ -91,7 +91,7 @@ class EvaluateConfig:
     precision: str = "auto"
     """auto (bf16 on CUDA, fp32 on the CPU) | fp32 | bf16: the student's and the teacher's soft-label forward
     under bf16 autocast; weights, optimizer state, BN running statistics and the loss stay fp32. bf16 vs fp32
-    over a few steps on digits: see tests/evaluate/test_precision.py for the tolerance."""
+    over a few steps on digits: see tests/evaluate/test_student_precision.py for the tolerance."""
     channels_last: Optional[bool] = None
     """NHWC student, teacher and batches. None: on CUDA only. On the CPU true measured 1.0-1.5x in fp32 and
     1.6x in bf16 (default ConvNet, 2 shared cores: benchmarks/student_speed.py) but online labels then differ

@@ -47,7 +47,7 @@ class TrainSettings:
     """auto (bf16 on CUDA, fp32 on the CPU) | fp32 | bf16: the encoders' forwards under bf16 autocast, for
     every trainer (trainer=deepspeed: its autocast; deepspeed.bf16 null follows this, a contradiction is
     refused) and for the probe's frozen features. Weights, SGD state, BN running statistics, MoCo's key
-    encoder (its EMA) and queue and the losses stay fp32 (tests/squeeze/test_precision.py)."""
+    encoder (its EMA) and queue and the losses stay fp32 (tests/squeeze/test_squeeze_precision.py)."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
