@@ -8,6 +8,9 @@ real subset of ``--ipc`` images per class (a distilled set's size). Each variant
 ``engine.evaluate.student.train_student`` itself; the rate is its per-epoch images/s (training only, the test
 pass excluded; the TensorBoard metric ``train/images_per_s``), median over the epochs after the first. For
 ``compile`` the first epoch's extra time over that median is reported as the compilation cost.
+
+``--pretrain`` also times MoCo v2 pretraining (ssl=mocov2's defaults, batch 128, on ``--pretrain-ipc`` images
+per class) through ``engine.squeeze.pretrain.train`` in fp32 and bf16 (its ``epoch/images_per_s``).
 """
 from __future__ import annotations
 
@@ -50,6 +53,8 @@ def main() -> None:
     parser.add_argument("--ipc", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--pretrain", action="store_true")
+    parser.add_argument("--pretrain-ipc", type=int, default=100)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -81,6 +86,33 @@ def main() -> None:
         first_epoch = len(train_set) / rates.rates[0]
         base = base or steady
         print(f"{variant:<22}{steady / batch:>10.2f}{steady:>11.0f}{steady / base:>8.2f}x{first_epoch:>15.2f}")
+    if args.pretrain:
+        pretrain_rates(bundle, model_cfg, device, args.pretrain_ipc)
+
+
+def pretrain_rates(bundle, model_cfg: ModelConfig, device: torch.device, ipc: int) -> None:
+    import tempfile
+    from pathlib import Path
+
+    from engine.squeeze.augment import spec_for
+    from engine.squeeze.pretrain import Schedule, train
+    from engine.squeeze.ssl import METHODS, MoCoSettings, fit_to_data
+
+    train_set = random_real_subset(bundle, ipc, seed=0).dataset
+    settings = fit_to_data(MoCoSettings(), len(train_set))
+    print(f"MoCo v2 pretraining: {len(train_set)} images, batch {settings.batch_size}, 2 epochs per precision")
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        generator = torch.Generator().manual_seed(0)
+        model = build_model(model_cfg, bundle.num_classes, bundle.channels, bundle.image_size)
+        method = METHODS["mocov2"].build(model, settings, generator)
+        with tempfile.TemporaryDirectory() as folder:
+            history = train(method, train_set, schedule=Schedule(2, settings.batch_size, settings.lr,
+                                                                 settings.momentum, settings.weight_decay),
+                            spec=spec_for("strong", bundle.image_size, False), normalize=bundle.normalize,
+                            device=device, generator=generator, state_path=Path(folder) / "state.pt",
+                            fingerprint={}, resume=False, progress=False, precision=precision)
+        print(f"  {precision}: {history[-1]['images_per_s']:.0f} images/s (second epoch)")
 
 
 if __name__ == "__main__":
