@@ -226,7 +226,9 @@ def train_student(student: nn.Module, train_set: Dataset, test_set: Dataset, nor
             preemption.check(f"epoch {epoch + 1} of {recipe.epochs} of {desc} (checkpoint {checkpoint})")
     seconds = time.time() - start
     run.logger.flush()
-    layout(student, False)  # the caller gets (and checkpoints hold) the default layout
+    layout(student, False)  # handed back in the default layout; the teacher serves later rows and relabeling
+    if run.teacher is not None:
+        layout(run.teacher, False)
     final = history[-1]
     return StudentResult(top1=final["top1"], top5=final["top5"], best_top1=student_artifacts.best_top1(history),
                          history=history, seconds=seconds,
