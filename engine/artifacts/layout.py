@@ -11,6 +11,7 @@
     <run>/evaluate/ipc<n>/<row>/             result.json, student_state.pt, labels/ (stored relabel)
     <run>/evaluate/full/full_data/           the full-data student
     <run>/report.{md,json}, accuracy_per_epoch.png, distilled_grids.png
+    <run>/tensorboard/<stage>/<loop>/        event files of each training loop (logger=tensorboard)
 """
 from __future__ import annotations
 
@@ -67,6 +68,11 @@ class RunLayout:
     # evaluate
     def evaluate_row(self, ipc: Optional[int], key: str) -> Path:
         return self.root / "evaluate" / (f"ipc{ipc}" if ipc else "full") / key
+
+    # metrics
+    def tensorboard(self, stage: str, *loop: str) -> Path:
+        """Event files of one training loop: squeeze/ssl, squeeze/probe, evaluate/ipc10/scdd, ..."""
+        return self.root.joinpath("tensorboard", stage, *loop)
 
     # report
     @property

@@ -7,6 +7,7 @@ from typing import Optional
 
 from engine.artifacts.layout import SET_FOLDERS
 from engine.errors import ConfigError
+from engine.training.precision import check_precision
 
 RESERVED_ROWS = (*SET_FOLDERS, "random_real", "full_data")
 """Report row keys of our own rows: an external set may not take one of these names."""
@@ -87,6 +88,18 @@ class EvaluateConfig:
     <run>/external/<name> and trained on as one more report row, ``name``, with the same teacher and recipe.
     Images must be data.image_size square (never resized). None, not {}, by default: Hydra then takes the
     dict as given instead of merging it into an empty one (which struct mode refuses)."""
+    precision: str = "auto"
+    """auto (bf16 on CUDA, fp32 on the CPU) | fp32 | bf16: the student's and the teacher's soft-label forward
+    under bf16 autocast; weights, optimizer state, BN running statistics and the loss stay fp32. bf16 vs fp32
+    over a few steps on digits: see tests/evaluate/test_student_precision.py for the tolerance."""
+    channels_last: Optional[bool] = None
+    """NHWC student, teacher and batches. None: on CUDA only. On the CPU true measured 1.0-1.5x in fp32 and
+    1.6x in bf16 (default ConvNet, 2 shared cores: benchmarks/student_speed.py) but online labels then differ
+    from stored ones by rounding (relabel's teacher runs in the default layout), so it is not the default."""
+    compile: bool = False
+    """torch.compile the student's forward/backward (fixed shapes). Each student pays the compilation once:
+    CPU, default ConvNet at batch 100, about 25-55 s for 1.3x fp32 steps (2 shared cores; bf16+channels_last
+    without compiling was faster still, 2.3x), so on the CPU it pays off only for runs of many minutes."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.full_data_epochs < 1:
@@ -126,6 +139,7 @@ class EvaluateConfig:
         if self.crop_scale is not None and not (len(self.crop_scale) == 2
                                                 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1):
             raise ConfigError(f"evaluate.crop_scale={self.crop_scale} must be [low, high] in (0, 1]")
+        check_precision(self.precision, "evaluate.precision")
         if self.external_sets is not None and not isinstance(self.external_sets, dict):
             raise ConfigError(f"evaluate.external_sets={self.external_sets!r} must map names to folders: "
                               f"evaluate.external_sets={{name:/path/to/set}}")

@@ -37,6 +37,7 @@ from engine.evaluate.report import write_report
 from engine.evaluate.settings import EvaluateConfig
 from engine.io import save_json
 from engine.evaluate.student import StudentRecipe, train_student
+from engine.training.tb_logger import open_logger, parse_logger
 from engine.loaders.settings import LoaderConfig, parse_loader
 from engine.models import ModelConfig, build_model
 
@@ -124,7 +125,8 @@ def make_recipe(cfg: EvaluateConfig, bundle: DataBundle, epochs: Optional[int] =
                          crop=cfg.crop, crop_padding=cfg.crop_padding, mix=cfg.mix, mixup_alpha=cfg.mixup_alpha,
                          optimizer=cfg.optimizer, momentum=cfg.momentum, decay_norm_and_bias=cfg.decay_norm_and_bias,
                          warmup_epochs=min(cfg.warmup_epochs, (epochs or cfg.epochs) - 1), lr_floor=cfg.lr_floor,
-                         lr_per=cfg.lr_per, temperature_squared=cfg.temperature_squared)
+                         lr_per=cfg.lr_per, temperature_squared=cfg.temperature_squared,
+                         precision=cfg.precision, channels_last=cfg.channels_last, compile=cfg.compile)
 
 
 def student_model_config(cfg: EvaluateConfig, teacher_cfg: ModelConfig) -> ModelConfig:
@@ -206,11 +208,14 @@ class Evaluator:
         test_loader = None
         if self.loader is not None and self.loader.external:
             test_loader = self.loader.eval_loader(bundle, "test", batch_size=500)
+        logger = open_logger(parse_logger(ctx.sections), RunLayout(ctx.run_dir).tensorboard(
+            "evaluate", folder.parent.name, folder.name), ctx.dist.is_main)
         result = train_student(student, train.dataset, bundle.test, bundle.normalize, recipe, ctx.dist.device, seed,
                                teacher=self.teacher if stored is None else None, stored_labels=stored,
                                checkpoint=state_file, progress=ctx.run.progress,
                                desc=f"{key} ipc={ipc}" if ipc else key, dist=ctx.dist, test_loader=test_loader,
-                               fingerprint=fingerprint)
+                               fingerprint=fingerprint, logger=logger)
+        logger.close()
         row = {"top1": result.top1, "best_top1": result.best_top1, "top5": result.top5,
                "images": len(train.dataset), "epochs": recipe.epochs, "seconds": result.seconds,
                "images_per_s": result.images_per_s, "history": result.history}

@@ -28,7 +28,9 @@ from engine.distributed import DistEnv, average_buffers
 from engine.artifacts import student as student_artifacts
 from engine.training.batches import batches_of, epoch_order, load_batches, to_unit_float
 from engine.training.metrics import evaluate_accuracy
+from engine.training.precision import autocast, layout, optimizer_options, to_device, use_channels_last
 from engine.training.schedule import set_lr
+from engine.training.tb_logger import NULL_LOGGER, MetricsLogger
 from engine.training.trainers import wrap_ddp
 
 
@@ -59,6 +61,9 @@ class StudentRecipe:
     lr_floor: float = 0.0
     lr_per: str = "step"  # step | epoch
     temperature_squared: bool = False
+    precision: str = "fp32"  # auto | fp32 | bf16 (engine.training.precision)
+    channels_last: Optional[bool] = None  # None: on CUDA only
+    compile: bool = False
 
     def sample(self, rng: np.random.Generator, batch: int, size: int) -> AugParams:
         """One batch's augmentation parameters under this recipe (stored relabeling draws the same)."""
@@ -66,9 +71,12 @@ class StudentRecipe:
                              crop=self.crop, pad=self.crop_padding, mix=self.mix, mixup_alpha=self.mixup_alpha)
 
 
-def build_optimizer(student: nn.Module, recipe: StudentRecipe) -> torch.optim.Optimizer:
+def build_optimizer(student: nn.Module, recipe: StudentRecipe, device: Optional[torch.device] = None
+                    ) -> torch.optim.Optimizer:
     """AdamW or SGD; without ``decay_norm_and_bias`` only weights of 2+ dimensions (conv, linear) decay,
-    as the ImageNet script's param groups: BatchNorm scales/shifts and biases get weight decay 0."""
+    as the ImageNet script's param groups: BatchNorm scales/shifts and biases get weight decay 0.
+    With ``device``: fused (CUDA) or foreach (CPU) kernels, the same update as the default loop."""
+    options = optimizer_options(device) if device is not None else {}
     params = [p for p in student.parameters() if p.requires_grad]
     if recipe.decay_norm_and_bias:
         groups = [{"params": params}]
@@ -76,8 +84,9 @@ def build_optimizer(student: nn.Module, recipe: StudentRecipe) -> torch.optim.Op
         groups = [{"params": [p for p in params if p.ndim > 1]},
                   {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
     if recipe.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
-    return torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
+        return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
+                               **options)
+    return torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay, **options)
 
 
 def student_lr(recipe: StudentRecipe, epoch: int, step: int, steps_per_epoch: int) -> float:
@@ -128,6 +137,12 @@ class _Run:
     image_size: int
     fill: Optional[torch.Tensor] = None
     """A black pixel, normalized: the pad-and-crop border."""
+    forward: Optional[Callable] = None
+    """``model``, or its torch.compile'd forward (recipe.compile)."""
+    channels_last: bool = False
+    logger: MetricsLogger = NULL_LOGGER
+    step_index: int = 0
+    """Optimizer steps so far (the TensorBoard x axis)."""
 
 
 def train_student(student: nn.Module, train_set: Dataset, test_set: Dataset, normalize: Callable,
@@ -135,7 +150,7 @@ def train_student(student: nn.Module, train_set: Dataset, test_set: Dataset, nor
                   teacher: Optional[nn.Module] = None, stored_labels: Optional[Path] = None,
                   checkpoint: Optional[Path] = None, progress: bool = True,
                   desc: str = "student", dist: Optional[DistEnv] = None, test_loader=None,
-                  fingerprint: Optional[dict] = None) -> StudentResult:
+                  fingerprint: Optional[dict] = None, logger: MetricsLogger = NULL_LOGGER) -> StudentResult:
     """AdamW or SGD + cosine lr (``student_lr``); soft labels online from ``teacher`` or from ``stored_labels``.
 
     With world size W > 1 (``dist``) every rank loads and augments the same full batch, keeps its
@@ -145,18 +160,30 @@ def train_student(student: nn.Module, train_set: Dataset, test_set: Dataset, nor
     every test, so all ranks report the same accuracy. Rank 0 writes the checkpoint.
     ``test_loader`` (loader=ffcv|dali) replaces ``test_set`` in those tests.
     ``checkpoint`` resumes only a state saved with the same ``fingerprint`` (another is refused).
+
+    Speed (``recipe``): ``precision`` bf16 runs the student's and the teacher's forward under autocast
+    (weights, AdamW/SGD state and BN running statistics stay fp32; the loss is taken from fp32 logits);
+    ``channels_last`` puts the student, the teacher and each batch in NHWC; ``compile`` wraps the
+    student's forward (and so its backward) in torch.compile, whose first steps pay the compilation.
+    ``logger`` receives per-step loss/lr and per-epoch throughput and test accuracy (engine.training.tb_logger).
     """
     if recipe.loss == "kl" and teacher is None and stored_labels is None:
         raise ValueError("soft-label training needs a teacher (online) or stored labels")
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     torch.manual_seed(seed)
-    student = student.to(device)
+    channels_last = use_channels_last(recipe.channels_last, device)
+    student = layout(student.to(device), channels_last)
+    if teacher is not None:
+        teacher = layout(teacher.to(device).eval(), channels_last)
     run = _Run(student=student, model=wrap_ddp(student, dist) if world > 1 else student,
-               optimizer=build_optimizer(student, recipe),
+               optimizer=build_optimizer(student, recipe, device),
                recipe=recipe, normalize=normalize, device=device, seed=seed,
-               teacher=teacher.to(device).eval() if teacher is not None else None, stored_labels=stored_labels,
+               teacher=teacher, stored_labels=stored_labels,
                rank=rank, world=world, steps_per_epoch=math.ceil(len(train_set) / recipe.batch_size),
-               image_size=train_set[0][0].shape[-1])
+               image_size=train_set[0][0].shape[-1], channels_last=channels_last,
+               logger=logger if rank == 0 else NULL_LOGGER)
+    # dynamic=False: a last smaller batch recompiles once instead of tracing symbolic shapes
+    run.forward = torch.compile(run.model, dynamic=False) if recipe.compile else run.model
     if recipe.crop == "pad":
         run.fill = normalize(torch.zeros(1, train_set[0][0].shape[0], 1, 1, device=device))
     history: list[dict] = []
@@ -166,20 +193,28 @@ def train_student(student: nn.Module, train_set: Dataset, test_set: Dataset, nor
         student.load_state_dict(state["student"])
         run.optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"], state["history"]
+    run.step_index = start_epoch * run.steps_per_epoch
     checkpoint_every = max(1, recipe.epochs // 10)
     start = time.time()
     seen = 0
     bar = tqdm(range(start_epoch, recipe.epochs), desc=desc, disable=not progress, unit="ep",
                dynamic_ncols=True, leave=False)
     for epoch in bar:
+        epoch_started = time.perf_counter()
         row, images = _train_epoch(run, train_set, epoch)
         seen += images
+        epoch_seconds = time.perf_counter() - epoch_started
+        metrics = {"train/loss_epoch": row["loss"], "train/images_per_s": images / max(epoch_seconds, 1e-9)}
         if (epoch + 1) % recipe.eval_every == 0 or epoch + 1 == recipe.epochs:
             if world > 1:
                 average_buffers(student)
             row["top1"], row["top5"] = evaluate_accuracy(student, test_set, normalize, device,
                                                          workers=recipe.workers, loader=test_loader)
+            metrics["test/top1"] = row["top1"]
+            if row["top5"] is not None:
+                metrics["test/top5"] = row["top5"]
             bar.set_postfix(loss=f"{row['loss']:.3f}", top1=f"{row['top1']:.3f}")
+        run.logger.scalars(metrics, epoch + 1)
         history.append(row)
         stop = preemption.requested() is not None and epoch + 1 < recipe.epochs
         if (checkpoint is not None and rank == 0 and ((epoch + 1) % checkpoint_every == 0 or stop)
@@ -190,6 +225,10 @@ def train_student(student: nn.Module, train_set: Dataset, test_set: Dataset, nor
         if stop:  # preempted: the epoch in flight is finished and its checkpoint written
             preemption.check(f"epoch {epoch + 1} of {recipe.epochs} of {desc} (checkpoint {checkpoint})")
     seconds = time.time() - start
+    run.logger.flush()
+    layout(student, False)  # handed back in the default layout; the teacher serves later rows and relabeling
+    if run.teacher is not None:
+        layout(run.teacher, False)
     final = history[-1]
     return StudentResult(top1=final["top1"], top5=final["top5"], best_top1=student_artifacts.best_top1(history),
                          history=history, seconds=seconds,
@@ -217,9 +256,11 @@ def _train_epoch(run: _Run, train_set: Dataset, epoch: int) -> tuple[dict, int]:
             step_rng(run.seed, epoch, step), len(labels), run.image_size)
         if cropped:  # the whole (already cropped) image; flips and mixing stay as drawn
             params.boxes[:] = (0, 0, run.image_size, run.image_size)
-        loss = _train_step(run, to_unit_float(images), labels, params, stored, step)
+        loss = _train_step(run, images, labels, params, stored, step)
+        run.step_index += 1
         if loss is not None:
             losses.append(loss)
+            run.logger.scalars({"train/loss": loss, "train/lr": lr}, run.step_index)
         seen += len(labels)
     return {"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": lr}, seen
 
@@ -228,8 +269,11 @@ def _train_step(run: _Run, images: torch.Tensor, labels: torch.Tensor, params: A
                 stored: Optional[dict], step: int) -> Optional[float]:
     """One optimizer step on this rank's share of the batch; returns its loss (None: empty share)."""
     rank, world = run.rank, run.world
-    x = apply_params(run.normalize(images.to(run.device)), params, run.fill)
-    labels = labels.to(run.device)
+    # uint8 crosses to the device (a quarter of fp32's bytes) and becomes float there
+    x = apply_params(run.normalize(to_unit_float(to_device(images, run.device))), params, run.fill)
+    if run.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    labels = to_device(labels, run.device)
     partner = None
     if params.partner is not None:  # CutMix or MixUp
         partner = labels[torch.from_numpy(params.partner).to(run.device)]
@@ -237,7 +281,9 @@ def _train_step(run: _Run, images: torch.Tensor, labels: torch.Tensor, params: A
     if world > 1:  # this rank's share of the batch (partners were looked up in the whole batch)
         x, labels = x[rank::world], labels[rank::world]
         partner = partner[rank::world] if partner is not None else None
-    logits = run.model(x)
+    with autocast(run.recipe.precision, run.device):
+        logits = run.forward(x)
+    logits = logits.float()  # the loss in fp32 whatever the forward ran in
     if len(labels) == 0:  # a last batch smaller than the world leaves some ranks nothing
         loss = logits.sum() * 0.0
     elif run.recipe.loss == "hard":
@@ -247,8 +293,9 @@ def _train_step(run: _Run, images: torch.Tensor, labels: torch.Tensor, params: A
         if stored is not None:
             target = reconstruct_logits(stored, step, logits.shape[1])[rank::world].to(run.device)
         else:
-            with torch.no_grad():
+            with torch.no_grad(), autocast(run.recipe.precision, run.device):
                 target = run.teacher(x)
+            target = target.float()
         loss = soft_label_kl(logits, target, run.recipe.temperature)
         if run.recipe.temperature_squared:
             loss = loss * run.recipe.temperature ** 2

@@ -14,6 +14,7 @@ from engine.models import ModelConfig, has_batchnorm
 from engine.recover.distill import merge_distilled_set, recover_distilled_set
 from engine.recover.plan import batches_for_rank, plan_batches
 from engine.recover.settings import RecoverConfig
+from engine.training.tb_logger import open_logger, parse_logger, replay_loss_log
 
 
 def require_bn_teacher(model_cfg: ModelConfig) -> None:
@@ -100,6 +101,11 @@ def run(ctx: RunContext, **overrides) -> dict:
             "path": str(result.out_dir), "init_path": str(result.init) if result.init else None,
             "seconds": result.seconds, "first_ratio": result.first_ratio,
             "image_iterations_per_s": result.image_iterations_per_s}
+        if ctx.dist.is_main and not task.is_array and result.batches_run:
+            logger = open_logger(parse_logger(ctx.sections),
+                                 RunLayout(ctx.run_dir).tensorboard("recover", out_dir.name))
+            replay_loss_log(logger, result.out_dir / "loss_log.csv")
+            logger.close()
         if ctx.dist.is_main and not task.is_array:
             print(f"recover {name}-{cfg.init}: {ipc} ipc x {bundle.num_classes} classes in "
                   f"{result.seconds:.1f}s ({result.image_iterations_per_s:.0f} image-iterations/s) "

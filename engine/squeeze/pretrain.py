@@ -19,7 +19,9 @@ from engine import preemption
 from engine.io import save_torch
 from engine.squeeze.augment import AugmentSpec, augment_batch, augment_color
 from engine.training.batches import batches_of, load_batches
+from engine.training.precision import optimizer_options, to_device
 from engine.training.schedule import cosine_lr, set_lr
+from engine.training.tb_logger import NULL_LOGGER, MetricsLogger
 from engine.training.trainers import DeepSpeedSettings, Trainer, build_trainer
 
 
@@ -56,7 +58,8 @@ def train(method: nn.Module, dataset: Dataset, *, schedule: Schedule, spec: Augm
           stop_after_epochs: int | None = None, workers: int = 0, progress: bool = True,
           desc: str = "pretrain", on_epoch: Callable[[dict], None] | None = None,
           trainer: str = "single", dist: DistEnv | None = None,
-          deepspeed: DeepSpeedSettings | None = None, loader=None) -> list[dict]:
+          deepspeed: DeepSpeedSettings | None = None, loader=None, precision: str = "fp32",
+          logger: MetricsLogger = NULL_LOGGER) -> list[dict]:
     """Train ``method`` for ``schedule.epochs``; returns one metrics row per epoch.
 
     After every epoch the whole state (method incl. queue and momentum encoder, optimizer,
@@ -80,14 +83,22 @@ def train(method: nn.Module, dataset: Dataset, *, schedule: Schedule, spec: Augm
     ``views=num_views``, [0, 1] floats, see engine.squeeze.stage) replaces the in-process batches:
     FFCV/DALI crop and flip while decoding (their randomness is their own, so a resume replays the
     order but not the crops), ``augment_color`` adds jitter/grayscale/blur, then ``normalize``.
+
+    ``precision`` (auto | fp32 | bf16, ssl.precision): bf16 runs the method's loss under autocast (see
+    engine.training.trainers.build_trainer); the optimizer is SGD with fused (CUDA) or foreach (CPU)
+    kernels. ``logger`` gets per-step loss and lr and per-epoch loss and images/s (rank 0's).
     """
     run = _setup(method, dataset, schedule=schedule, spec=spec, normalize=normalize, device=device,
                  generator=generator, state_path=state_path, fingerprint=fingerprint, workers=workers,
                  progress=progress, desc=desc, trainer=trainer, dist=dist or DistEnv(device=device),
-                 deepspeed=deepspeed, loader=loader)
+                 deepspeed=deepspeed, loader=loader, precision=precision)
+    run.logger = logger if run.dist.is_main else NULL_LOGGER
     history, start_epoch = _restore(run) if resume else ([], 0)
     for epoch in range(start_epoch, schedule.epochs):
         row = _run_epoch(run, epoch)
+        run.logger.scalars({"epoch/loss": row["loss"], "epoch/images_per_s": row["images_per_s"],
+                            "epoch/augment_fraction": row["augment_fraction"]}, epoch + 1)
+        run.logger.flush()
         history.append(row)
         _save(run, epoch + 1, history)
         if on_epoch is not None:
@@ -130,12 +141,14 @@ class _Run:
     workers: int
     progress: bool
     desc: str
+    logger: MetricsLogger = NULL_LOGGER
 
 
 def _setup(method: nn.Module, dataset: Dataset, *, schedule: Schedule, spec: AugmentSpec | None,
            normalize: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
            generator: torch.Generator, state_path: Path, fingerprint: dict, workers: int, progress: bool,
-           desc: str, trainer: str, dist: DistEnv, deepspeed: DeepSpeedSettings | None, loader) -> _Run:
+           desc: str, trainer: str, dist: DistEnv, deepspeed: DeepSpeedSettings | None, loader,
+           precision: str = "fp32") -> _Run:
     """Check the batch split, place and wrap the method with its SGD, derive the per-rank state."""
     world = dist.world_size
     if len(dataset) < schedule.batch_size:
@@ -149,9 +162,12 @@ def _setup(method: nn.Module, dataset: Dataset, *, schedule: Schedule, spec: Aug
     # views parameters as flat bytes (broadcast, ZeRO buffers), which needs the default layout.
     method.to(device=device, memory_format=torch.contiguous_format if trainer == "deepspeed"
               else torch.channels_last)
+    # DeepSpeed steps our SGD on its own flat partitions: keep torch's default kernels there
+    options = optimizer_options(device) if trainer != "deepspeed" else {}
     optimizer = torch.optim.SGD(method.trainable(), lr=schedule.lr, momentum=schedule.momentum,
-                                weight_decay=schedule.weight_decay)
-    wrapped = build_trainer(trainer, method, optimizer, dist, (deepspeed or DeepSpeedSettings(), micro_batch))
+                                weight_decay=schedule.weight_decay, **options)
+    wrapped = build_trainer(trainer, method, optimizer, dist, (deepspeed or DeepSpeedSettings(), micro_batch),
+                            precision)
     # One process draws views from the order generator (as it always has); several need their own.
     view_generator = generator if world == 1 else torch.Generator().manual_seed(
         int(torch.randint(2**62, (1,), generator=generator)) + dist.rank)
@@ -219,7 +235,7 @@ def _run_epoch(run: _Run, epoch: int) -> dict:
         t0 = time.perf_counter()
         batch = _step_views(run, images)
         aug_seconds += time.perf_counter() - t0
-        loss = run.wrapped.loss(batch, labels.to(run.device), run.view_generator)
+        loss = run.wrapped.loss(batch, to_device(labels, run.device), run.view_generator)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{run.desc}: loss became {loss.item()} at epoch {epoch + 1}; "
                                      f"lower ssl.lr")
@@ -228,6 +244,7 @@ def _run_epoch(run: _Run, epoch: int) -> dict:
         total_loss += loss.item() * len(labels)
         seen += len(labels)
         step += 1
+        run.logger.scalars({"train/loss": loss.item(), "train/lr": lr}, step)
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.4g}")
     seconds = time.perf_counter() - started
     if run.dist.world_size > 1:  # the row reports the whole world: mean loss over all images, total throughput
@@ -243,7 +260,7 @@ def _step_views(run: _Run, images) -> list[torch.Tensor]:
         return [v.to(run.wrapped.input_dtype)
                 for v in batch_views(images, run.views, run.spec, run.view_generator, run.normalize, run.device)]
     if run.loader is None:
-        images = images.to(run.device, non_blocking=True)
+        images = to_device(images, run.device)
         return [_view(images, run.spec, run.view_generator, run.normalize).to(run.wrapped.input_dtype)
                 for _ in range(run.views)]
     return [v.to(run.wrapped.input_dtype)
@@ -289,7 +306,7 @@ def _loader_views(images, views: int, spec: AugmentSpec | None, generator: torch
         images = [images] * views  # no augmentation: identical views, as _view gives
     out = []
     for v in images:
-        v = v.to(device, non_blocking=True)
+        v = to_device(v, device)
         x = augment_color(v, spec, generator) if spec is not None else (
             v.float() / 255.0 if v.dtype == torch.uint8 else v.float())
         out.append(normalize(x).contiguous(memory_format=torch.channels_last))

@@ -27,17 +27,20 @@ from engine.squeeze.augment import AugmentSpec, augment_batch
 from engine.squeeze.pretrain import batch_views, crop_source
 from engine.training.batches import batches_of, load_batches
 from engine.training.metrics import evaluate_accuracy
+from engine.training.precision import autocast, optimizer_options, to_device
 from engine.training.schedule import cosine_lr
+from engine.training.tb_logger import NULL_LOGGER, MetricsLogger
 
 
 @torch.no_grad()
 def extract_features(model: ClassifierNet, dataset: Dataset, normalize: Callable[[torch.Tensor], torch.Tensor],
                      device: torch.device, batch_size: int = 512, workers: int = 0,
-                     head: bool = False, loader=None) -> tuple[torch.Tensor, torch.Tensor]:
+                     head: bool = False, loader=None, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled features (or logits with ``head``) [N, D] and labels [N], in dataset order, eval mode.
 
     ``loader``: an engine.loaders BatchLoader (eval transform, no shuffle, normalized) read
-    instead of ``dataset`` (loader=ffcv|dali); ``normalize`` is then the loader's.
+    instead of ``dataset`` (loader=ffcv|dali); ``normalize`` is then the loader's. ``precision`` bf16:
+    the forward under autocast; features come back fp32.
     """
     was_training = model.training
     model.eval()
@@ -47,11 +50,13 @@ def extract_features(model: ClassifierNet, dataset: Dataset, normalize: Callable
     else:
         batches = loader
     for images, y in batches:
-        images = images.to(device)
+        images = to_device(images, device)
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
         if loader is None:
             x = normalize(x)
-        feats.append((model(x) if head else model.features(x)).float().cpu())
+        with autocast(precision, device):
+            out = model(x) if head else model.features(x)
+        feats.append(out.float().cpu())
         labels.append(y)
     model.train(was_training)
     return torch.cat(feats), torch.cat(labels).long()
@@ -72,15 +77,17 @@ def linear_probe(model: ClassifierNet, train: Dataset, test: Dataset,
                  lr: float, momentum: float, weight_decay: float, schedule: str,
                  milestones: tuple[float, ...], standardize: bool, device: torch.device,
                  generator: torch.Generator, workers: int = 0, progress: bool = True,
-                 loaders=None, views: str = "features", augment: Optional[AugmentSpec] = None
-                 ) -> tuple[list[dict], dict]:
+                 loaders=None, views: str = "features", augment: Optional[AugmentSpec] = None,
+                 precision: str = "fp32", logger: MetricsLogger = NULL_LOGGER) -> tuple[list[dict], dict]:
     """Fit ``model.fc`` on frozen features; returns (per-epoch rows, final metrics).
 
     The backbone is left in eval mode with requires_grad unchanged; only ``model.fc`` is written.
     ``views``: augmented (``augment``'s crop + flip views of ``train`` each epoch; standardize must be
     off) | features (precomputed, unaugmented). ``loaders``: optional {"train": BatchLoader, "test":
     BatchLoader} (normalized eval batches) that replace ``train``/``test`` for feature extraction
-    (loader=ffcv|dali; augmented views read ``train`` itself).
+    (loader=ffcv|dali; augmented views read ``train`` itself). ``precision`` bf16 runs the frozen
+    backbone under autocast; the linear layer, its SGD and loss stay fp32. ``logger`` gets each epoch's
+    loss, lr, train top-1 and images/s, and the test top-1 at the end.
     """
     if views not in PROBE_VIEWS or (views == "augmented" and (augment is None or standardize)):
         raise ValueError(f"probe views={views!r} must be one of {PROBE_VIEWS}; augmented needs an AugmentSpec "
@@ -91,7 +98,7 @@ def linear_probe(model: ClassifierNet, train: Dataset, test: Dataset,
     num_classes = model.fc.out_features
     if views == "features":
         train_x, train_y = extract_features(model, train, normalize, device, workers=workers,
-                                            loader=loaders.get("train"))
+                                            loader=loaders.get("train"), precision=precision)
         dim, where = train_x.shape[1], torch.device("cpu")
     else:
         dim, where = model.feature_dim, device
@@ -101,7 +108,8 @@ def linear_probe(model: ClassifierNet, train: Dataset, test: Dataset,
     # MoCo's lincls init: weights N(0, 0.01), bias 0.
     weight = (torch.randn(num_classes, dim, generator=generator) * 0.01).to(where).requires_grad_(True)
     bias = torch.zeros(num_classes, device=where, requires_grad=True)
-    optimizer = torch.optim.SGD([weight, bias], lr=lr, momentum=momentum, weight_decay=weight_decay)
+    optimizer = torch.optim.SGD([weight, bias], lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                **optimizer_options(where))
     rows = []
     bar = tqdm(range(epochs), desc="probe", disable=not progress, leave=False)
     for epoch in bar:
@@ -111,8 +119,10 @@ def linear_probe(model: ClassifierNet, train: Dataset, test: Dataset,
         if views == "features":
             batches = _feature_batches((train_x - mean) / std, train_y, batch_size, generator)
         else:
-            batches = _view_batches(model, train, normalize, augment, batch_size, device, generator, workers, epoch)
+            batches = _view_batches(model, train, normalize, augment, batch_size, device, generator, workers, epoch,
+                                    precision)
         total, correct, count = 0.0, 0, 0
+        epoch_started = time.perf_counter()
         for z, y in batches:
             logits = F.linear(z, weight, bias)
             loss = F.cross_entropy(logits, y)
@@ -123,12 +133,16 @@ def linear_probe(model: ClassifierNet, train: Dataset, test: Dataset,
             correct += int((logits.argmax(1) == y).sum())
             count += len(y)
         rows.append({"epoch": epoch + 1, "loss": total / count, "lr": epoch_lr, "train_top1": correct / count})
+        logger.scalars({"train/loss": rows[-1]["loss"], "train/lr": epoch_lr, "train/top1": rows[-1]["train_top1"],
+                        "train/images_per_s": count / max(time.perf_counter() - epoch_started, 1e-9)}, epoch + 1)
         bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}", lr=f"{epoch_lr:.4g}")
     with torch.no_grad():
         folded = weight.cpu() / std  # fc(x) = W ((x - mean) / std) + b
         model.fc.weight.copy_(folded.to(model.fc.weight))
         model.fc.bias.copy_((bias.cpu() - folded @ mean).to(model.fc.bias))
     test_top1 = evaluate_top1(model, test, normalize, device, workers=workers, loader=loaders.get("test"))
+    logger.scalars({"test/top1": test_top1}, epochs)
+    logger.flush()
     final = {"probe_top1": test_top1, "probe_train_top1": rows[-1]["train_top1"] if rows else None,
              "probe_seconds": time.perf_counter() - started, "probe_feature_seconds": feature_seconds,
              "probe_views": views}
@@ -145,7 +159,7 @@ def _feature_batches(z: torch.Tensor, labels: torch.Tensor, batch_size: int,
 
 def _view_batches(model: ClassifierNet, train: Dataset, normalize: Callable[[torch.Tensor], torch.Tensor],
                   spec: AugmentSpec, batch_size: int, device: torch.device, generator: torch.Generator,
-                  workers: int, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                  workers: int, epoch: int, precision: str = "fp32") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of (frozen eval-mode features of fresh augmented views, labels), on ``device``. An
     image-folder tree is cropped from its full-resolution files, as pretraining's views are."""
     order = torch.randperm(len(train), generator=generator)
@@ -153,12 +167,12 @@ def _view_batches(model: ClassifierNet, train: Dataset, normalize: Callable[[tor
     source = train if crops is None else at_epoch(crops, epoch)
     for images, labels in load_batches(source, batches_of(order, batch_size), workers):
         if crops is None:
-            views = normalize(augment_batch(images.to(device, non_blocking=True), spec, generator))
+            views = normalize(augment_batch(to_device(images, device), spec, generator))
         else:
             views = batch_views(images, 1, spec, generator, normalize, device)[0]
-        with torch.no_grad():
-            features = model.features(views).float()
-        yield features, labels.long().to(device)
+        with torch.no_grad(), autocast(precision, device):
+            features = model.features(views)
+        yield features.float(), to_device(labels.long(), device)
 
 
 def evaluate_top1(model: ClassifierNet, dataset: Dataset, normalize: Callable[[torch.Tensor], torch.Tensor],

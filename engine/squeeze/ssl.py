@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.errors import ConfigError
+from engine.training.precision import check_precision
 from engine.models import ClassifierNet
 from engine.squeeze.losses import infonce_moco, momentum_update, nt_xent
 
@@ -42,6 +43,11 @@ class TrainSettings:
     """Start from a public checkpoint instead of pretraining: a file path (MoCo v1/v2/v3, DINO, SwAV,
     BYOL-style, torchvision or this engine's teacher files) or ``torchvision:<arch>`` from the local
     torchvision cache. Never downloaded."""
+    precision: str = "auto"
+    """auto (bf16 on CUDA, fp32 on the CPU) | fp32 | bf16: the encoders' forwards under bf16 autocast, for
+    every trainer (trainer=deepspeed: its autocast; deepspeed.bf16 null follows this, a contradiction is
+    refused) and for the probe's frozen features. Weights, SGD state, BN running statistics, MoCo's key
+    encoder (its EMA) and queue and the losses stay fp32 (tests/squeeze/test_squeeze_precision.py)."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -55,6 +61,7 @@ class TrainSettings:
                               f"ssl.momentum={self.momentum} in [0, 1)")
         if not 0 <= self.warmup_epochs < self.epochs:
             raise ConfigError(f"ssl.warmup_epochs={self.warmup_epochs} must be in [0, epochs)")
+        check_precision(self.precision, "ssl.precision")
         if self.init_from is not None and not self.init_from.strip():
             raise ConfigError("ssl.init_from is empty; give a checkpoint file or torchvision:<arch>, or null to train")
 
@@ -144,6 +151,13 @@ class SupervisedSettings(TrainSettings):
     label_smoothing: float = 0.0
 
 
+def fp32_loss(loss: Callable[..., torch.Tensor], *tensors: torch.Tensor, **options) -> torch.Tensor:
+    """``loss`` of fp32 copies of ``tensors`` with autocast off: under bf16 autocast the similarity matmuls
+    and the softmax would otherwise run in bf16 (no-op casts in fp32)."""
+    with torch.autocast(tensors[0].device.type, enabled=False):
+        return loss(*[t.float() if t.is_floating_point() else t for t in tensors], **options)
+
+
 def projection_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Module:
     """MoCo v2 / SimCLR MLP head; discarded after pretraining (the teacher keeps only the backbone)."""
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
@@ -203,7 +217,7 @@ class MoCo(nn.Module):
         q = self.head(self.model.backbone(x_q))
         momentum_update(self._key_params(), self._query_params(), self.key_momentum)
         k = self._keys(x_k, generator)
-        loss = infonce_moco(q, k, self.queue.clone(), self.temperature)
+        loss = fp32_loss(infonce_moco, q, k, self.queue.clone(), temperature=self.temperature)
         self._enqueue(k)
         return loss
 
@@ -226,7 +240,7 @@ class SimCLR(nn.Module):
     def loss(self, views: list[torch.Tensor], labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         z = self.head(self.model.backbone(torch.cat(views)))
         z1, z2 = z.chunk(2)
-        return nt_xent(z1, z2, self.temperature)
+        return fp32_loss(nt_xent, z1, z2, temperature=self.temperature)
 
 
 class Supervised(nn.Module):
@@ -244,7 +258,7 @@ class Supervised(nn.Module):
         return list(self.model.parameters())
 
     def loss(self, views: list[torch.Tensor], labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return F.cross_entropy(self.model(views[0]), labels, label_smoothing=self.label_smoothing)
+        return fp32_loss(F.cross_entropy, self.model(views[0]), labels, label_smoothing=self.label_smoothing)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from engine.distributed import average_buffers, barrier
 from engine.squeeze.pretrain import Interrupted, Schedule, rank_state_path, train
 from engine.squeeze.probe import evaluate_top1, linear_probe
 from engine.squeeze.ssl import SupervisedSettings, TrainSettings, check_queue, fit_to_data, method_spec
+from engine.training.tb_logger import open_logger, parse_logger
 from engine.training.trainers import DeepSpeedSettings, TrainerConfig, deepspeed_config, resolve_trainer
 
 log = logging.getLogger("scdd.squeeze")
@@ -186,12 +187,12 @@ def run(ctx: RunContext) -> dict:
     if cfg.probe_only:
         if ctx.dist.world_size > 1:
             raise ConfigError("squeeze.probe_only=true runs in one process; launch it without torchrun/srun")
-        return _probe_only(ctx, cfg, loader)
+        return _probe_only(ctx, cfg, loader, ssl_settings.precision)
     results: dict[str, dict] = {}
     for kind in cfg.teachers:
         settings = ssl_settings if kind == "ssl" else cfg.supervised
         if settings.init_from:
-            results[kind] = _import_teacher(ctx, cfg, kind, settings.init_from, loader)
+            results[kind] = _import_teacher(ctx, cfg, kind, settings.init_from, loader, settings.precision)
             continue
         settings = fit_to_data(settings, len(ctx.data.train))
         if cfg.epochs is not None:
@@ -267,7 +268,7 @@ def _read_import(ctx: RunContext, cfg: SqueezeConfig, kind: str,
 
 
 def _import_teacher(ctx: RunContext, cfg: SqueezeConfig, kind: str, source: str,
-                    loader: Optional[LoaderConfig] = None) -> dict:
+                    loader: Optional[LoaderConfig] = None, precision: str = "fp32") -> dict:
     """A teacher from a public checkpoint instead of pretraining: the SSL backbone is linear-probed unless
     squeeze.probe.init_from gives its released head; written like a trained teacher."""
     started = time.perf_counter()
@@ -298,7 +299,7 @@ def _import_teacher(ctx: RunContext, cfg: SqueezeConfig, kind: str, source: str,
     probe_rows: list[dict] = []
     test_loader = loader.eval_loader(ctx.data, "test") if loader.external else None
     if probes:
-        probe_rows, probe_final = _probe(ctx, cfg, model, loader)
+        probe_rows, probe_final = _probe(ctx, cfg, model, loader, precision)
         final.update(probe_final)
     elif head is not None:
         final.update(head_from=head.source, head_file=str(head.path), head_layout=head.layout,
@@ -360,12 +361,15 @@ def _train_teacher(ctx: RunContext, cfg: SqueezeConfig, kind: str, settings: Tra
         history_so_far.append(row)
 
     history_so_far: list[dict] = []
+    pretrain_logger = open_logger(parse_logger(ctx.sections), RunLayout(ctx.run_dir).tensorboard("squeeze", kind),
+                                  ctx.dist.is_main)
     history = train(method, bundle.train, schedule=schedule, spec=augment, normalize=bundle.normalize,
                     device=device, generator=generator, state_path=RunLayout(ctx.run_dir).squeeze_state(kind),
                     fingerprint=fingerprint, resume=ctx.run.resume, stop_after_epochs=cfg.stop_after_epochs,
                     workers=cfg.workers, progress=ctx.run.progress, desc=f"{kind}:{settings.name}",
                     on_epoch=write_progress, trainer=trainer, dist=ctx.dist, deepspeed=ds_settings,
-                    loader=view_loader)
+                    loader=view_loader, precision=settings.precision, logger=pretrain_logger)
+    pretrain_logger.close()
     state_file = rank_state_path(RunLayout(ctx.run_dir).squeeze_state(kind), ctx.dist.rank, ctx.dist.world_size)
     # BN running statistics followed each rank's shard; the teacher gets their mean.
     average_buffers(model)
@@ -382,10 +386,10 @@ def _train_teacher(ctx: RunContext, cfg: SqueezeConfig, kind: str, settings: Tra
     if ds_settings is not None:
         final["zero_stage"] = ds_settings.zero_stage
         # bf16 = autocast around the forward; the weights and BN statistics saved here stay fp32
-        final["bf16"] = deepspeed_config(ds_settings, 1, 1, device)["torch_autocast"]["enabled"]
+        final["bf16"] = deepspeed_config(ds_settings, 1, 1, device, settings.precision)["torch_autocast"]["enabled"]
     probe_rows: list[dict] = []
     if kind == "ssl":
-        probe_rows, probe_final = _probe(ctx, cfg, model, loader)
+        probe_rows, probe_final = _probe(ctx, cfg, model, loader, settings.precision)
         final.update(probe_final)
     else:
         final["top1"] = evaluate_top1(model, bundle.test, bundle.normalize, device, workers=cfg.workers,
@@ -420,24 +424,31 @@ def _view_loader(ctx: RunContext, loader: LoaderConfig, augment, batch_size: int
 
 
 def _probe(ctx: RunContext, cfg: SqueezeConfig, model,
-           loader: Optional[LoaderConfig] = None) -> tuple[list[dict], dict]:
+           loader: Optional[LoaderConfig] = None, precision: str = "fp32") -> tuple[list[dict], dict]:
     p = cfg.probe
     loaders = None
     if loader is not None and loader.external:
         loaders = {split: loader.eval_loader(ctx.data, split) for split in ("train", "test")}
     generator = torch.Generator().manual_seed(ctx.run.seed * 1000 + _SEED_STREAM["probe"])
-    return linear_probe(model, ctx.data.train, ctx.data.test, ctx.data.normalize, epochs=p.epochs,
-                        batch_size=p.batch_size, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay,
-                        schedule=p.schedule, milestones=tuple(p.milestones), standardize=p.standardize,
-                        device=ctx.dist.device, generator=generator, workers=cfg.workers,
-                        progress=ctx.run.progress, loaders=loaders, views=p.views,
-                        augment=probe_image_spec(ctx.data.image_size, _flip_for(cfg, ctx.data.channels)))
+    logger = open_logger(parse_logger(ctx.sections), RunLayout(ctx.run_dir).tensorboard("squeeze", "probe"),
+                         ctx.dist.is_main)
+    try:
+        return linear_probe(model, ctx.data.train, ctx.data.test, ctx.data.normalize, epochs=p.epochs,
+                            batch_size=p.batch_size, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay,
+                            schedule=p.schedule, milestones=tuple(p.milestones), standardize=p.standardize,
+                            device=ctx.dist.device, generator=generator, workers=cfg.workers,
+                            progress=ctx.run.progress, loaders=loaders, views=p.views,
+                            augment=probe_image_spec(ctx.data.image_size, _flip_for(cfg, ctx.data.channels)),
+                            precision=precision, logger=logger)
+    finally:
+        logger.close()
 
 
-def _probe_only(ctx: RunContext, cfg: SqueezeConfig, loader: Optional[LoaderConfig] = None) -> dict:
+def _probe_only(ctx: RunContext, cfg: SqueezeConfig, loader: Optional[LoaderConfig] = None,
+                precision: str = "fp32") -> dict:
     source = Path(ctx.run.teacher) if ctx.run.teacher else RunLayout(ctx.run_dir).teacher("ssl")
     model, payload = load_teacher(source, ctx.model_cfg, ctx.data)
-    rows, probe_final = _probe(ctx, cfg, model, loader)
+    rows, probe_final = _probe(ctx, cfg, model, loader, precision)
     kind = payload["kind"]
     # A supervised teacher keeps its own classifier; its probed copy goes next to it.
     slot = "ssl" if kind == "ssl" else f"{kind}_probe"

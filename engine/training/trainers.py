@@ -26,6 +26,7 @@ from torch import nn
 
 from engine.distributed import DistEnv, ensure_process_group
 from engine.errors import ConfigError
+from engine.training.precision import autocast, check_precision, resolve_precision
 
 ZERO_STAGES = (0, 1, 2)
 """ZeRO-3 shards the parameters themselves; MoCo's momentum encoder reads them whole, so it is refused."""
@@ -37,7 +38,8 @@ class DeepSpeedSettings:
 
     zero_stage: int = 1
     bf16: Optional[bool] = None
-    """None: bf16 on CUDA, fp32 on the CPU. bf16 runs the forward under torch.autocast(bfloat16)
+    """None: as ssl.precision says (its auto: bf16 on CUDA, fp32 on the CPU); set, it must agree with an
+    explicit ssl.precision (a contradiction is refused). bf16 runs the forward under torch.autocast(bfloat16)
     (DeepSpeed's ``torch_autocast``; convolution/linear gradients are all-reduced in bf16); weights,
     optimizer state, the MoCo key encoder and the BN running statistics recover matches stay fp32.
     DeepSpeed's own ``bf16`` mode would cast the whole module: MoCo's momentum update (1 - m =
@@ -95,9 +97,13 @@ TRAINER_PRESETS: dict[str, TrainerConfig] = {
 
 
 def deepspeed_config(settings: DeepSpeedSettings, micro_batch: int, world_size: int,
-                     device: torch.device) -> dict:
-    """The DeepSpeed config dict: generated from ``settings``, or read from ``settings.path``."""
-    bf16 = settings.bf16 if settings.bf16 is not None else device.type == "cuda"
+                     device: torch.device, precision: str = "auto") -> dict:
+    """The DeepSpeed config dict: generated from ``settings``, or read from ``settings.path``.
+
+    ``precision`` (ssl.precision) and DeepSpeed's autocast are one switch: deepspeed.bf16 None follows
+    it, and an explicit fp32|bf16 that the final config contradicts is refused."""
+    check_precision(precision, "ssl.precision")
+    bf16 = settings.bf16 if settings.bf16 is not None else resolve_precision(precision, device) == "bf16"
     config: dict[str, Any] = {
         "zero_optimization": {"stage": settings.zero_stage},
         # bf16 as autocast around the forward: the module stays fp32 (see DeepSpeedSettings.bf16)
@@ -133,6 +139,13 @@ def deepspeed_config(settings: DeepSpeedSettings, micro_batch: int, world_size: 
         raise ConfigError(f"{source} enables DeepSpeed's {cast[0]} mode, which casts the whole module (MoCo's "
                           f"key encoder, the BN running statistics); remove it and set deepspeed.bf16=true "
                           f"(autocast, fp32 weights) or a 'torch_autocast' section")
+    autocasts = bool((config.get("torch_autocast") or {}).get("enabled"))
+    if precision != "auto" and autocasts != (precision == "bf16"):
+        source = ("deepspeed.path" if settings.path else "deepspeed.bf16" if settings.bf16 is not None
+                  else "deepspeed.extra")
+        raise ConfigError(f"ssl.precision={precision} contradicts {source} (DeepSpeed autocast "
+                          f"{'on' if autocasts else 'off'}); set one of them only (deepspeed.bf16=null follows "
+                          f"ssl.precision)")
     stage = (config.get("zero_optimization") or {}).get("stage", 0)
     if stage not in ZERO_STAGES:
         raise ConfigError(f"DeepSpeed zero_optimization.stage={stage!r} is not supported; use one of "
@@ -184,6 +197,18 @@ def _freeze_untrained(method: nn.Module, trainable: list[nn.Parameter]) -> Calla
     return restore
 
 
+def _autocast_loss(loss: Callable, precision: str, device: torch.device) -> Callable:
+    """``loss`` with its forward under bf16 autocast (precision bf16), as DeepSpeed's torch_autocast does."""
+    if resolve_precision(precision, device) != "bf16":
+        return loss
+
+    def autocast_loss(views, labels, generator):
+        with autocast("bf16", device):
+            return loss(views, labels, generator)
+
+    return autocast_loss
+
+
 def _single(method, optimizer, dist, ds) -> Trainer:
     if dist.world_size > 1:
         raise ConfigError(f"trainer=single runs one process but the world size is {dist.world_size}; "
@@ -194,8 +219,8 @@ def _single(method, optimizer, dist, ds) -> Trainer:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
 
-    return Trainer("single", optimizer, method.loss, backward, optimizer.step, optimizer.state_dict,
-                   optimizer.load_state_dict, lambda: None)
+    return Trainer("single", optimizer, _autocast_loss(method.loss, ds[2], dist.device), backward,
+                   optimizer.step, optimizer.state_dict, optimizer.load_state_dict, lambda: None)
 
 
 def wrap_ddp(module: nn.Module, dist: DistEnv, **options) -> nn.parallel.DistributedDataParallel:
@@ -213,13 +238,13 @@ def _ddp(method, optimizer, dist, ds) -> Trainer:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
 
-    return Trainer("ddp", optimizer, wrapped, backward, optimizer.step, optimizer.state_dict,
-                   optimizer.load_state_dict, restore)
+    return Trainer("ddp", optimizer, _autocast_loss(wrapped, ds[2], dist.device), backward, optimizer.step,
+                   optimizer.state_dict, optimizer.load_state_dict, restore)
 
 
 def _deepspeed(method, optimizer, dist, ds) -> Trainer:
-    settings, micro_batch = ds
-    config = deepspeed_config(settings, micro_batch, dist.world_size, dist.device)
+    settings, micro_batch, precision = ds
+    config = deepspeed_config(settings, micro_batch, dist.world_size, dist.device, precision)
     ensure_process_group(dist)
     import deepspeed
     import deepspeed.ops
@@ -261,13 +286,15 @@ TRAINERS: dict[str, Callable[..., Trainer]] = {"auto": _auto, "single": _single,
 
 
 def build_trainer(name: str, method: nn.Module, optimizer: torch.optim.Optimizer, dist: DistEnv,
-                  deepspeed: Optional[tuple[DeepSpeedSettings, int]] = None) -> Trainer:
+                  deepspeed: Optional[tuple[DeepSpeedSettings, int]] = None, precision: str = "fp32") -> Trainer:
     """Wrap ``method`` (already on its device) and ``optimizer`` for trainer ``name``.
 
     ``deepspeed`` is (settings, per-rank micro batch) and is needed for name='deepspeed'.
+    ``precision`` (auto | fp32 | bf16): bf16 runs ``loss`` under autocast (DeepSpeed: its torch_autocast,
+    which must agree); the module, its optimizer state and buffers stay fp32.
     """
     if name not in TRAINERS:
         raise ConfigError(f"unknown trainer '{name}'; choose trainer= one of {sorted(TRAINERS)}")
-    if name == "deepspeed" and deepspeed is None:
-        deepspeed = (DeepSpeedSettings(), 1)
-    return TRAINERS[name](method, optimizer, dist, deepspeed)
+    check_precision(precision, "ssl.precision")
+    settings, micro_batch = deepspeed if deepspeed is not None else (DeepSpeedSettings(), 1)
+    return TRAINERS[name](method, optimizer, dist, (settings, micro_batch, precision))

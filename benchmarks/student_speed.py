@@ -1,0 +1,119 @@
+"""Student optimizer steps per second under the default run's settings, per speed option.
+
+    PYTHONPATH=. python benchmarks/student_speed.py [--device cpu|cuda] [--epochs 8] [--ipc 50] [--threads 1]
+
+The default `scdd` run's student: data=mnist5k (28 px gray, in memory), model=convnet (width 64, depth 3), batch
+100, AdamW, CutMix, KL soft labels from an online teacher of the same architecture; the training set is a random
+real subset of ``--ipc`` images per class (a distilled set's size). Each variant trains one student through
+``engine.evaluate.student.train_student`` itself; the rate is its per-epoch images/s (training only, the test
+pass excluded; the TensorBoard metric ``train/images_per_s``), median over the epochs after the first. For
+``compile`` the first epoch's extra time over that median is reported as the compilation cost.
+
+``--pretrain`` also times MoCo v2 pretraining (ssl=mocov2's defaults, batch 128, on ``--pretrain-ipc`` images
+per class) through ``engine.squeeze.pretrain.train`` in fp32 and bf16 (its ``epoch/images_per_s``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+from engine.data import DataConfig, build_data
+from engine.evaluate.stage import random_real_subset
+from engine.evaluate.student import StudentRecipe, train_student
+from engine.models import ModelConfig, build_model
+from engine.training.tb_logger import MetricsLogger
+
+VARIANTS = {
+    "fp32": {"precision": "fp32", "channels_last": False},
+    "bf16": {"precision": "bf16", "channels_last": False},
+    "fp32+channels_last": {"precision": "fp32", "channels_last": True},
+    "bf16+channels_last": {"precision": "bf16", "channels_last": True},
+    "fp32+compile": {"precision": "fp32", "channels_last": False, "compile": True},
+    "bf16+compile": {"precision": "bf16", "channels_last": False, "compile": True},
+}
+
+
+class EpochRates(MetricsLogger):
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+
+    def scalars(self, values, step):
+        if "train/images_per_s" in values:
+            self.rates.append(float(values["train/images_per_s"]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--ipc", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--pretrain", action="store_true")
+    parser.add_argument("--pretrain-ipc", type=int, default=100)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    bundle = build_data(DataConfig(name="mnist5k"))
+    model_cfg = ModelConfig(name="convnet", width=64, depth=3)
+    train_set = random_real_subset(bundle, args.ipc, seed=0).dataset
+    torch.manual_seed(1)
+    teacher = build_model(model_cfg, bundle.num_classes, bundle.channels, bundle.image_size).eval()
+    batch = 100
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} thread(s)"
+    print(f"{name}; load average {load:.2f} on {os.cpu_count()} cores; {len(train_set)} images, batch {batch}, "
+          f"{args.epochs} epochs per variant")
+    print(f"{'variant':<22}{'steps/s':>10}{'images/s':>11}{'vs fp32':>9}{'first epoch s':>15}")
+    base = None
+    for variant in args.variants.split(","):
+        options = VARIANTS[variant]
+        recipe = StudentRecipe(epochs=args.epochs, batch_size=batch, lr=1e-2, weight_decay=0.01, temperature=4.0,
+                               loss="kl", crop_scale=(0.5, 1.0), flip=False, cutmix_prob=1.0, cutmix_alpha=1.0,
+                               eval_every=args.epochs, **options)
+        torch.manual_seed(0)
+        student = build_model(model_cfg, bundle.num_classes, bundle.channels, bundle.image_size)
+        rates = EpochRates()
+        started = time.perf_counter()
+        train_student(student, train_set, bundle.test, bundle.normalize, recipe, device, 0, teacher=teacher,
+                      progress=False, logger=rates)
+        del started
+        steady = statistics.median(rates.rates[1:]) if len(rates.rates) > 1 else rates.rates[0]
+        first_epoch = len(train_set) / rates.rates[0]
+        base = base or steady
+        print(f"{variant:<22}{steady / batch:>10.2f}{steady:>11.0f}{steady / base:>8.2f}x{first_epoch:>15.2f}")
+    if args.pretrain:
+        pretrain_rates(bundle, model_cfg, device, args.pretrain_ipc)
+
+
+def pretrain_rates(bundle, model_cfg: ModelConfig, device: torch.device, ipc: int) -> None:
+    import tempfile
+    from pathlib import Path
+
+    from engine.squeeze.augment import spec_for
+    from engine.squeeze.pretrain import Schedule, train
+    from engine.squeeze.ssl import METHODS, MoCoSettings, fit_to_data
+
+    train_set = random_real_subset(bundle, ipc, seed=0).dataset
+    settings = fit_to_data(MoCoSettings(), len(train_set))
+    print(f"MoCo v2 pretraining: {len(train_set)} images, batch {settings.batch_size}, 2 epochs per precision")
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        generator = torch.Generator().manual_seed(0)
+        model = build_model(model_cfg, bundle.num_classes, bundle.channels, bundle.image_size)
+        method = METHODS["mocov2"].build(model, settings, generator)
+        with tempfile.TemporaryDirectory() as folder:
+            history = train(method, train_set, schedule=Schedule(2, settings.batch_size, settings.lr,
+                                                                 settings.momentum, settings.weight_decay),
+                            spec=spec_for("strong", bundle.image_size, False), normalize=bundle.normalize,
+                            device=device, generator=generator, state_path=Path(folder) / "state.pt",
+                            fingerprint={}, resume=False, progress=False, precision=precision)
+        print(f"  {precision}: {history[-1]['images_per_s']:.0f} images/s (second epoch)")
+
+
+if __name__ == "__main__":
+    main()
