@@ -176,7 +176,7 @@ def synthesize_groups(teacher: nn.Module, bn_modules: list, inits: list[torch.Te
     if cuda_graphs:
         require_cuda_graphs_possible(device)
     low, high = (b.to(device) for b in bounds)
-    x = torch.cat(inits).clone().requires_grad_(True)
+    x = torch.cat(inits).requires_grad_(True)  # cat copies, even one tensor: the inits stay as they were
     targets = torch.cat([t.to(device) for t in labels])
     steps = objective.iterations
     # A tensor lr lets a captured Adam step read the scheduled value each replay.
