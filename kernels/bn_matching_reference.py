@@ -8,9 +8,10 @@ For one BatchNorm layer's input ``x`` [N, C, H, W] and the layer's running stati
 
 (plain L2 norms, not squared, as in SRe2L's recovery loss). With ``groups=G`` the batch is G
 independent class-batches of N/G images each (``x.unflatten(0, (G, N // G))``): statistics are per
-(group, channel) and the loss is one value per group ([G]); ``groups=1`` keeps the 0-d loss. All accumulation is in fp32 (fp64
-when ``x`` is fp64, so ``gradcheck`` can run through this file). Where a norm's argument is
-exactly zero its gradient is zero, which is what ``torch.linalg.vector_norm``'s backward gives.
+(group, channel) and the loss is one value per group ([G]); ``groups=1`` keeps the 0-d loss.
+All accumulation is in fp32 (fp64 when ``x`` is fp64, so ``gradcheck`` can run through this file).
+Where a norm's argument is exactly zero its gradient is zero, which is what
+``torch.linalg.vector_norm``'s backward gives.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["check_groups", "bn_stats_reference", "bn_matching_loss_reference", "matching_loss_from_stats", "compute_dtype"]
+__all__ = ["check_groups", "bn_stats_reference", "bn_matching_loss_reference", "matching_loss_from_stats",
+           "compute_dtype"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -95,7 +95,8 @@ def require_cuda_graphs_possible(device: torch.device) -> None:
                           f"set recover.cuda_graphs=false")
     if not static_augment_available():
         raise ConfigError("recover.cuda_graphs=true needs the static-shape augmentation "
-                          "(engine.recover.augment.augment_groups), which this build lacks; set recover.cuda_graphs=false")
+                          "(engine.recover.augment.augment_groups), which this build lacks; "
+                          "set recover.cuda_graphs=false")
 
 
 def _autocast(device: torch.device, precision: str):

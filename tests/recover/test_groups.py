@@ -71,7 +71,8 @@ def _assert_same(reference, grouped):
         assert got.first_ratio == pytest.approx(ref.first_ratio, rel=1e-5)
 
 
-@pytest.mark.parametrize("sizes", [(1, 1, 1, 1, 1), (2, 2, 1), (3, 2), (5,)], ids=lambda s: "G=" + "+".join(map(str, s)))
+@pytest.mark.parametrize("sizes", [(1, 1, 1, 1, 1), (2, 2, 1), (3, 2), (5,)],
+                         ids=lambda s: "G=" + "+".join(map(str, s)))
 def test_groups_give_the_sequential_images_torch(digits_teacher, sizes):
     """G = 1, 2 (uneven last group of 1), 3 (last group of 2) and 5 against one batch at a time."""
     teacher, bundle = _teacher(digits_teacher)
