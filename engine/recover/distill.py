@@ -173,7 +173,8 @@ def _synthesize_chunk(chunk: list[SynthBatch], teacher, bn_modules, bundle: Data
     results = synthesize_groups(
         teacher, bn_modules, [init.to(device) for init in inits], [t.to(device) for t in labels], objective, aug,
         bounds, generators, **step_options,
-        on_step=lambda row: bar.set_postfix(ce=f"{row['ce']:.3f}", bn=f"{row['bn']:.3f}"))
+        # the bar's live losses are a device read per log step: only when the bar is shown
+        on_step=None if bar.disable else (lambda row: bar.set_postfix(ce=f"{row['ce']:.3f}", bn=f"{row['bn']:.3f}")))
     for batch, init, result in zip(chunk, inits, results):
         store.write_batch(out_dir, batch.index, images01=bundle.denormalize(result.images).clamp(0, 1),
                           labels=batch.classes, ipc_index=batch.ipc_indices, class_names=bundle.class_names,
