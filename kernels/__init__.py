@@ -6,7 +6,8 @@ on CPU-only machines without ``TRITON_INTERPRET``.
 
 from .bn_matching import BACKENDS, bn_matching_loss, bn_matching_stats, resolve_backend
 from .bn_matching_reference import bn_matching_loss_reference, bn_stats_reference
-from .fused_bn import FusedBNMatching, fused_bn_matching, restore_bn, swap_in_fused_bn, weighted_matching_loss
+from .fused_bn import (FusedBNMatching, fused_bn_matching, restore_bn, set_groups, swap_in_fused_bn,
+                       weighted_matching_loss)
 
 __all__ = [
     "BACKENDS",
@@ -19,5 +20,6 @@ __all__ = [
     "fused_bn_matching",
     "swap_in_fused_bn",
     "restore_bn",
+    "set_groups",
     "weighted_matching_loss",
 ]

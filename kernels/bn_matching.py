@@ -38,22 +38,25 @@ def resolve_backend(backend: str, x: Tensor) -> str:
     return backend
 
 
-def bn_matching_loss(x: Tensor, running_mean: Tensor, running_var: Tensor, backend: str = "auto") -> Tensor:
+def bn_matching_loss(x: Tensor, running_mean: Tensor, running_var: Tensor, backend: str = "auto",
+                     groups: int = 1) -> Tensor:
     """``||running_var - var(x)||_2 + ||running_mean - mean(x)||_2`` for x [N, C, H, W].
 
-    Returns an fp32 scalar, differentiable w.r.t. ``x`` (dL/dx in x's dtype).
+    Returns an fp32 scalar, differentiable w.r.t. ``x`` (dL/dx in x's dtype). With ``groups`` = G > 1
+    the N images are G independent groups of N/G: one loss per group, [G].
     """
     if resolve_backend(backend, x) == "triton":
         from .bn_matching_triton import bn_matching_loss_triton
 
-        return bn_matching_loss_triton(x, running_mean, running_var)
-    return bn_matching_loss_reference(x, running_mean, running_var)
+        return bn_matching_loss_triton(x, running_mean, running_var, groups)
+    return bn_matching_loss_reference(x, running_mean, running_var, groups)
 
 
 def bn_matching_stats(
-    x: Tensor, running_mean: Tensor, running_var: Tensor, backend: str = "auto"
+    x: Tensor, running_mean: Tensor, running_var: Tensor, backend: str = "auto", groups: int = 1
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss, mean, var): the loss as in ``bn_matching_loss`` plus the batch statistics [C] fp32.
+    """(loss, mean, var): the loss as in ``bn_matching_loss`` plus the batch statistics [C] fp32
+    ([G], [G, C], [G, C] with ``groups`` > 1).
 
     Only ``loss`` is differentiable through the Triton backend; the torch backend's mean/var
     stay attached to the graph.
@@ -61,6 +64,6 @@ def bn_matching_stats(
     if resolve_backend(backend, x) == "triton":
         from .bn_matching_triton import bn_matching_triton
 
-        return bn_matching_triton(x, running_mean, running_var)
-    mean, var = bn_stats_reference(x)
+        return bn_matching_triton(x, running_mean, running_var, groups)
+    mean, var = bn_stats_reference(x, groups)
     return matching_loss_from_stats(mean, var, running_mean, running_var), mean, var

@@ -7,6 +7,12 @@ Layout. A BN input [N, C, H, W] is addressed as a 3-D view [N, HW, C] with strid
 (HW*C, C, 1) and is then flattened to one "image" of N*HW rows [1, N*HW, C]. Any other strides
 are made contiguous first. Kernels only ever see that view, so both memory formats share code.
 
+Groups. With ``groups`` = G the N images are G independent class-batches of N/G: every statistic,
+norm and loss is per (group, channel) / per group, in the same launches (the merge kernel's grid
+gains a group axis, the loss kernel runs one program per group). In the view a group is
+``grp_imgs`` consecutive view-images: N/G for NCHW, and for channels_last the view folds each
+group's images into one view-image [G, (N/G)*HW, C]. Pivots are per group (its first pixel).
+
 Forward.
   1. ``_bn_stats_partial_kernel``: grid (row groups, channel blocks). A program walks
      ``tiles_per_group`` tiles [BLOCK_HW, BLOCK_C] of one image, computes each tile's corrected
@@ -33,7 +39,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .bn_matching_reference import _check_stats_shape
+from .bn_matching_reference import _check_stats_shape, check_groups
 
 __all__ = [
     "BNMatchingLossFunction",
@@ -65,6 +71,7 @@ def _bn_stats_partial_kernel(
     stride_xc,
     groups,  # row groups per image
     tiles_per_group,  # BLOCK_HW tiles walked by one program
+    grp_imgs,  # view-images per batch group
     BLOCK_HW: tl.constexpr,
     BLOCK_C: tl.constexpr,
     WRITE_Y: tl.constexpr,
@@ -83,9 +90,10 @@ def _bn_stats_partial_kernel(
         scale = tl.load(SCALE_ptr + c_offs, mask=c_mask, other=0.0)
         bias = tl.load(BIAS_ptr + c_offs, mask=c_mask, other=0.0)
 
-    # Statistics are of x - pivot_c, pivot_c = x[0, c, 0, 0]: partial means near 0 keep full
-    # fp32 relative precision even when the channel mean is large (1e3 + 1e-2 noise).
-    pivot = tl.load(X_ptr + c_offs.to(tl.int64) * stride_xc, mask=c_mask, other=0.0).to(tl.float32)
+    # Statistics are of x - pivot_c, pivot_c = x[first image of the group, c, 0, 0]: partial means
+    # near 0 keep full fp32 relative precision even when the channel mean is large (1e3 + 1e-2 noise).
+    pivot_base = (n // grp_imgs).to(tl.int64) * grp_imgs * stride_xn
+    pivot = tl.load(X_ptr + pivot_base + c_offs.to(tl.int64) * stride_xc, mask=c_mask, other=0.0).to(tl.float32)
     acc_n = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc_mean = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc_m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -130,18 +138,23 @@ def _bn_stats_merge_kernel(
     X_ptr,  # input; only the pivots x[0, c, 0, 0] = X_ptr[c * stride_xc] are read
     PMEAN_ptr,  # [T, C] fp32 row-group means of x - pivot
     PM2_ptr,  # [T, C] fp32 row-group sums of squared deviations
-    MEAN_ptr,  # [C] fp32 out: batch mean
-    VAR_ptr,  # [C] fp32 out: biased batch variance
+    MEAN_ptr,  # [G, C] fp32 out: batch mean of each group
+    VAR_ptr,  # [G, C] fp32 out: biased batch variance of each group
     C,
-    T,
+    T,  # partials per batch group (a group's are consecutive)
     HW,
+    stride_xn,
     stride_xc,
     groups,
     group_hw,  # rows covered by one full row group (tiles_per_group * BLOCK_HW)
+    grp_imgs,  # view-images per batch group
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    PMEAN_ptr += pid_g.to(tl.int64) * T * C
+    PM2_ptr += pid_g.to(tl.int64) * T * C
     c_offs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offs < C
 
@@ -178,21 +191,26 @@ def _bn_stats_merge_kernel(
         acc_m2 = acc_m2 + blk_m2 + delta * delta * acc_n * frac
         acc_n = new_n
 
-    pivot = tl.load(X_ptr + c_offs.to(tl.int64) * stride_xc, mask=c_mask, other=0.0).to(tl.float32)
-    tl.store(MEAN_ptr + c_offs, pivot + acc_mean, mask=c_mask)
-    tl.store(VAR_ptr + c_offs, acc_m2 / tl.maximum(acc_n, 1.0), mask=c_mask)
+    pivot_base = pid_g.to(tl.int64) * grp_imgs * stride_xn
+    pivot = tl.load(X_ptr + pivot_base + c_offs.to(tl.int64) * stride_xc, mask=c_mask, other=0.0).to(tl.float32)
+    tl.store(MEAN_ptr + pid_g * C + c_offs, pivot + acc_mean, mask=c_mask)
+    tl.store(VAR_ptr + pid_g * C + c_offs, acc_m2 / tl.maximum(acc_n, 1.0), mask=c_mask)
 
 
 @triton.jit
 def _bn_matching_loss_kernel(
-    MEAN_ptr,  # [C] fp32 batch mean
-    VAR_ptr,  # [C] fp32 batch variance
+    MEAN_ptr,  # [G, C] fp32 batch mean of each group
+    VAR_ptr,  # [G, C] fp32 batch variance of each group
     RM_ptr,  # [C] fp32 running mean
     RV_ptr,  # [C] fp32 running variance
-    OUT_ptr,  # [3] fp32 out: (loss, ||rm - mean||, ||rv - var||)
+    OUT_ptr,  # [G, 3] fp32 out: (loss, ||rm - mean||, ||rv - var||) of each group
     C,
     BLOCK_C: tl.constexpr,
 ):
+    pid_g = tl.program_id(0)
+    MEAN_ptr += pid_g * C
+    VAR_ptr += pid_g * C
+    OUT_ptr += pid_g * 3
     sq_m = tl.zeros([BLOCK_C], dtype=tl.float32)
     sq_v = tl.zeros([BLOCK_C], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
@@ -215,19 +233,20 @@ def _bn_matching_bwd_kernel(
     DX_ptr,  # [N, HW, C] out: dL/dx, same strides as X, x's dtype
     DY_ptr,  # [N, HW, C] upstream grad of the BN output, same strides (only read when HAS_DY)
     SCALE_ptr,  # [C] fp32 weight * rsqrt(running_var + eps) (only read when HAS_DY)
-    MEAN_ptr,  # [C] fp32 batch mean
-    VAR_ptr,  # [C] fp32 batch variance
+    MEAN_ptr,  # [G, C] fp32 batch mean of each group
+    VAR_ptr,  # [G, C] fp32 batch variance of each group
     RM_ptr,  # [C] fp32 running mean
     RV_ptr,  # [C] fp32 running variance
-    NORMS_ptr,  # [3] fp32 (loss, ||rm - mean||, ||rv - var||) from the forward
-    GLOSS_ptr,  # [1] fp32 upstream grad of the loss
+    NORMS_ptr,  # [G, 3] fp32 (loss, ||rm - mean||, ||rv - var||) from the forward
+    GLOSS_ptr,  # [G] fp32 upstream grad of each group's loss
     C,
     HW,
     stride_n,
     stride_hw,
     stride_c,
     hw_blocks,
-    inv_count,  # 1 / (N*H*W)
+    inv_count,  # 1 / (images per group * H*W)
+    grp_imgs,  # view-images per batch group
     BLOCK_HW: tl.constexpr,
     BLOCK_C: tl.constexpr,
     HAS_DY: tl.constexpr,
@@ -236,6 +255,11 @@ def _bn_matching_bwd_kernel(
     pid_c = tl.program_id(1)
     n = pid_t // hw_blocks
     b = pid_t % hw_blocks
+    grp = n // grp_imgs
+    MEAN_ptr += grp * C
+    VAR_ptr += grp * C
+    NORMS_ptr += grp * 3
+    GLOSS_ptr += grp
 
     c_offs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offs < C
@@ -293,24 +317,27 @@ def _target_programs(device_type: str, device_index: int | None) -> int:
     return 4
 
 
-def _rows_view(x: Tensor) -> tuple[Tensor, int, int, int, int, int, int]:
-    """Return (x', N, HW, C, stride_n, stride_hw, stride_c) describing x as an [N, HW, C] view.
+def _rows_view(x: Tensor, groups: int = 1) -> tuple[Tensor, int, int, int, int, int, int, int]:
+    """Return (x', N, HW, C, stride_n, stride_hw, stride_c, grp_imgs) describing x as an [N, HW, C]
+    view whose batch groups are ``grp_imgs`` consecutive view-images each.
 
     x' is x itself for NCHW-contiguous and channels_last inputs, else a contiguous copy.
     """
     if x.dim() != 4:
         raise ValueError(f"expected a 4-D [N, C, H, W] tensor, got shape {tuple(x.shape)}")
+    per_group = check_groups(x, groups)
     n, c, h, w = x.shape
     hw = h * w
     if x.is_contiguous():
         pass
     elif x.is_contiguous(memory_format=torch.channels_last):
-        # Rows of C contiguous channels; images are back to back, so fold N into the rows.
-        return x, 1, n * hw, c, 0, c, 1
+        # Rows of C contiguous channels; images are back to back, so fold each group's images into
+        # the rows of one view-image.
+        return x, groups, per_group * hw, c, per_group * hw * c, c, 1, 1
     else:
         x = x.contiguous()
     # stride(1) of a size-1 dim may be arbitrary; it is then never multiplied by a nonzero index.
-    return x, n, hw, c, c * hw, 1, hw
+    return x, n, hw, c, c * hw, 1, hw, per_group
 
 
 def _tile_shape(hw: int, c: int, stride_c: int) -> tuple[int, int]:
@@ -334,13 +361,14 @@ def _stats_forward(
     running_mean: Tensor,
     running_var: Tensor,
     bn_affine: tuple[Tensor, Tensor] | None = None,
+    n_groups: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
-    """Launch the forward kernels. Returns (x_view_tensor, mean, var, norms[3], y or None).
+    """Launch the forward kernels. Returns (x_view_tensor, mean [G, C], var [G, C], norms [G, 3], y or None).
 
     ``bn_affine`` = (scale, bias) [C] fp32 also writes y = (x - running_mean) * scale + bias.
     ``running_mean``/``running_var`` must already be fp32 contiguous [C] on x's device.
     """
-    xv, n, hw, c, s_n, s_hw, s_c = _rows_view(x)
+    xv, n, hw, c, s_n, s_hw, s_c, grp_imgs = _rows_view(x, n_groups)
     dev = xv.device
     block_hw, block_c = _tile_shape(hw, c, s_c)
     hw_blocks = triton.cdiv(hw, block_hw)
@@ -354,9 +382,9 @@ def _stats_forward(
 
     pmean = torch.empty((t, c), device=dev, dtype=torch.float32)
     pm2 = torch.empty((t, c), device=dev, dtype=torch.float32)
-    mean = torch.empty(c, device=dev, dtype=torch.float32)
-    var = torch.empty(c, device=dev, dtype=torch.float32)
-    norms = torch.empty(3, device=dev, dtype=torch.float32)
+    mean = torch.empty((n_groups, c), device=dev, dtype=torch.float32)
+    var = torch.empty((n_groups, c), device=dev, dtype=torch.float32)
+    norms = torch.empty((n_groups, 3), device=dev, dtype=torch.float32)
 
     if bn_affine is not None:
         y = torch.empty_like(xv)  # dense input: empty_like keeps its strides
@@ -380,29 +408,32 @@ def _stats_forward(
         s_c,
         groups,
         tiles_per_group,
+        grp_imgs,
         BLOCK_HW=block_hw,
         BLOCK_C=block_c,
         WRITE_Y=y is not None,
         num_warps=_num_warps(block_hw, block_c),
     )
     merge_block_c = min(_np2(c), 64)
-    _bn_stats_merge_kernel[(triton.cdiv(c, merge_block_c),)](
+    _bn_stats_merge_kernel[(triton.cdiv(c, merge_block_c), n_groups)](
         xv,
         pmean,
         pm2,
         mean,
         var,
         c,
-        t,
+        t // n_groups,
         hw,
+        s_n,
         s_c,
         groups,
         tiles_per_group * block_hw,
+        grp_imgs,
         BLOCK_T=_MERGE_BLOCK_T,
         BLOCK_C=max(merge_block_c, 2),
         num_warps=4,
     )
-    _bn_matching_loss_kernel[(1,)](
+    _bn_matching_loss_kernel[(n_groups,)](
         mean,
         var,
         running_mean,
@@ -425,14 +456,15 @@ def _matching_backward(
     grad_loss: Tensor | None,
     grad_y: Tensor | None = None,
     scale: Tensor | None = None,
+    n_groups: int = 1,
 ) -> Tensor:
     """Launch the backward kernel; returns dL/dx with xv's strides and dtype."""
-    _, n, hw, c, s_n, s_hw, s_c = _rows_view(xv)
+    _, n, hw, c, s_n, s_hw, s_c, grp_imgs = _rows_view(xv, n_groups)
     dev = xv.device
     if grad_loss is None:
-        g = torch.zeros(1, device=dev, dtype=torch.float32)
+        g = torch.zeros(n_groups, device=dev, dtype=torch.float32)
     else:
-        g = grad_loss.detach().reshape(1).to(device=dev, dtype=torch.float32)
+        g = grad_loss.detach().reshape(n_groups).to(device=dev, dtype=torch.float32).contiguous()
     if grad_y is not None and grad_y.stride() != xv.stride():
         # e.g. the expanded (stride-0) grad of y.sum(), or another memory format.
         fmt = torch.contiguous_format if xv.is_contiguous() else torch.channels_last
@@ -460,7 +492,8 @@ def _matching_backward(
         s_hw,
         s_c,
         hw_blocks,
-        1.0 / float(n * hw),
+        1.0 / float(grp_imgs * hw),
+        grp_imgs,
         BLOCK_HW=block_hw,
         BLOCK_C=block_c,
         HAS_DY=grad_y is not None,
@@ -486,25 +519,34 @@ def _prep_stats(x: Tensor, running_mean: Tensor, running_var: Tensor) -> tuple[T
 
 
 class BNMatchingLossFunction(torch.autograd.Function):
-    """(x, running_mean, running_var) -> (loss, mean, var).
+    """(x, running_mean, running_var, groups) -> (loss, mean, var).
 
-    ``loss`` is the differentiable fp32 scalar; ``mean``/``var`` ([C] fp32, saved for backward)
-    are returned too and marked non-differentiable. Running statistics get no gradient.
+    ``loss`` is the differentiable fp32 scalar ([G] with groups > 1); ``mean``/``var`` ([C] fp32,
+    [G, C] with groups > 1, saved for backward) are returned too and marked non-differentiable.
+    Running statistics get no gradient.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, running_mean: Tensor, running_var: Tensor):
+    def forward(ctx, x: Tensor, running_mean: Tensor, running_var: Tensor, groups: int = 1):
         rm, rv = _prep_stats(x, running_mean, running_var)
-        xv, mean, var, norms, _ = _stats_forward(x, rm, rv)
+        xv, mean, var, norms, _ = _stats_forward(x, rm, rv, n_groups=groups)
         ctx.save_for_backward(xv, mean, var, rm, rv, norms)
+        ctx.groups = groups
+        if groups == 1:
+            mean, var = mean[0], var[0]
         ctx.mark_non_differentiable(mean, var)
-        return norms[0].clone(), mean, var
+        return _group_losses(norms), mean, var
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_mean, _grad_var):
         xv, mean, var, rm, rv, norms = ctx.saved_tensors
-        dx = _matching_backward(xv, mean, var, rm, rv, norms, grad_loss)
-        return dx, None, None
+        dx = _matching_backward(xv, mean, var, rm, rv, norms, grad_loss, n_groups=ctx.groups)
+        return dx, None, None, None
+
+
+def _group_losses(norms: Tensor) -> Tensor:
+    """The loss column of norms [G, 3]: 0-d for one group (the ungrouped API), else [G]."""
+    return norms[0, 0].clone() if norms.shape[0] == 1 else norms[:, 0].clone()
 
 
 class FusedBNMatchingFunction(torch.autograd.Function):
@@ -516,29 +558,33 @@ class FusedBNMatchingFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, running_mean: Tensor, running_var: Tensor, scale: Tensor, bias: Tensor):
+    def forward(ctx, x: Tensor, running_mean: Tensor, running_var: Tensor, scale: Tensor, bias: Tensor,
+                groups: int = 1):
         rm, rv = _prep_stats(x, running_mean, running_var)
         scale = scale.detach().to(device=x.device, dtype=torch.float32).contiguous()
         bias = bias.detach().to(device=x.device, dtype=torch.float32).contiguous()
-        xv, mean, var, norms, y = _stats_forward(x, rm, rv, bn_affine=(scale, bias))
+        xv, mean, var, norms, y = _stats_forward(x, rm, rv, bn_affine=(scale, bias), n_groups=groups)
         ctx.save_for_backward(xv, mean, var, rm, rv, norms, scale)
-        return y, norms[0].clone()
+        ctx.groups = groups
+        return y, _group_losses(norms)
 
     @staticmethod
     def backward(ctx, grad_y, grad_loss):
         xv, mean, var, rm, rv, norms, scale = ctx.saved_tensors
-        dx = _matching_backward(xv, mean, var, rm, rv, norms, grad_loss, grad_y=grad_y, scale=scale)
-        return dx, None, None, None, None
+        dx = _matching_backward(xv, mean, var, rm, rv, norms, grad_loss, grad_y=grad_y, scale=scale,
+                                n_groups=ctx.groups)
+        return dx, None, None, None, None, None
 
 
-def bn_matching_triton(x: Tensor, running_mean: Tensor, running_var: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def bn_matching_triton(x: Tensor, running_mean: Tensor, running_var: Tensor,
+                       groups: int = 1) -> tuple[Tensor, Tensor, Tensor]:
     """Triton BN-matching: returns (loss, mean, var); only ``loss`` carries a gradient."""
-    return BNMatchingLossFunction.apply(x, running_mean, running_var)
+    return BNMatchingLossFunction.apply(x, running_mean, running_var, groups)
 
 
-def bn_matching_loss_triton(x: Tensor, running_mean: Tensor, running_var: Tensor) -> Tensor:
-    """Triton BN-matching loss (fp32 scalar), differentiable w.r.t. x."""
-    return BNMatchingLossFunction.apply(x, running_mean, running_var)[0]
+def bn_matching_loss_triton(x: Tensor, running_mean: Tensor, running_var: Tensor, groups: int = 1) -> Tensor:
+    """Triton BN-matching loss (fp32 scalar, [G] with groups > 1), differentiable w.r.t. x."""
+    return BNMatchingLossFunction.apply(x, running_mean, running_var, groups)[0]
 
 
 def fused_bn_matching_triton(
@@ -548,11 +594,13 @@ def fused_bn_matching_triton(
     weight: Tensor | None,
     bias: Tensor | None,
     eps: float,
+    groups: int = 1,
 ) -> tuple[Tensor, Tensor]:
-    """Eval-mode BatchNorm output and BN-matching loss of x from one Triton pass: (y, loss)."""
+    """Eval-mode BatchNorm output and BN-matching loss of x from one Triton pass: (y, loss), the loss
+    [G] with groups > 1."""
     with torch.no_grad():
         scale = torch.rsqrt(running_var.detach().float() + eps)
         if weight is not None:
             scale = scale * weight.detach().float()
         shift = bias.detach().float() if bias is not None else torch.zeros_like(scale)
-    return FusedBNMatchingFunction.apply(x, running_mean, running_var, scale, shift)
+    return FusedBNMatchingFunction.apply(x, running_mean, running_var, scale, shift, groups)

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from .bn_matching import BACKENDS, resolve_backend
 from .fused_bn_torch import fused_bn_matching_torch
 
-__all__ = ["FusedBNMatching", "swap_in_fused_bn", "restore_bn", "fused_bn_matching", "weighted_matching_loss"]
+__all__ = ["FusedBNMatching", "swap_in_fused_bn", "restore_bn", "fused_bn_matching", "weighted_matching_loss",
+           "set_groups"]
 
 _BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm)
 _STATE_NAMES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -41,7 +42,11 @@ class FusedBNMatching(nn.Module):
     Attributes:
         backend: "auto" | "triton" | "torch" (see ``kernels.bn_matching``).
         enabled: when False, behaves as plain eval-mode BN and sets ``last_loss`` to None.
-        last_loss: fp32 scalar of the latest forward (differentiable w.r.t. the input), or None.
+        groups: the input's batch is this many independent equal class-batches (recover's
+            ``groups_per_step``): statistics and the loss are per group. The BN output does not
+            depend on it (eval mode: running statistics).
+        last_loss: fp32 scalar of the latest forward (differentiable w.r.t. the input), [groups]
+            when groups > 1, or None.
     """
 
     def __init__(self, bn: nn.modules.batchnorm._BatchNorm, backend: str = "auto") -> None:
@@ -52,6 +57,7 @@ class FusedBNMatching(nn.Module):
         self.eps = float(bn.eps)
         self.backend = backend
         self.enabled = True
+        self.groups = 1
         self.last_loss: Tensor | None = None
         for name in _STATE_NAMES:
             value = getattr(bn, name, None)
@@ -89,14 +95,16 @@ class FusedBNMatching(nn.Module):
         if resolve_backend(self.backend, x) == "triton":
             from .bn_matching_triton import fused_bn_matching_triton
 
-            y, loss = fused_bn_matching_triton(x, self.running_mean, self.running_var, weight, bias, self.eps)
+            y, loss = fused_bn_matching_triton(x, self.running_mean, self.running_var, weight, bias, self.eps,
+                                               self.groups)
         else:
-            y, loss = fused_bn_matching_torch(x, self.running_mean, self.running_var, weight, bias, self.eps)
+            y, loss = fused_bn_matching_torch(x, self.running_mean, self.running_var, weight, bias, self.eps,
+                                              self.groups)
         self.last_loss = loss
         return y
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}, backend={self.backend!r}"
+        return f"{self.num_features}, eps={self.eps}, backend={self.backend!r}, groups={self.groups}"
 
 
 def swap_in_fused_bn(model: nn.Module, backend: str = "auto") -> list[FusedBNMatching]:
@@ -122,6 +130,14 @@ def swap_in_fused_bn(model: nn.Module, backend: str = "auto") -> list[FusedBNMat
                     order.append(fused)
                 setattr(parent, name, fused)
     return order
+
+
+def set_groups(modules: Sequence[FusedBNMatching], groups: int) -> None:
+    """Make the next forward treat its batch as ``groups`` independent equal class-batches."""
+    if groups < 1:
+        raise ValueError(f"groups={groups} must be >= 1")
+    for m in modules:
+        m.groups = groups
 
 
 def restore_bn(model: nn.Module) -> None:

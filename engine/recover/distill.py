@@ -29,21 +29,27 @@ from engine.distributed import DistEnv, TaskShare, barrier
 from engine.errors import ConfigError
 from engine.io import save_json
 from engine.recover.init import noise_init, real_init, select_real_images
-from engine.recover.plan import (SynthBatch, batches_for_rank, batches_for_task, plan_batches,
+from engine.recover.plan import (SynthBatch, batches_for_rank, batches_for_task, plan_batches, step_groups,
                                  task_of_batch)
 from engine.recover.settings import RecoverConfig, resolve_augment
-from engine.recover.synthesize import Objective, synthesize_batch
+from engine.recover.synthesize import Objective, require_cuda_graphs_possible, synthesize_groups
 from kernels import fused_bn_matching
 
 log = logging.getLogger("scdd.recover")
 
-NON_SEMANTIC_KEYS = ("log_every", "teachers", "backend", "channels_last")
-"""RecoverConfig fields that change how a set is made, not what it holds (beyond float rounding)."""
+NON_SEMANTIC_KEYS = ("log_every", "teachers", "backend", "channels_last", "groups_per_step", "cuda_graphs")
+"""RecoverConfig fields that change how a set is made, not what it holds (beyond float rounding).
+groups_per_step and cuda_graphs belong here like backend: every batch keeps its own statistics, seed
+and augmentation, so a batch's images differ only by rounding (tests/recover/test_groups.py), and a
+resumed run or a job-array task may use another G and still reuse or merge finished batches."""
 
 
 def set_fingerprint(cfg: RecoverConfig, bundle: DataBundle, ipc: int, seed: int, teacher_digest: str) -> dict:
     """What a distilled set depends on: every semantic recover setting, the teacher, the data, ipc, seed."""
     recover = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NON_SEMANTIC_KEYS}
+    if recover["precision"] == "fp32":
+        # the default adds nothing, so sets made before the setting existed keep their fingerprint
+        del recover["precision"]
     return {"recover": recover, "teacher": teacher_digest, "data": data_facts(bundle), "ipc": ipc, "seed": seed}
 
 
@@ -92,7 +98,9 @@ def recover_distilled_set(teacher: nn.Module, bundle: DataBundle, cfg: RecoverCo
         store.prepare_set_dir(out_dir, fingerprint, resume or shared)
     barrier()
 
-    device = dist.device
+    device = torch.device(dist.device)
+    if cfg.cuda_graphs:
+        require_cuda_graphs_possible(device)
     teacher = teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -114,18 +122,23 @@ def recover_distilled_set(teacher: nn.Module, bundle: DataBundle, cfg: RecoverCo
     todo = [b for b in mine
             if not ((resume or shared) and store.read_batch(out_dir, b.index, set_digest) is not None)]
     first_ratio = float("nan")
-    bar = tqdm(todo, desc=f"recover {out_dir.name}", disable=not progress or not dist.is_main,
+    bar = tqdm(total=len(todo), desc=f"recover {out_dir.name}", disable=not progress or not dist.is_main,
                unit="batch", dynamic_ncols=True)
+    step_options = {"channels_last": channels_last, "precision": cfg.precision, "cuda_graphs": cfg.cuda_graphs}
     with fused_bn_matching(teacher, backend=cfg.backend) as bn_modules:
-        for done, batch in enumerate(bar):
+        done = 0
+        for chunk in step_groups(todo, cfg.groups_per_step):
             preemption.check(f"{done} of {len(todo)} batches of {out_dir} (each finished batch is kept)")
-            ratio = _synthesize_one(batch, teacher, bn_modules, bundle, chosen, objective, aug, bounds, seed,
-                                    channels_last, device, out_dir, codec, set_digest, bar, task)
-            if batch is todo[0]:
+            ratio = _synthesize_chunk(chunk, teacher, bn_modules, bundle, chosen, objective, aug, bounds, seed,
+                                      step_options, device, out_dir, codec, set_digest, bar, task)
+            if done == 0:
                 first_ratio = ratio
                 if dist.is_main:
                     tqdm.write(f"recover: first step r_bn*BN/CE = {first_ratio:.3g} "
                                f"(r_bn={cfg.r_bn}; far from ~0.1-10 means r_bn is probably off)")
+            done += len(chunk)
+            bar.update(len(chunk))
+    bar.close()
     seconds_synth = time.time() - start
     barrier()
     if shared:
@@ -141,26 +154,34 @@ def recover_distilled_set(teacher: nn.Module, bundle: DataBundle, cfg: RecoverCo
                          first_ratio=first_ratio, image_iterations_per_s=rate)
 
 
-def _synthesize_one(batch: SynthBatch, teacher, bn_modules, bundle: DataBundle, chosen, objective: Objective,
-                    aug, bounds, seed: int, channels_last: bool, device, out_dir: Path, codec, set_digest: str,
-                    bar, task: TaskShare = TaskShare()) -> float:
-    """Optimize one class batch and write it (images, then its record); returns its first-step ratio."""
-    generator = torch.Generator().manual_seed(batch.seed(seed))
-    labels = torch.tensor(batch.classes, dtype=torch.long)
-    if chosen is not None:
-        init = real_init(bundle, chosen, batch.classes, batch.ipc_indices)
-    else:
-        init = noise_init(len(batch.classes), bundle.channels, bundle.image_size, generator)
-    result = synthesize_batch(
-        teacher, bn_modules, init.to(device), labels.to(device), objective, aug, bounds,
-        generator, channels_last=channels_last,
-        on_step=lambda row: bar.set_postfix(ce=f"{row['ce']:.3f}", bn=f"{row['bn']:.3f}"))
-    store.write_batch(out_dir, batch.index, images01=bundle.denormalize(result.images).clamp(0, 1),
-                      labels=batch.classes, ipc_index=batch.ipc_indices, class_names=bundle.class_names,
-                      codec=codec, set_digest=set_digest, log_rows=result.log, first_ratio=result.first_ratio,
-                      init01=bundle.denormalize(init.cpu()).clamp(0, 1) if chosen is not None else None,
-                      task={"index": task.index, "count": task.count})
-    return result.first_ratio
+def _synthesize_chunk(chunk: list[SynthBatch], teacher, bn_modules, bundle: DataBundle, chosen,
+                      objective: Objective, aug, bounds, seed: int, step_options: dict, device, out_dir: Path,
+                      codec, set_digest: str, bar, task: TaskShare = TaskShare()) -> float:
+    """Optimize class batches of one size together (one teacher pass per step, per-batch statistics,
+    seeds and augmentation) and write each (images, then its record); returns the first one's
+    first-step ratio."""
+    generators, inits, labels = [], [], []
+    for batch in chunk:
+        generator = torch.Generator().manual_seed(batch.seed(seed))
+        if chosen is not None:
+            init = real_init(bundle, chosen, batch.classes, batch.ipc_indices)
+        else:
+            init = noise_init(len(batch.classes), bundle.channels, bundle.image_size, generator)
+        generators.append(generator)
+        inits.append(init)
+        labels.append(torch.tensor(batch.classes, dtype=torch.long))
+    results = synthesize_groups(
+        teacher, bn_modules, [init.to(device) for init in inits], [t.to(device) for t in labels], objective, aug,
+        bounds, generators, **step_options,
+        # the bar's live losses are a device read per log step: only when the bar is shown
+        on_step=None if bar.disable else (lambda row: bar.set_postfix(ce=f"{row['ce']:.3f}", bn=f"{row['bn']:.3f}")))
+    for batch, init, result in zip(chunk, inits, results):
+        store.write_batch(out_dir, batch.index, images01=bundle.denormalize(result.images).clamp(0, 1),
+                          labels=batch.classes, ipc_index=batch.ipc_indices, class_names=bundle.class_names,
+                          codec=codec, set_digest=set_digest, log_rows=result.log, first_ratio=result.first_ratio,
+                          init01=bundle.denormalize(init.cpu()).clamp(0, 1) if chosen is not None else None,
+                          task={"index": task.index, "count": task.count})
+    return results[0].first_ratio
 
 
 def _assemble(plan: list[SynthBatch], bundle: DataBundle, cfg: RecoverConfig, ipc: int, out_dir: Path,

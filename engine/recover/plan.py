@@ -53,6 +53,23 @@ def plan_batches(num_classes: int, ipc: int, classes_per_batch: int | None,
             for g, group in enumerate(groups) for j, chunk in enumerate(chunks)]
 
 
+def step_groups(batches: list[SynthBatch], groups_per_step: int) -> list[list[SynthBatch]]:
+    """Split a process's batches into the groups one optimization runs together: at most
+    ``groups_per_step`` batches of one size each (BN statistics are per batch, so a group's batches
+    must stack into equal parts). Batches of each size keep their order and the groups run in the
+    order of their first batch (so G = 1 is the batches' own order); a short last class chunk runs in
+    groups of its own. Which batches share a step never changes a batch's images (beyond rounding):
+    each keeps its seed and statistics."""
+    if groups_per_step < 1:
+        raise ConfigError(f"recover.groups_per_step={groups_per_step} must be >= 1")
+    by_size: dict[int, list[int]] = {}
+    for position, batch in enumerate(batches):
+        by_size.setdefault(len(batch.classes), []).append(position)
+    chunks = sorted(same[i:i + groups_per_step] for same in by_size.values()
+                    for i in range(0, len(same), groups_per_step))
+    return [[batches[p] for p in chunk] for chunk in chunks]
+
+
 def batches_for_rank(plan: list[SynthBatch], rank: int, world_size: int) -> list[SynthBatch]:
     """Rank r's share: batches r, r+W, ... of the plan. With more processes than batches the ranks
     past the last batch get an empty share: they synthesize nothing and only join the barriers."""

@@ -54,6 +54,18 @@ class RecoverConfig:
     """BN-statistics kernel: auto (Triton on CUDA, PyTorch on CPU) | triton | torch."""
     channels_last: bool = True
     """Run the teacher in channels_last (measured faster on CPU too: convnet 28 px 1.5x, ResNet-18 32 px)."""
+    groups_per_step: int = 1
+    """Class batches optimized together in one teacher pass, each with its own BN statistics, loss,
+    seed and augmentation (the paper's per-batch semantics): the images equal those of running the
+    batches one after the other up to float rounding; more per pass amortizes per-layer fixed costs.
+    Batches of unequal size (a last class chunk) go in groups of their own size."""
+    precision: str = "fp32"
+    """fp32 | bf16: the teacher under bf16 autocast (CUDA or CPU); pixels, Adam state and the BN
+    statistics and losses stay fp32. bf16 changes the images beyond rounding, so it is part of the set's
+    fingerprint."""
+    cuda_graphs: bool = False
+    """Capture the whole step (augmentation, teacher, losses, backward, Adam, clip) as a CUDA graph and
+    replay it; CUDA only. Same images as without, up to float rounding."""
     log_every: int = 10
     """Write one loss-log row every this many steps (and at the first and last)."""
     image_format: str = "png"
@@ -86,6 +98,10 @@ class RecoverConfig:
             raise ConfigError(f"recover.jitter_mode={self.jitter_mode!r} is not one of symmetric|forward")
         if self.backend not in ("auto", "triton", "torch"):
             raise ConfigError(f"recover.backend={self.backend!r} is not one of auto|triton|torch")
+        if self.groups_per_step < 1:
+            raise ConfigError(f"recover.groups_per_step={self.groups_per_step} must be >= 1")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"recover.precision={self.precision!r} is not one of fp32|bf16")
         if self.image_format not in ("png", "jpeg") or not 90 <= self.jpeg_quality <= 100:
             raise ConfigError(f"recover.image_format={self.image_format!r} must be png|jpeg and "
                               f"recover.jpeg_quality={self.jpeg_quality} in [90, 100]")

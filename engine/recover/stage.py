@@ -14,6 +14,7 @@ from engine.models import ModelConfig, has_batchnorm
 from engine.recover.distill import merge_distilled_set, recover_distilled_set
 from engine.recover.plan import batches_for_rank, plan_batches
 from engine.recover.settings import RecoverConfig
+from engine.recover.synthesize import require_cuda_graphs_possible
 from engine.training.tb_logger import open_logger, parse_logger, replay_loss_log
 
 
@@ -46,7 +47,8 @@ def build_recover_config(ctx: RunContext, **overrides) -> RecoverConfig:
 def validate(ctx: RunContext, *, teachers_from_squeeze: Optional[Sequence[str]] = None, **overrides) -> None:
     """Every check recover makes before synthesis, without synthesizing: its settings, a model with BN layers
     to match, ipc against the batch plan, the process count and (recover.init=real) the smallest training
-    class, and the teachers it will read (they exist, are teacher checkpoints and fit model= and data=).
+    class, recover.cuda_graphs against the device, and the teachers it will read (they exist, are teacher
+    checkpoints and fit model= and data=).
     ``teachers_from_squeeze``: the teacher kinds an earlier stage of this run will write (the pipeline), so
     they need not exist yet."""
     cfg = build_recover_config(ctx, **overrides)
@@ -55,6 +57,8 @@ def validate(ctx: RunContext, *, teachers_from_squeeze: Optional[Sequence[str]] 
     ipc = max(ctx.run.ipc)
     plan = plan_batches(bundle.num_classes, ipc, cfg.classes_per_batch, cfg.ipc_per_batch)
     batches_for_rank(plan, ctx.dist.rank, ctx.dist.world_size)
+    if cfg.cuda_graphs:
+        require_cuda_graphs_possible(ctx.dist.device)
     task_share()  # a job-array task's variables, checked before any work
     if cfg.init == "real":
         ctx.require_ipc_fits(ipc, "recover.init=real")

@@ -1,6 +1,19 @@
-"""Optimize one batch of synthetic images against a frozen teacher (CE + weighted BN matching)."""
+"""Optimize batches of synthetic images against a frozen teacher (CE + weighted BN matching).
+
+``synthesize_groups`` runs G independent class-batches ("groups", recover.groups_per_step) through
+the teacher in one forward: BN statistics, the matching loss, cross-entropy's mean and the logged
+rows are per group, and the optimized loss is the sum of the groups' losses, so each group's
+gradient is its own sequential run's. Adam and the clip are elementwise and the lr schedule is
+shared, so one optimizer over the stacked pixels is the G optimizers of a sequential run; each
+group draws its augmentation from its own generator. Group g's images therefore equal batch g's
+run alone up to floating-point rounding (the teacher's convolutions see a bigger batch).
+
+The step never reads a device value back: the log rows stay on the device until the end (or until a
+log step when an ``on_step`` callback wants them).
+"""
 from __future__ import annotations
 
+import dataclasses
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -9,9 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
+from engine.errors import ConfigError
+from engine.recover import augment as augment_ops
 from engine.recover.augment import augment_batch
 from engine.recover.settings import StepAugment
 from engine.training.schedule import cosine_lr, set_lr
+from kernels import set_groups
 
 
 # Labelled ranges of each step for torch.profiler (engine.bench.measure sums them into its
@@ -47,6 +63,11 @@ class BatchResult:
     """r_bn * BN loss / CE at the first step: tells when r_bn is off by orders of magnitude."""
 
 
+PRECISIONS = ("fp32", "bf16")
+GRAPH_WARMUP_STEPS = 3
+"""Eager steps on a side stream before a CUDA graph is captured (they are real steps of the schedule)."""
+
+
 def weighted_bn_loss(layer_losses: list[torch.Tensor], first_multiplier: float) -> torch.Tensor:
     total = layer_losses[0] * first_multiplier
     for loss in layer_losses[1:]:
@@ -54,53 +75,214 @@ def weighted_bn_loss(layer_losses: list[torch.Tensor], first_multiplier: float) 
     return total
 
 
+def augment_step(x: torch.Tensor, aug: StepAugment, generators: list[torch.Generator]) -> torch.Tensor:
+    """This step's augmentation of x [G*B, C, H, W]: group g (its B consecutive images) with
+    ``generators[g]``'s draws, exactly what batch g alone would draw. The one place the eager step
+    augments (the static-shape ``augment_groups`` can replace this loop)."""
+    if len(generators) == 1:
+        return augment_batch(x, aug, generators[0])
+    return torch.cat([augment_batch(part, aug, gen) for part, gen in zip(x.chunk(len(generators)), generators)])
+
+
+def static_augment_available() -> bool:
+    """Whether the static-shape per-group augmentation (tensor parameters) exists: CUDA graphs need it."""
+    return hasattr(augment_ops, "augment_groups") and hasattr(augment_ops, "sample_group_params")
+
+
+def require_cuda_graphs_possible(device: torch.device) -> None:
+    if device.type != "cuda":
+        raise ConfigError(f"recover.cuda_graphs=true needs a CUDA device (this run is on {device.type}); "
+                          f"set recover.cuda_graphs=false")
+    if not static_augment_available():
+        raise ConfigError("recover.cuda_graphs=true needs the static-shape augmentation "
+                          "(engine.recover.augment.augment_groups), which this build lacks; "
+                          "set recover.cuda_graphs=false")
+
+
+def _autocast(device: torch.device, precision: str):
+    """bf16: the teacher under autocast; pixels, Adam and the BN statistics/losses stay fp32 (the
+    kernels accumulate in fp32 whatever the activation dtype). No weight-cast cache: a cache lives
+    for one context anyway, and CUDA graph capture must not keep one."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
+
+
+class _GroupStep:
+    """One optimization step of G stacked groups, written so it can be captured by a CUDA graph:
+    no host reads, the lr a device tensor when captured, the clip in place."""
+
+    def __init__(self, teacher, bn_modules, x, targets, groups, objective, bounds, channels_last, precision,
+                 optimizer):
+        self.teacher, self.bn_modules, self.x, self.targets = teacher, bn_modules, x, targets
+        self.groups, self.objective, self.channels_last = groups, objective, channels_last
+        self.low, self.high = bounds
+        self.precision, self.optimizer = precision, optimizer
+
+    def __call__(self, inputs: torch.Tensor, want_stats: bool) -> torch.Tensor | None:
+        """Teacher, losses, backward, Adam and clip on this step's augmented ``inputs``; returns
+        [G, 3 + layers] (ce, bn, acc, each layer's loss) when ``want_stats``, on the device."""
+        g, obj = self.groups, self.objective
+        if self.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with _label(FORWARD_RANGE), _autocast(self.x.device, self.precision):
+            logits = self.teacher(inputs)
+        logits = logits.float()
+        ce = F.cross_entropy(logits, self.targets, reduction="none").view(g, -1).mean(1)
+        with _label(BN_LOSS_RANGE):
+            layer_losses = [m.last_loss.reshape(g) for m in self.bn_modules]
+            bn = weighted_bn_loss(layer_losses, obj.first_bn_multiplier)
+            # the groups' losses summed: each group's gradient is its own run's
+            loss = (ce + obj.r_bn * bn).sum()
+        with _label(BACKWARD_RANGE):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        with _label(OPTIMIZER_RANGE):
+            self.optimizer.step()
+            with torch.no_grad():
+                self.x.clamp_(min=self.low, max=self.high)
+        if not want_stats:
+            return None
+        with torch.no_grad():
+            acc = (logits.argmax(1) == self.targets).float().view(g, -1).mean(1)
+            return torch.stack([ce.detach(), bn.detach(), acc, *(v.detach() for v in layer_losses)], dim=1)
+
+
+def synthesize_groups(teacher: nn.Module, bn_modules: list, inits: list[torch.Tensor], labels: list[torch.Tensor],
+                      objective: Objective, aug: StepAugment, bounds: tuple[torch.Tensor, torch.Tensor],
+                      generators: list[torch.Generator], channels_last: bool = False, precision: str = "fp32",
+                      cuda_graphs: bool = False, on_step=None) -> list[BatchResult]:
+    """Optimize G class-batches (``inits[g]`` with ``labels[g]`` and ``generators[g]``, all of one shape)
+    together; returns one BatchResult per group, equal to ``synthesize_batch`` on that group alone up
+    to floating-point rounding.
+
+    Adam(0.5, 0.9) on the pixels with cosine lr; pixels clipped to ``bounds`` after each step.
+    ``bn_modules`` are the teacher's FusedBNMatching layers (forward order); each records its
+    matching loss (one per group) during the teacher's forward, so no hook copies any activation.
+    Each step and its phases run inside the labelled ranges above (``STEP_RANGE`` ...), which is
+    what ``scdd stage=bench`` profiles. ``precision``: fp32 | bf16 (teacher under bf16 autocast).
+    ``cuda_graphs``: capture the whole step (static augmentation, teacher, losses, backward, Adam,
+    clip) after a few eager steps and replay it (CUDA only). ``on_step(row)`` gets the groups' mean
+    row at each log step (one device read per log step; without it the loop never reads back).
+    """
+    groups = len(inits)
+    if groups < 1 or len(labels) != groups or len(generators) != groups:
+        raise ValueError(f"synthesize_groups: {len(inits)} inits, {len(labels)} label sets, "
+                         f"{len(generators)} generators; one of each per group")
+    if len({tuple(t.shape) for t in inits}) != 1:
+        raise ValueError(f"synthesize_groups: groups must have one shape, got {[tuple(t.shape) for t in inits]}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not one of {PRECISIONS}")
+    device = inits[0].device
+    if cuda_graphs:
+        require_cuda_graphs_possible(device)
+    low, high = (b.to(device) for b in bounds)
+    x = torch.cat(inits).requires_grad_(True)  # cat copies, even one tensor: the inits stay as they were
+    targets = torch.cat([t.to(device) for t in labels])
+    steps = objective.iterations
+    # A tensor lr lets a captured Adam step read the scheduled value each replay.
+    lr0 = torch.tensor(objective.lr, device=device) if cuda_graphs else objective.lr
+    optimizer = torch.optim.Adam([x], lr=lr0, betas=(0.5, 0.9), capturable=cuda_graphs)
+    step_fn = _GroupStep(teacher, bn_modules, x, targets, groups, objective, (low, high), channels_last,
+                         precision, optimizer)
+    logged: list[tuple[int, float, torch.Tensor]] = []
+
+    def log_point(step: int) -> bool:
+        return step % objective.log_every == 0 or step == steps - 1
+
+    def record(step: int, lr: float, stats: torch.Tensor | None) -> None:
+        if stats is None:
+            return
+        logged.append((step, lr, stats))
+        if on_step is not None:
+            on_step(_rows(step, lr, stats.mean(0, keepdim=True).cpu())[0])
+
+    set_groups(bn_modules, groups)
+    try:
+        if cuda_graphs:
+            _run_graphed(step_fn, aug, generators, steps, objective.lr, log_point, record)
+        else:
+            for step in range(steps):
+                with _label(STEP_RANGE):
+                    lr = cosine_lr(step, steps, objective.lr)
+                    set_lr(optimizer, lr)
+                    with _label(AUGMENT_RANGE):
+                        inputs = augment_step(x, aug, generators)
+                    record(step, lr, step_fn(inputs, log_point(step)))
+    finally:
+        set_groups(bn_modules, 1)
+
+    images = x.detach().cpu().chunk(groups)
+    results = [BatchResult(images=images[g]) for g in range(groups)]
+    if logged:
+        table = torch.stack([stats for _, _, stats in logged]).cpu()  # the loop's one read-back: [rows, G, K]
+        for g, result in enumerate(results):
+            result.log = [_rows(step, lr, table[i, g:g + 1])[0] for i, (step, lr, _) in enumerate(logged)]
+            first = result.log[0]
+            result.first_ratio = float(objective.r_bn * first["bn"] / max(first["ce"], 1e-12))
+    return results
+
+
+def _rows(step: int, lr: float, stats: torch.Tensor) -> list[dict]:
+    """Log rows from stats [G, 3 + layers] (CPU)."""
+    rows = []
+    for values in stats.tolist():
+        row = {"step": step, "lr": lr, "ce": values[0], "bn": values[1], "acc": values[2]}
+        row.update({f"bn{i}": v for i, v in enumerate(values[3:])})
+        rows.append(row)
+    return rows
+
+
+def _run_graphed(step_fn: _GroupStep, aug: StepAugment, generators, steps: int, base_lr: float, log_point,
+                 record) -> None:
+    """The steps with the whole step captured once as a CUDA graph and replayed.
+
+    The first GRAPH_WARMUP_STEPS steps run eagerly on a side stream (they are real steps; they also
+    create Adam's state and warm the allocator); the capture itself computes nothing. Each replay
+    first writes the step's lr and freshly drawn augmentation parameters into the graph's static
+    inputs (host-to-device copies, no read-back)."""
+    x, optimizer = step_fn.x, step_fn.optimizer
+    size = x.shape[-1]
+    lr_t = optimizer.param_groups[0]["lr"]
+
+    def eager(step: int) -> torch.Tensor:
+        lr = cosine_lr(step, steps, base_lr)
+        lr_t.fill_(lr)
+        params = augment_ops.sample_group_params(generators, aug, size, x.device)
+        stats = step_fn(augment_ops.augment_groups(x, params), True)
+        record(step, lr, stats if log_point(step) else None)
+        return params
+
+    warm = min(GRAPH_WARMUP_STEPS, steps)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        params = None
+        for step in range(warm):
+            params = eager(step)
+    torch.cuda.current_stream().wait_stream(side)
+    if warm == steps:
+        return
+    static_params = dataclasses.replace(params, values=params.values.clone())
+    graph = torch.cuda.CUDAGraph()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        static_stats = step_fn(augment_ops.augment_groups(x, static_params), True)
+    for step in range(warm, steps):
+        with _label(STEP_RANGE):
+            lr = cosine_lr(step, steps, base_lr)
+            lr_t.fill_(lr)
+            static_params.copy_(augment_ops.sample_group_params(generators, aug, size, x.device))
+            graph.replay()
+            if log_point(step):
+                record(step, lr, static_stats.clone())
+
+
 def synthesize_batch(teacher: nn.Module, bn_modules: list, init: torch.Tensor, labels: torch.Tensor,
                      objective: Objective, aug: StepAugment, bounds: tuple[torch.Tensor, torch.Tensor],
                      generator: torch.Generator, channels_last: bool = False,
-                     on_step=None) -> BatchResult:
-    """Adam(0.5, 0.9) on the pixels with cosine lr; pixels clipped to ``bounds`` after each step.
-
-    ``bn_modules`` are the teacher's FusedBNMatching layers (forward order); each records its
-    matching loss during the teacher's forward, so no hook copies any activation. Each step and
-    its phases run inside the labelled ranges above (``STEP_RANGE`` ...), which is what
-    ``scdd stage=bench`` profiles.
-    """
-    device = init.device
-    low, high = (b.to(device) for b in bounds)
-    x = init.clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([x], lr=objective.lr, betas=(0.5, 0.9))
-    result = BatchResult(images=init)
-    steps = objective.iterations
-    for step in range(steps):
-        with _label(STEP_RANGE):
-            lr = cosine_lr(step, steps, objective.lr)
-            set_lr(optimizer, lr)
-            with _label(AUGMENT_RANGE):
-                inputs = augment_batch(x, aug, generator)
-                if channels_last:
-                    inputs = inputs.contiguous(memory_format=torch.channels_last)
-            with _label(FORWARD_RANGE):
-                logits = teacher(inputs)
-            ce = F.cross_entropy(logits, labels)
-            with _label(BN_LOSS_RANGE):
-                layer_losses = [m.last_loss for m in bn_modules]
-                bn = weighted_bn_loss(layer_losses, objective.first_bn_multiplier)
-                loss = ce + objective.r_bn * bn
-            with _label(BACKWARD_RANGE):
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-            with _label(OPTIMIZER_RANGE):
-                optimizer.step()
-                with torch.no_grad():
-                    x.copy_(torch.maximum(torch.minimum(x, high), low))
-            if step == 0:
-                result.first_ratio = float(objective.r_bn * bn.detach() / ce.detach().clamp_min(1e-12))
-            if step % objective.log_every == 0 or step == steps - 1:
-                row = {"step": step, "lr": lr, "ce": float(ce.detach()), "bn": float(bn.detach()),
-                       "acc": float((logits.detach().argmax(1) == labels).float().mean())}
-                row.update({f"bn{i}": float(v.detach()) for i, v in enumerate(layer_losses)})
-                result.log.append(row)
-                if on_step is not None:
-                    on_step(row)
-    result.images = x.detach().cpu()
-    return result
+                     on_step=None, precision: str = "fp32", cuda_graphs: bool = False) -> BatchResult:
+    """One class batch: ``synthesize_groups`` with a single group (see there)."""
+    return synthesize_groups(teacher, bn_modules, [init], [labels], objective, aug, bounds, [generator],
+                             channels_last=channels_last, precision=precision, cuda_graphs=cuda_graphs,
+                             on_step=on_step)[0]
