@@ -186,3 +186,14 @@ def test_mismatched_inputs_fail_clearly():
         augment_groups(torch.zeros(3, 3, 32, 32), params)
     with pytest.raises(ValueError, match="differ"):
         params.copy_(sample_group_params([torch.Generator()] * 3, aug, 32))
+
+
+def test_autocast_leaves_the_pixels_in_fp32():
+    """Under a bf16 autocast (recover.precision=bf16 runs the teacher so) the products stay fp32."""
+    aug = AUGS["imagenet-like"]
+    x = _images(2, 2)
+    params = sample_group_params([torch.Generator().manual_seed(s) for s in range(2)], aug, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = augment_groups(x, params)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, augment_groups(x, params), rtol=0, atol=0)
