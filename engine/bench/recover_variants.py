@@ -8,7 +8,8 @@ Rows (image-iterations/s = images x steps / s, after warm-up):
   augmentation, no optimizer) on the same images as the engine row (G x B), fp32 or bf16 autocast;
   no recover loop can be faster on this device;
 * ``engine``: ``synthesize_batch`` with G class-batches per teacher forward (each with its own
-  generator), ``precision`` and ``cuda_graphs``. An option this build's ``RecoverConfig`` lacks
+  generator), ``precision`` and ``cuda_graphs`` (with graphs on, the steps' time is the difference
+  of two runs of different lengths, so the per-batch capture is left out). An option this build's ``RecoverConfig`` lacks
   (``groups_per_step``, ``precision``, ``cuda_graphs``) gives the row ``n/a (not in this build)``;
   CUDA graphs are CUDA only.
 
@@ -29,7 +30,8 @@ from torch import nn
 from engine.bench.device_stats import device_name, peak_memory, reset_peak, sync
 from engine.bench.measure import Rate, _objective, time_recover
 from engine.recover.settings import RecoverConfig, StepAugment
-from engine.recover.synthesize import Objective, synthesize_batch
+from engine.recover import synthesize
+from engine.recover.synthesize import Objective
 from kernels import fused_bn_matching
 
 OPTION_FIELDS = {"groups": "groups_per_step", "precision": "precision", "cuda_graphs": "cuda_graphs"}
@@ -90,34 +92,33 @@ def engine_variants(groups: list[int], precisions: list[str], graphs: list[bool]
     return [Variant("engine", g, p, c) for p in precisions for c in graphs for g in groups]
 
 
-def _engine_call(variant: Variant, generators: list[torch.Generator]) -> dict:
-    """The keyword arguments that select ``variant`` in this build's synthesize_batch.
-
-    A build whose RecoverConfig has an option passes it by the field's own name, either to
-    synthesize_batch or as an Objective field; the G generators go as ``generators`` (one per
-    class-batch) where synthesize_batch takes them."""
-    params = inspect.signature(synthesize_batch).parameters
-    objective_fields = {f.name for f in dataclasses.fields(Objective)}
-    call, objective = {}, {}
-    values = {"groups_per_step": variant.groups, "precision": variant.precision,
-              "cuda_graphs": variant.cuda_graphs}
-    defaults = {"groups_per_step": 1, "precision": "fp32", "cuda_graphs": False}
-    for name, value in values.items():
+def engine_runner(variant: Variant, loop=synthesize):
+    """``run(net, bn_modules, init, labels, objective, aug, bounds, generators, channels_last)`` -> one
+    BatchResult per group: ``loop.synthesize_groups`` (G class-batches, ``init``/``labels`` stacked
+    group after group, one generator each) where the build has it, else ``loop.synthesize_batch``
+    (G = 1). ``precision`` and ``cuda_graphs`` go by keyword where the loop takes them; a variant
+    the loop cannot run raises (``unavailable`` says n/a first for options the settings lack)."""
+    grouped = getattr(loop, "synthesize_groups", None)
+    fn = grouped or loop.synthesize_batch
+    params = inspect.signature(fn).parameters
+    options = {}
+    for name, value, default in (("precision", variant.precision, "fp32"), ("cuda_graphs", variant.cuda_graphs, False)):
         if name in params:
-            call[name] = value
-        elif name in objective_fields:
-            objective[name] = value
-        elif value != defaults[name]:
-            raise RuntimeError(f"RecoverConfig has {name} but neither synthesize_batch nor Objective takes it: "
-                               "update engine.bench.recover_variants._engine_call")
-    if "generators" in params:
-        call["generators"] = generators
-    elif len(generators) > 1:
-        raise RuntimeError("synthesize_batch takes no per-group generators: update "
-                           "engine.bench.recover_variants._engine_call")
-    else:
-        call["generator"] = generators[0]
-    return {"call": call, "objective": objective}
+            options[name] = value
+        elif value != default:
+            raise RuntimeError(f"the recover loop takes no {name}: update engine.bench.recover_variants.engine_runner")
+    if grouped is None and variant.groups > 1:
+        raise RuntimeError("the recover loop has no synthesize_groups: update engine.bench.recover_variants.engine_runner")
+
+    def run(net, bn_modules, init, labels, objective, aug, bounds, generators, channels_last):
+        if grouped is not None:
+            g = len(generators)
+            return grouped(net, bn_modules, list(init.chunk(g)), list(labels.chunk(g)), objective, aug, bounds,
+                           generators, channels_last=channels_last, **options)
+        return [fn(net, bn_modules, init, labels, objective, aug, bounds, generators[0], channels_last=channels_last,
+                   **options)]
+
+    return run
 
 
 def time_engine(model: nn.Module, variant: Variant, *, num_classes: int, batch: int, aug: StepAugment,
@@ -132,22 +133,32 @@ def time_engine(model: nn.Module, variant: Variant, *, num_classes: int, batch: 
     bounds = (torch.full((1, channels, 1, 1), -2.5), torch.full((1, channels, 1, 1), 2.5))
     net = model.to(memory_format=torch.channels_last) if channels_last else model
 
+    runner = engine_runner(variant)
+
     def run(iterations: int) -> None:
         if iterations == 0:
             return
         generators = [torch.Generator().manual_seed(g) for g in range(groups)]
-        args = _engine_call(variant, generators)
-        obj = dataclasses.replace(_objective(objective, iterations), **args["objective"])
         with fused_bn_matching(net, backend=backend) as modules:
-            synthesize_batch(net, modules, init, labels, obj, aug, bounds, channels_last=channels_last, **args["call"])
+            runner(net, modules, init, labels, _objective(objective, iterations), aug, bounds, generators,
+                   channels_last)
+
+    def timed(iterations: int) -> float:
+        sync(device)
+        start = time.perf_counter()
+        run(iterations)
+        sync(device)
+        return time.perf_counter() - start
 
     run(warmup)
-    sync(device)
     reset_peak(device)
-    start = time.perf_counter()
-    run(steps)
-    sync(device)
-    seconds = time.perf_counter() - start
+    if variant.cuda_graphs:
+        # each synthesize_batch call captures its graph anew: the capture (and its warm-up steps) is
+        # a per-batch cost that 1000 iterations amortize, so time the steps as the difference of two
+        # runs that both pay it
+        seconds = timed(max(warmup, 1) + steps) - timed(max(warmup, 1))
+    else:
+        seconds = timed(steps)
     model.to(memory_format=torch.contiguous_format)
     return _rate(variant, model_name, aug.image_size, groups * batch, steps, seconds, device, source)
 
