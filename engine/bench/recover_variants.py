@@ -209,7 +209,7 @@ def measure_variants(make_model, *, model_name: str, num_classes: int, batch: in
                      graphs: list[bool] = (False,), repeats: int = 1, source: str = "synthetic shapes",
                      floor: bool = True) -> list[Row]:
     """The peer row, then floor rows (each G, each precision), then engine rows; ``make_model()``
-    builds a fresh teacher (same seed) for each timing. Best of ``repeats`` per row."""
+    builds a fresh teacher (same seed) for each timing. Best of ``repeats`` rounds per row."""
     groups = sorted(set(groups))
     rows = [Row(Variant("peer"))]
     if floor:
@@ -218,17 +218,18 @@ def measure_variants(make_model, *, model_name: str, num_classes: int, batch: in
     common = dict(num_classes=num_classes, batch=batch, steps=steps, warmup=warmup, device=device,
                   model_name=model_name, source=source)
     for row in rows:
-        reason = unavailable(row.variant, device)
-        if reason:
-            row.note = reason
-            continue
-        for _ in range(repeats):
+        row.note = unavailable(row.variant, device) or ""
+    # Interleaved best-of-N: on a shared machine the load drifts; each round times every row once.
+    for _ in range(repeats):
+        for row in rows:
+            if row.note:
+                continue
             try:
                 rate = _time_one(make_model, row.variant, aug, objective, backend, channels_last, common)
             except torch.cuda.OutOfMemoryError:
-                row.note = "out of memory"
+                row.note, row.rate = "out of memory", None
                 torch.cuda.empty_cache()
-                break
+                continue
             if row.rate is None or rate.rate > row.rate.rate:
                 row.rate = rate
     _mark_best(rows)

@@ -39,6 +39,13 @@ def test_fused_module_gives_the_unfused_values():
     y, loss = bench.unfused_call(bn, 1)(x)
     torch.testing.assert_close(module(x), y)
     torch.testing.assert_close(module.last_loss, loss)
+    grouped = bench.fused_module(bn, "torch", 2)
+    if grouped is not None:  # a build with the group dimension: one loss per class-batch, the halves' own
+        y2, loss2 = bench.unfused_call(bn, 2)(x)
+        torch.testing.assert_close(grouped(x), y2)
+        assert grouped.last_loss.shape == (2,)
+        torch.testing.assert_close(grouped.last_loss, loss2)
+        torch.testing.assert_close(grouped.last_loss[1], bench.unfused_call(bn, 1)(x[2:])[1])
 
 
 def test_loss_table_still_runs(capsys):
