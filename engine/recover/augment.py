@@ -110,7 +110,7 @@ class GroupParams:
     """Side of the output images (aug.image_size with a crop; in_size without)."""
     crop: bool
     roll: bool
-    """False when jitter is 0: the row matrix is then the crop's alone (or skipped without a crop)."""
+    """False when jitter is 0: without a crop the row matrix is then the identity, and its product is skipped."""
 
     @property
     def groups(self) -> int:
@@ -225,6 +225,7 @@ def augment_groups(x: torch.Tensor, params: GroupParams) -> torch.Tensor:
         flat = x.reshape(g, b * c * size, size)
         out = torch.bmm(flat, cols.transpose(1, 2))  # [G, B*C*H, n]: columns first, one bmm, no copy
         out = out.reshape(g, b * c, size, n)
-        out = torch.matmul(rows[:, None], out)  # [G, B*C, n, n]
+        if params.crop or params.roll:
+            out = torch.matmul(rows[:, None], out)  # [G, B*C, n, n]
     out = out.reshape(g, b, c, n, n)
     return out if grouped else out.reshape(g * b, c, n, n)

@@ -27,6 +27,7 @@ AUGS = {
     "roll-only-symmetric-noflip": StepAugment(image_size=32, crop_scale=(0.5, 1.0), flip=False, jitter=6,
                                               crop=False),
     "crop-no-roll": StepAugment(image_size=32, crop_scale=(0.08, 1.0), flip=True, jitter=0),
+    "flip-only": StepAugment(image_size=32, crop_scale=(0.5, 1.0), flip=True, jitter=0, crop=False),
 }
 
 
@@ -51,7 +52,7 @@ def _sequential(x: torch.Tensor, aug: StepAugment, seeds: list[int]) -> tuple[to
 @pytest.mark.parametrize("name", list(AUGS))
 def test_groups_equal_augment_batch_forward_and_gradient(name):
     aug = AUGS[name]
-    seeds = [3, 11, 12, 40]
+    seeds = [3, 11, 12, 40, 41, 42]
     base = _images(len(seeds), 2)
     x_ref = base.clone().requires_grad_(True)
     x_new = base.clone().requires_grad_(True)
