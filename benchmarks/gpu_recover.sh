@@ -3,12 +3,13 @@
 #
 # Run from the repository root, e.g. through the device tool:
 #     bash benchmarks/gpu_recover.sh
-# The GPU box has torch, triton and torchvision; Hydra and OmegaConf (needed by pytest's conftest
-# fixtures only) are expected in .gpu/pydeps. Every step writes $OUT/<step>.log (stdout + stderr), and
+# The GPU box has torch, triton and torchvision; the benches also import numpy, PIL and tqdm, and
+# the pytest step needs pytest, hydra and omegaconf: whatever of these the box lacks goes into
+# .gpu/pydeps (00_device.log lists what is importable). Every step writes $OUT/<step>.log (stdout + stderr), and
 # JSON where it has some; a failed or timed-out step is recorded in $OUT/summary.txt and the next runs.
 #
 # What it prints (and keeps under $OUT):
-#   00_device.log        GPU name, memory, driver; torch/triton versions
+#   00_device.log        GPU name, memory, driver; torch/triton versions; which Python deps import
 #   01_recover_r18.log   recover rows, ResNet-18 224 px, class-batch 100: peer loop, floor (teacher
 #                        forward + input backward) and this engine at G = 1,2,4,8 class-batches per
 #                        step, fp32/bf16, CUDA graphs off/on; img-it/s, ratio vs peer, peak MB, best G
@@ -22,16 +23,19 @@
 #                        BN-input shape of ResNet-18/50 at 224 px and CIFAR ResNet-18 at 32 px + .json
 #   05_pytest_gpu.log    pytest -m gpu on the recover/kernel/augment files of tests/gpu
 #   summary.txt          each step's exit code and seconds
+# ONLY=<step name part> runs just the matching steps (a rerun of one that failed).
 set -u
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD:$PWD/.gpu/pydeps
 export TRITON_INTERPRET=0
-PY=python3
+PY=${PY:-python3}
+ONLY=${ONLY:-}  # e.g. ONLY=02_recover_r50 reruns one step
 
 step() {  # step NAME TIMEOUT_S COMMAND...
     local name=$1 limit=$2
     shift 2
+    if [ -n "$ONLY" ] && [[ "$name" != *"$ONLY"* ]]; then return 0; fi
     local start=$SECONDS
     echo "== $name (timeout ${limit}s): $*" | tee -a "$OUT/summary.txt"
     timeout --signal=TERM --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
@@ -41,7 +45,9 @@ step() {  # step NAME TIMEOUT_S COMMAND...
 }
 
 step 00_device 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; \
-  $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'"
+  $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'; \
+  for m in numpy PIL tqdm torchvision pytest hydra omegaconf; do \
+    $PY -c \"import \$m\" 2>/dev/null && echo \"import \$m: ok\" || echo \"import \$m: MISSING\"; done"
 
 step 01_recover_r18 130 $PY -m engine.bench.recover_cli --model resnet18 --image-size 224 --batch 100 \
   --groups 1,2,4,8 --precisions fp32,bf16 --graphs off,on --steps 5 --warmup 2 --repeats 1 \
