@@ -13,7 +13,8 @@ Rows (image-iterations/s = images x steps / s, after warm-up):
   (``groups_per_step``, ``precision``, ``cuda_graphs``) gives the row ``n/a (not in this build)``;
   CUDA graphs are CUDA only.
 
-The best G of a list is reported per (precision, graphs); ratios are against the peer row.
+The best G of a list is reported per (precision, graphs); ratios are against the peer row. Each row
+is the best of ``repeats`` interleaved rounds; ``spread`` is (fastest - slowest) / fastest over them.
 """
 from __future__ import annotations
 
@@ -61,12 +62,20 @@ class Variant:
 class Row:
     variant: Variant
     rate: Optional[Rate] = None
+    """The best timing."""
+    rates: list[float] = dataclasses.field(default_factory=list)
+    """Every timing's image-iterations/s (their spread tells how noisy the machine was)."""
     note: str = ""
     """Why there is no rate (n/a, CUDA only, out of memory), or a mark (best G)."""
 
     def as_dict(self) -> dict:
         return {"variant": self.variant.label, **dataclasses.asdict(self.variant),
-                "rate": self.rate.as_dict() if self.rate else None, "note": self.note}
+                "rate": self.rate.as_dict() if self.rate else None, "rates": self.rates, "note": self.note}
+
+    @property
+    def spread(self) -> float:
+        """(fastest - slowest) / fastest over the timings; 0 for one."""
+        return (max(self.rates) - min(self.rates)) / max(self.rates) if self.rates else 0.0
 
 
 def build_options() -> dict[str, bool]:
@@ -231,6 +240,7 @@ def measure_variants(make_model, *, model_name: str, num_classes: int, batch: in
                 row.note, row.rate = "out of memory", None
                 torch.cuda.empty_cache()
                 continue
+            row.rates.append(rate.rate)
             if row.rate is None or rate.rate > row.rate.rate:
                 row.rate = rate
     _mark_best(rows)
@@ -267,12 +277,12 @@ def best_engine(rows: list[Row]) -> Optional[Row]:
 
 def render_rows(rows: list[Row], title: str) -> list[str]:
     peer = next((r.rate.rate for r in rows if r.variant.kind == "peer" and r.rate), None)
-    lines = [title, f"  {'variant':<32}{'images':>7}{'img-it/s':>12}{'vs peer':>9}{'peak MB':>9}  note"]
+    lines = [title, f"  {'variant':<32}{'images':>7}{'img-it/s':>12}{'vs peer':>9}{'spread':>8}{'peak MB':>9}  note"]
     for row in rows:
         if row.rate is None:
             lines.append(f"  {row.variant.label:<32}{'':>7}{row.note:>12}")
             continue
         ratio = f"{row.rate.rate / peer:.2f}x" if peer else "-"
         lines.append(f"  {row.variant.label:<32}{row.rate.batch:>7}{row.rate.rate:>12.1f}{ratio:>9}"
-                     f"{row.rate.peak_memory_mb:>9.0f}  {row.note}")
+                     f"{row.spread * 100:>7.0f}%{row.rate.peak_memory_mb:>9.0f}  {row.note}")
     return lines

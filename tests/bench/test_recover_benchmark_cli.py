@@ -35,7 +35,8 @@ def test_recover_benchmark_rows(tmp_path, capsys):
     assert "vs peer" in printed and "n/a (CUDA only)" in printed and "best engine row" in printed
     saved = json.loads(out.read_text())
     assert [r["variant"] for r in saved] == labels
-    assert saved[0]["rate"]["rate"] == pytest.approx(rows[0].rate.rate)
+    assert saved[0]["rate"]["rate"] == pytest.approx(rows[0].rate.rate) == max(saved[0]["rates"])
+    assert "spread" in printed
 
 
 def test_rows_say_what_this_build_lacks(monkeypatch):
