@@ -1,6 +1,16 @@
-"""Benchmark the BN-matching loss, forward + backward: Triton vs eager vs torch.compile.
+"""Benchmark what recover runs per BN layer: the fused BN module (eval-BN output + matching loss,
+forward and backward), grouped and not; or the BN-matching loss alone (``--what loss``).
 
-    python -m kernels.bench --shapes all --batch 100 --dtype float32 --iters 50 --json out.json
+    python -m kernels.bench --shapes all --batch 100 --groups 1,4 --dtype float32 --iters 50
+    python -m kernels.bench --what loss --shapes all --batch 100 --dtype float32 --iters 50 --json out.json
+
+``--what module`` (default) times ``FusedBNMatching`` per backend (triton on CUDA, torch) against the
+unfused path (``F.batch_norm`` + the reference loss, what a hook loop computes) on G x B images
+(``--groups``: G class-batches per call, each with its own statistics and loss). A build whose
+module has no group dimension prints ``n/a (not in this build)`` for G > 1. Module bytes count
+5 * numel(x) * itemsize: read x and write y in forward, read x and dy and write dx in backward.
+
+``--what loss`` times the loss alone: Triton vs eager vs torch.compile.
 
 Shapes are the BN-layer inputs of ResNet-18/50 at 224x224 and of a CIFAR ResNet-18 at 32x32.
 Achieved bandwidth counts the unavoidable traffic of one fwd+bwd step:
@@ -13,14 +23,20 @@ and a line says that Triton figures need a GPU.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 import time
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from .bn_matching_reference import bn_matching_loss_reference
+from .fused_bn import FusedBNMatching
+
+NOT_IN_BUILD = "n/a (not in this build)"
 
 # (C, H, W) of the BN inputs, one entry per distinct shape.
 SHAPES: dict[str, list[tuple[int, int, int]]] = {
@@ -67,6 +83,139 @@ def _time_fwd_bwd(fn: Callable, x: torch.Tensor, rm: torch.Tensor, rv: torch.Ten
     for _ in range(iters):
         step()
     return (time.perf_counter() - t0) * 1e3 / iters
+
+
+def _takes_groups(fn) -> bool:
+    return "groups" in inspect.signature(fn).parameters
+
+
+def fused_module(bn: nn.BatchNorm2d, backend: str, groups: int) -> FusedBNMatching | None:
+    """``FusedBNMatching`` of ``bn`` with G groups per call; None when this build has no groups."""
+    if _takes_groups(FusedBNMatching.__init__):
+        return FusedBNMatching(bn, backend=backend, groups=groups)
+    module = FusedBNMatching(bn, backend=backend)
+    if groups == 1:
+        return module
+    if hasattr(module, "groups"):
+        module.groups = groups
+        return module
+    return None
+
+
+def unfused_call(bn: nn.BatchNorm2d, groups: int) -> Callable | None:
+    """Eval BN + the reference loss, separately (two reads of x forward, autograd backward)."""
+    if groups > 1 and not _takes_groups(bn_matching_loss_reference):
+        return None
+    kwargs = {"groups": groups} if groups > 1 else {}
+
+    def call(x):
+        y = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        return y, bn_matching_loss_reference(x, bn.running_mean, bn.running_var, **kwargs)
+
+    return call
+
+
+def _time_module(call: Callable, x: torch.Tensor, dy: torch.Tensor, iters: int, warmup: int) -> float:
+    """Milliseconds per forward (y, loss) + backward to x of ``sum(y * dy) + sum(loss)``."""
+
+    def step():
+        y, loss = call(x)
+        torch.autograd.grad([y, loss], x, [dy, torch.ones_like(loss)])
+
+    for _ in range(warmup):
+        step()
+    if x.is_cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(iters):
+            step()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / iters
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    return (time.perf_counter() - t0) * 1e3 / iters
+
+
+def run_module(args: argparse.Namespace) -> list[dict]:
+    """The fused BN module (forward y + loss, backward) per backend and G, against the unfused path."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = DTYPES[args.dtype]
+    nets = list(SHAPES) if args.shapes == "all" else [args.shapes]
+    batch, iters = args.batch, args.iters
+    if not cuda:
+        print("no GPU available: Triton figures need one; running the torch backend on CPU, CIFAR shapes only")
+        nets = ["cifar"]
+        batch = batch or CPU_DEFAULT_BATCH
+        iters = iters or CPU_DEFAULT_ITERS
+    batch = batch or 100
+    iters = iters or 50
+    groups_list = args.groups or [1]
+    backends = (["triton"] if cuda else []) + ["torch"]
+    fmt = "nhwc" if args.channels_last else "nchw"
+    print(f"device={torch.cuda.get_device_name() if cuda else 'cpu'} dtype={args.dtype} batch per group={batch} "
+          f"groups={groups_list} iters={iters} memory format={fmt}")
+    print("fused BN module, forward (y + loss) + backward; bytes = 5 * numel * itemsize; ms/group: one "
+          "call's time per class-batch (G = 1: a call per class-batch)")
+    header = (f"{'net':<9} {'G':>3} {'shape':<24} {'provider':<14} {'ms':>9} {'ms/group':>9} {'GB/s':>8} "
+              f"{'vs unfused':>11}")
+    print(header)
+    print("-" * len(header))
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows = []
+    for net in nets:
+        for c, h, w in SHAPES[net]:
+            bn = nn.BatchNorm2d(c).to(device).eval().requires_grad_(False)
+            with torch.no_grad():
+                bn.running_mean.copy_(torch.randn(c, device=device, generator=gen))
+                bn.running_var.copy_(torch.rand(c, device=device, generator=gen) + 0.5)
+                bn.weight.copy_(torch.rand(c, device=device, generator=gen) + 0.5)
+                bn.bias.copy_(torch.randn(c, device=device, generator=gen))
+            for groups in groups_list:
+                shape = (groups * batch, c, h, w)
+                try:
+                    x = torch.randn(shape, device=device, generator=gen).to(dtype)
+                    dy = torch.randn(shape, device=device, generator=gen).to(dtype)
+                except torch.cuda.OutOfMemoryError:
+                    print(f"{net:<9} {groups:>3} {str(list(shape)):<24} out of memory")
+                    continue
+                if args.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                    dy = dy.contiguous(memory_format=torch.channels_last)
+                x.requires_grad_()
+                nbytes = 5 * x.numel() * x.element_size()
+                providers: dict[str, Callable | None] = {"unfused": unfused_call(bn, groups)}
+                for backend in backends:
+                    module = fused_module(bn, backend, groups)
+                    providers[f"fused {backend}"] = None if module is None else (
+                        lambda t, m=module: (m(t), m.last_loss))
+                unfused_ms = None
+                for name, call in providers.items():
+                    if call is None:
+                        print(f"{net:<9} {groups:>3} {str(list(shape)):<24} {name:<14} {NOT_IN_BUILD:>9}")
+                        rows.append({"net": net, "groups": groups, "shape": list(shape), "provider": name,
+                                     "ms": None, "note": NOT_IN_BUILD})
+                        continue
+                    try:
+                        ms = _time_module(call, x, dy, iters, warmup=max(2, iters // 5))
+                    except Exception as exc:  # keep the table going; report the failure in place
+                        ms = float("nan")
+                        print(f"  {name} failed on {shape}: {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)
+                    unfused_ms = ms if name == "unfused" else unfused_ms
+                    gbps = nbytes / (ms * 1e-3) / 1e9
+                    speedup = f"{unfused_ms / ms:.2f}x" if unfused_ms else "-"
+                    print(f"{net:<9} {groups:>3} {str(list(shape)):<24} {name:<14} {ms:>9.3f} {ms / groups:>9.3f} "
+                          f"{gbps:>8.1f} {speedup:>11}")
+                    rows.append({"net": net, "groups": groups, "shape": list(shape), "memory_format": fmt,
+                                 "dtype": args.dtype, "provider": name, "ms": ms, "ms_per_group": ms / groups,
+                                 "gbps": gbps, "bytes": nbytes,
+                                 "device": str(device)})
+                del x, dy
+    return rows
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -123,8 +272,12 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--what", choices=["module", "loss"], default="module",
+                   help="module: the fused BN module, grouped and not (default); loss: the loss alone")
+    p.add_argument("--groups", type=lambda t: [int(v) for v in t.split(",")], default=None,
+                   help="module: G values, comma-separated (default 1)")
     p.add_argument("--shapes", choices=["cifar", "resnet18", "resnet50", "all"], default="all")
     p.add_argument("--batch", type=int, default=None, help=f"default 100 on GPU, {CPU_DEFAULT_BATCH} on CPU")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
@@ -132,7 +285,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--channels-last", action="store_true", help="benchmark channels_last inputs")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    run(p.parse_args(argv))
+    args = p.parse_args(argv)
+    rows = run_module(args) if args.what == "module" else run(args)
+    if args.what == "module" and args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+        print(f"wrote {args.json}")
+    return rows
 
 
 if __name__ == "__main__":

@@ -28,6 +28,14 @@ class BenchConfig:
     """Recover timings (engine and peer interleaved) per shape; the best is kept (1 for target shapes on CPU)."""
     peer: bool = True
     """Also time the peer-style recover loop (hooks + activation copies) on the same shapes."""
+    variants: bool = True
+    """Also time recover by option on each recover shape: the floor (teacher forward + input backward)
+    and this engine at each of ``groups`` class-batches per step, fp32/bf16, CUDA graphs off/on
+    (engine.bench.recover_variants; options this build lacks print n/a)."""
+    groups: Optional[list[int]] = None
+    """Groups per step tried by ``variants``; None: [1, 2, 4, 8] on CUDA, [1, 2] on CPU."""
+    precisions: Optional[list[str]] = None
+    """Precisions timed by ``variants`` (fp32 | bf16); None: both on CUDA, fp32 on CPU."""
     breakdown_steps: int = 3
     """Recover steps run under torch.profiler for the per-phase breakdown (0: skip it)."""
     trace: bool = False
@@ -66,5 +74,10 @@ class BenchConfig:
                 raise ConfigError(f"bench.{name}={value} must be >= 1 (or null for the default)")
         if self.pretrain_batch is not None and self.pretrain_batch < 2:
             raise ConfigError(f"bench.pretrain_batch={self.pretrain_batch} must be >= 2 (BatchNorm needs a batch)")
+        if self.groups is not None and (not self.groups or min(self.groups) < 1):
+            raise ConfigError(f"bench.groups={self.groups} must be a non-empty list of integers >= 1 (or null)")
+        if self.precisions is not None and (not self.precisions
+                                            or any(p not in ("fp32", "bf16") for p in self.precisions)):
+            raise ConfigError(f"bench.precisions={self.precisions} must be a non-empty list of fp32|bf16 (or null)")
         if self.target_warmup is not None and self.target_warmup < 0:
             raise ConfigError(f"bench.target_warmup={self.target_warmup} must be >= 0")

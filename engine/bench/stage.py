@@ -6,7 +6,9 @@ Outline:
   2. profile a few recover steps and split their time into phases (optional chrome trace);
   3. when ``bench.target`` names a dataset whose model/size differ from the configured ones, time
      the target's model at the target's size on synthetic tensors (``bench.measure_target``);
-  4. project wall time and device-hours of the target run from those rates; print; write bench.json.
+  4. time recover by option on those shapes (``bench.variants``): the floor and this engine at G
+     class-batches per step, fp32/bf16, CUDA graphs off/on (engine.bench.recover_variants);
+  5. project wall time and device-hours of the target run from those rates; print; write bench.json.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch
 from engine.bench.measure import (PHASES, Rate, device_name, recover_breakdown, synthetic_batch,
                                   time_evaluate, time_pretrain, time_recover)
 from engine.bench.projection import format_duration, project_run
+from engine.bench.recover_variants import measure_variants, render_rows
 from engine.bench.settings import BenchConfig
 from engine.bench.targets import TARGETS
 from engine.config import from_mapping
@@ -161,6 +164,14 @@ def run(ctx: RunContext) -> dict:
                         normalize=ctx.data.normalize, peer=bench.peer)
     breakdown = _breakdown(ctx, bench, plan) if bench.breakdown_steps else None
     target, target_rates = _target(ctx, bench)
+    variants = target_variants = None
+    if bench.variants:
+        variants = _variants(ctx, bench, ctx.model_cfg, _current_shapes(ctx), plan)
+        if target_rates:
+            model = target["model"]
+            target_variants = _variants(ctx, bench, ModelConfig(name=model),
+                                        Shapes(target["num_classes"], target["image_size"], target["channels"]),
+                                        _target_plan(ctx, bench, target, 2, 2))
     basis = target_rates or rates  # the rates the projection rests on
     recover_cfg = build_recover_config(ctx)
     projection = project_run(num_classes=target["num_classes"], train_images=target["train_images"],
@@ -181,6 +192,8 @@ def run(ctx: RunContext) -> dict:
         "breakdown": breakdown,
         "target_measurements": [r.as_dict() for r in target_rates.values()] if target_rates else None,
         "target_peer_comparison": _comparison(target_rates) if target_rates else None,
+        "recover_variants": [row.as_dict() for row in variants] if variants else None,
+        "target_recover_variants": [row.as_dict() for row in target_variants] if target_variants else None,
         "projection": {
             "target": target,
             "ipc": list(ctx.run.ipc),
@@ -196,7 +209,7 @@ def run(ctx: RunContext) -> dict:
     }
     if ctx.dist.is_main:
         save_json(result, ctx.run_dir / BENCH_FILE)
-        print(render(result))
+        print(render(result, variants, target_variants))
     return result
 
 
@@ -217,6 +230,28 @@ def _plan(ctx: RunContext, bench: BenchConfig) -> Plan:
                 repeats=bench.repeats)
     _ssl_settings(ctx, plan.pretrain_batch)
     return plan
+
+
+def _variants(ctx: RunContext, bench: BenchConfig, model_cfg: ModelConfig, shapes: Shapes, plan: Plan):
+    """Recover rows by option (peer, floor, engine at each G / precision / graphs) on one shape."""
+    device = ctx.dist.device
+    cuda = device.type == "cuda"
+    recover_cfg = build_recover_config(ctx)
+
+    def model() -> torch.nn.Module:
+        torch.manual_seed(ctx.run.seed)
+        return build_model(model_cfg, shapes.num_classes, shapes.channels, shapes.image_size)
+
+    log.info("bench: recover variants (%s, batch %d) on %s", model_cfg.name, plan.recover_batch, plan.source)
+    return measure_variants(
+        model, model_name=model_cfg.name, num_classes=shapes.num_classes, batch=plan.recover_batch,
+        aug=resolve_augment(recover_cfg, shapes.image_size, shapes.channels),
+        objective=Objective(r_bn=recover_cfg.r_bn, first_bn_multiplier=recover_cfg.first_bn_multiplier,
+                            iterations=plan.steps, lr=recover_cfg.lr),
+        steps=plan.steps, warmup=plan.warmup, device=device, backend=recover_cfg.backend,
+        channels_last=recover_cfg.channels_last, groups=bench.groups or ([1, 2, 4, 8] if cuda else [1, 2]),
+        precisions=bench.precisions or (["fp32", "bf16"] if cuda else ["fp32"]),
+        graphs=[False, True] if cuda else [False], repeats=plan.repeats, source=plan.source)
 
 
 def _breakdown(ctx: RunContext, bench: BenchConfig, plan: Plan) -> dict:
@@ -290,8 +325,8 @@ def _table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def render(result: dict) -> str:
-    """The printed report: measurement tables, peer speedup, breakdown, projection."""
+def render(result: dict, variants=None, target_variants=None) -> str:
+    """The printed report: measurement tables, peer speedup, recover by option, breakdown, projection."""
     out = [f"scdd bench on {result['device']} (random weights; steps timed after warm-up; data loading excluded)"]
     first = result["measurements"][0]
     out.append(f"measured on {first['source']}; peak memory = {first['memory_kind']}")
@@ -307,6 +342,12 @@ def render(result: dict) -> str:
         out += _table(rows)
         if result["target_peer_comparison"]:
             out.append(f"  recover engine vs peer loop on target shapes: {result['target_peer_comparison']['speedup']:.2f}x")
+    for rows, where in ((variants, "configured shapes"), (target_variants, "target shapes")):
+        if rows:
+            peer = rows[0].rate  # the peer row: one class-batch
+            shape = f"{peer.model} {peer.image_size}px, class-batch of {peer.batch}; " if peer else ""
+            out += render_rows(rows, f"recover by option on {where} ({shape}ratios vs the peer loop; "
+                                     "floor = teacher forward + input backward alone)")
     b = result["breakdown"]
     if b:
         shares = ", ".join(f"{k.replace('_', ' ')} {b['fractions'][k] * 100:.0f}%" for k in PHASES)

@@ -84,6 +84,14 @@ def test_target_shapes_are_measured_when_they_differ(run_scdd, tmp_path):
     recover = next(r for r in rows if r["stage"] == "recover")
     assert saved["projection"]["stages"]["recover"]["rate"] == pytest.approx(recover["rate"])
     assert "synthetic cifar100 shapes" in saved["projection"]["based_on"]["recover"]
+    # recover by option on both shapes: peer, floor and engine rows, the target's at its own model/size
+    for key, model in (("recover_variants", "convnet"), ("target_recover_variants", "resnet18_cifar")):
+        variants = {r["variant"]: r for r in saved[key]}
+        assert {"peer (hooks, copies)", "floor G=1 fp32", "floor G=2 fp32", "engine G=1 fp32 graphs off",
+                "engine G=2 fp32 graphs off"} == set(variants)
+        measured = [r["rate"] for r in variants.values() if r["rate"]]
+        assert len(measured) >= 4 and all(r["model"] == model and r["rate"] > 0 for r in measured)
+        assert variants["floor G=2 fp32"]["rate"]["batch"] == 2 * variants["floor G=1 fp32"]["rate"]["batch"]
 
 
 def test_projection_arithmetic_by_hand():
@@ -103,7 +111,8 @@ def test_projection_arithmetic_by_hand():
 
 @pytest.mark.parametrize("bad", [{"gpus": 0}, {"steps": 0}, {"warmup": -1}, {"target": "mars"}, {"batch": 0},
                                  {"pretrain_batch": 1}, {"target_steps": 0}, {"breakdown_steps": -1},
-                                 {"repeats": 0}, {"gpus": "eight"}, {"no_such_key": 1}])
+                                 {"repeats": 0}, {"gpus": "eight"}, {"no_such_key": 1}, {"groups": [0]},
+                                 {"groups": []}, {"precisions": ["fp16"]}])
 def test_bad_bench_values_raise_config_error(bad):
     with pytest.raises(ConfigError):
         from_mapping(BenchConfig, bad, "bench")
