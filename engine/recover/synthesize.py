@@ -77,11 +77,12 @@ def weighted_bn_loss(layer_losses: list[torch.Tensor], first_multiplier: float) 
 
 def augment_step(x: torch.Tensor, aug: StepAugment, generators: list[torch.Generator]) -> torch.Tensor:
     """This step's augmentation of x [G*B, C, H, W]: group g (its B consecutive images) with
-    ``generators[g]``'s draws, exactly what batch g alone would draw. The one place the eager step
-    augments (the static-shape ``augment_groups`` can replace this loop)."""
-    if len(generators) == 1:
+    ``generators[g]``'s draws, exactly what batch g alone would draw (to ~1e-6: ``augment_groups``
+    resizes by matrix products where ``augment_batch`` interpolates). The one place the eager step augments."""
+    if len(generators) == 1:  # today's path, bit for bit (the oracle tests compare it with the scripts)
         return augment_batch(x, aug, generators[0])
-    return torch.cat([augment_batch(part, aug, gen) for part, gen in zip(x.chunk(len(generators)), generators)])
+    # G groups: one static-shape op (two batched matrix products) instead of G crops and resizes
+    return augment_ops.augment_groups(x, augment_ops.sample_group_params(generators, aug, x.shape[-1], x.device))
 
 
 def static_augment_available() -> bool:
