@@ -41,7 +41,9 @@ def test_no_host_sync_and_todays_values(aug, no_tf32):
         (grad,) = torch.autograd.grad(out.square().sum(), x)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    torch.testing.assert_close(out.cpu().double(), _expected(x, aug, seeds), rtol=0, atol=2e-5)
+    # vs today's path in float64: fp32 itself (augment_batch on the CPU) is up to 6.6e-5 off it at 224 px
+    # (measured on an H200 run of this file), so the bound is fp32's, not the op's
+    torch.testing.assert_close(out.cpu().double(), _expected(x, aug, seeds), rtol=0, atol=2e-4)
     assert grad.shape == x.shape and torch.isfinite(grad).all()
 
 
@@ -66,7 +68,7 @@ def test_one_cuda_graph_serves_new_parameters(no_tf32):
         static.copy_(sample_group_params(_generators(seeds), aug, 224, "cuda"))
         graph.replay()
         torch.cuda.synchronize()
-        torch.testing.assert_close(out.cpu().double(), _expected(x, aug, seeds), rtol=0, atol=2e-5)
+        torch.testing.assert_close(out.cpu().double(), _expected(x, aug, seeds), rtol=0, atol=2e-4)
         eager = sample_group_params(_generators(seeds), aug, 224, "cuda")
         (grad_eager,) = torch.autograd.grad(augment_groups(x, eager), x, upstream)
         torch.testing.assert_close(grad, grad_eager, rtol=0, atol=1e-5)

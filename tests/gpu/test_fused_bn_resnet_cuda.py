@@ -79,4 +79,12 @@ def test_fused_resnet_matches_hook_path(no_tf32, name, channels_last):
     torch.testing.assert_close(logits_f, logits_h, rtol=1e-4, atol=1e-4 * scale)
     torch.testing.assert_close(losses_f, losses_h, rtol=1e-4, atol=1e-6)
     gscale = grad_h.abs().max().item()
-    torch.testing.assert_close(grad_f, grad_h, rtol=1e-3, atol=1e-3 * gscale)
+    if not channels_last:
+        torch.testing.assert_close(grad_f, grad_h, rtol=1e-3, atol=1e-3 * gscale)
+        return
+    # NHWC: cuDNN's channels-last convolutions round differently, so the input gradient of the plain hook
+    # path itself moves by 1.2% (ResNet-18) / 4.6% (ResNet-50) of its scale between NCHW and NHWC (an H200
+    # run). The fused NHWC gradient must sit within that layout noise of the hook NHWC one.
+    _, _, grad_h_nchw = _hook_path(net.to(memory_format=torch.contiguous_format), x.contiguous(), labels)
+    layout_noise = (grad_h - grad_h_nchw).abs().max().item()
+    assert (grad_f - grad_h).abs().max().item() <= 2 * layout_noise + 1e-3 * gscale
