@@ -38,7 +38,7 @@ from torchvision.utils import make_grid
 
 from engine.artifacts.fingerprint import announce_overwrite, digest, require_match
 from engine.data.imagefolder import ImageFolderDataset
-from engine.data.views import CACHE_SIDE_FACTOR, CropSpec, CropViews, MemorySource, cached_bytes
+from engine.data.views import CACHE_SIDE_FACTOR, CropSpec, CropViews, FileSource, MemorySource, cached_bytes
 from engine.data.tensor_dataset import TensorImageDataset
 from engine.errors import ConfigError
 from engine.io import atomic_write, save_json
@@ -338,7 +338,9 @@ def real_subset_dataset(base: Dataset, indices: Sequence[int], labels: Sequence[
     if crops is not None:
         source = base.source(indices)
         max_short = CACHE_SIDE_FACTOR * crops.size
-        if cache_bytes > 0 and cached_bytes(source.full_sizes(), channels, max_short) <= cache_bytes:
+        # a tree in the run's decode cache is already decoded once under the same cap
+        if (isinstance(source, FileSource) and cache_bytes > 0
+                and cached_bytes(source.full_sizes(), channels, max_short) <= cache_bytes):
             source = MemorySource(source, max_short)
         return CropViews(source, labels, crops, finish=codec.roundtrip)
     subset = CodecSubset(base, indices, labels, codec)

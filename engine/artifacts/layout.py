@@ -10,6 +10,7 @@
     <run>/external/<name>/                   a set of evaluate.external_sets, imported (same format)
     <run>/evaluate/ipc<n>/<row>/             result.json, student_state.pt, labels/ (stored relabel)
     <run>/evaluate/full/full_data/           the full-data student
+    <run>/cache/<split>/                     an image tree's split decoded once: images.u8, table.npy, meta.json
     <run>/report.{md,json}, accuracy_per_epoch.png, distilled_grids.png
 """
 from __future__ import annotations
@@ -67,6 +68,11 @@ class RunLayout:
     # evaluate
     def evaluate_row(self, ipc: Optional[int], key: str) -> Path:
         return self.root / "evaluate" / (f"ipc{ipc}" if ipc else "full") / key
+
+    # data
+    def decode_cache(self, split: str) -> Path:
+        """Folder of a split's decode cache (engine.data.decode_cache), split: train | test."""
+        return self.root / "cache" / split
 
     # report
     @property

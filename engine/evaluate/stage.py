@@ -29,6 +29,7 @@ from engine.artifacts.teacher import data_facts, load_teacher, teacher_digest
 from engine.config import from_mapping
 from engine.context import RunContext
 from engine.data import DataBundle
+from engine.data.decode_cache import eval_images
 from engine.data.views import CropSpec
 from engine.distributed import TaskShare, barrier, task_share
 from engine.errors import ConfigError
@@ -108,6 +109,15 @@ def full_training_set(cfg: EvaluateConfig, bundle: DataBundle, seed: int) -> Tra
     return TrainingSet(bundle.train.crop_views(crops), digest({**facts, "crops": dataclasses.asdict(crops)}))
 
 
+def test_split(bundle: DataBundle, cfg: EvaluateConfig, loader: Optional[LoaderConfig] = None) -> Dataset:
+    """The test split as every row's test passes read it: an image tree's eval-transform images decoded
+    once (from its decode cache when it has one) into memory when they fit evaluate.cache_mb, instead of
+    decoding the split at every test pass of every row; the bundle's split as it is otherwise."""
+    if loader is not None and loader.external:
+        return bundle.test  # loader=ffcv|dali read the split themselves
+    return eval_images(bundle.test, cfg.cache_mb * 2**20, cfg.workers)
+
+
 def build_eval_config(ctx: RunContext, **overrides) -> EvaluateConfig:
     section = dict(ctx.sections.get("evaluate") or {})
     section.update(overrides)
@@ -150,6 +160,8 @@ class Evaluator:
     """The array's task count, to name the task that owns a missing row when gathering."""
     position: int = 0
     """Rows enumerated so far (ipc ascending; distilled sets, random real seeds; full data last)."""
+    test_set: Optional[Dataset] = None
+    """The test split every row is tested on (``test_split``); None: the bundle's."""
 
     def row_fingerprint(self, recipe: StudentRecipe, student_cfg: ModelConfig, seed: int,
                         train: TrainingSet) -> dict:
@@ -206,7 +218,8 @@ class Evaluator:
         test_loader = None
         if self.loader is not None and self.loader.external:
             test_loader = self.loader.eval_loader(bundle, "test", batch_size=500)
-        result = train_student(student, train.dataset, bundle.test, bundle.normalize, recipe, ctx.dist.device, seed,
+        test_set = self.test_set if self.test_set is not None else bundle.test
+        result = train_student(student, train.dataset, test_set, bundle.normalize, recipe, ctx.dist.device, seed,
                                teacher=self.teacher if stored is None else None, stored_labels=stored,
                                checkpoint=state_file, progress=ctx.run.progress,
                                desc=f"{key} ipc={ipc}" if ipc else key, dist=ctx.dist, test_loader=test_loader,
@@ -274,7 +287,8 @@ def evaluate_rows(ctx: RunContext, cfg: EvaluateConfig, sets: dict[str, Path],
         teacher = teacher.to(ctx.dist.device).eval()
         source = teacher_digest(payload)
     evaluator = Evaluator(ctx, cfg, teacher, loader, source, share=share, gather=gather_count is not None,
-                          gather_count=gather_count or 1)
+                          gather_count=gather_count or 1,
+                          test_set=None if gather_count is not None else test_split(bundle, cfg, loader))
     imported = external_sets(ctx, cfg)
     results: dict = {"ipc": {}}
     if (ctx.dist.is_main and hasattr(bundle.train, "crop_views") and cfg.loss == "kl" and cfg.relabel == "stored"
