@@ -86,6 +86,7 @@ class DecodeCache:
         self.table = np.load(self.folder / TABLE_FILE)
         self.indices = indices
         self._map: Optional[np.memmap] = None
+        self._sizes: Optional[list[tuple[int, int]]] = None
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -103,12 +104,16 @@ class DecodeCache:
         view = DecodeCache.__new__(DecodeCache)
         view.__dict__.update(self.__getstate__())
         view.indices = chosen if self.indices is None else self.indices[chosen]
+        view._sizes = None
         return view
 
     @property
     def sizes(self) -> list[tuple[int, int]]:
-        rows = self.table if self.indices is None else self.table[self.indices]
-        return [(int(h), int(w)) for h, w in rows[:, 3:5]]
+        """Full-resolution (height, width) of every image of this view (the crop boxes' frame)."""
+        if self._sizes is None:
+            rows = self.table if self.indices is None else self.table[self.indices]
+            self._sizes = [(int(h), int(w)) for h, w in rows[:, 3:5]]
+        return self._sizes
 
     def array(self, index: int) -> np.ndarray:
         """The stored uint8 image, HWC (HW for gray); a copy, safe to keep."""

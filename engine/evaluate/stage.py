@@ -174,6 +174,8 @@ class Evaluator:
     def run_row(self, key: str, ipc: Optional[int], train: TrainingSet, epochs: Optional[int] = None,
                 seed_offset: int = 0) -> dict:
         ctx, bundle = self.ctx, self.ctx.data
+        if self.test_set is not None:  # the test split as decoded once for every row (test_split)
+            bundle = dataclasses.replace(bundle, test=self.test_set)
         folder = RunLayout(ctx.run_dir).evaluate_row(ipc, key + (f"_s{seed_offset}" if seed_offset else ""))
         recipe = make_recipe(self.cfg, bundle, epochs)
         seed = ctx.run.seed + seed_offset
@@ -218,8 +220,7 @@ class Evaluator:
         test_loader = None
         if self.loader is not None and self.loader.external:
             test_loader = self.loader.eval_loader(bundle, "test", batch_size=500)
-        test_set = self.test_set if self.test_set is not None else bundle.test
-        result = train_student(student, train.dataset, test_set, bundle.normalize, recipe, ctx.dist.device, seed,
+        result = train_student(student, train.dataset, bundle.test, bundle.normalize, recipe, ctx.dist.device, seed,
                                teacher=self.teacher if stored is None else None, stored_labels=stored,
                                checkpoint=state_file, progress=ctx.run.progress,
                                desc=f"{key} ipc={ipc}" if ipc else key, dist=ctx.dist, test_loader=test_loader,
