@@ -66,7 +66,8 @@ def tree_fingerprint(files: Sequence[Path], channels: int, max_short: int) -> st
     return h.hexdigest()[:16]
 
 
-def _header_size(path: Path) -> tuple[int, int]:
+def header_size(path: Path) -> tuple[int, int]:
+    """(height, width) from the file's header; one ConfigError line for a bad file."""
     try:
         with Image.open(path) as img:
             return img.size[1], img.size[0]
@@ -162,7 +163,7 @@ def build(folder: Path, files: Sequence[Path], channels: int, max_short: int, fi
     table = np.zeros((len(files), 5), dtype=np.int64)
     offset = 0
     for i, path in enumerate(files):
-        full = _header_size(path)
+        full = header_size(path)
         h, w = stored_shape(*full, max_short)
         table[i] = (offset, h, w, full[0], full[1])
         offset += h * w * channels
@@ -224,7 +225,7 @@ def cache_bytes(files: Sequence[Path], channels: int, max_short: int, budget: in
     (a large tree is not scanned to the end)."""
     total = 0
     for path in files:
-        h, w = stored_shape(*_header_size(path), max_short)
+        h, w = stored_shape(*header_size(path), max_short)
         total += h * w * channels
         if total > budget:
             return None

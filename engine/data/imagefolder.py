@@ -10,7 +10,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from engine.data.bundle import DataBundle, DataConfig
-from engine.data.decode_cache import DecodeCache, open_or_build
+from engine.data.decode_cache import DecodeCache, header_size, open_or_build
 from engine.data.views import CropSpec, CropViews, FileSource, eval_crop, open_image, to_chw
 from engine.errors import ConfigError
 
@@ -163,11 +163,7 @@ def load_imagefolder(cfg: DataConfig, cache_dirs: Optional[dict[str, Path]] = No
     train_files, train_labels = _flatten(train_classes, class_index)
     val_files, val_labels = _flatten(val_classes, class_index)
     channels = cfg.channels or 3
-    if cfg.image_size is None:
-        with Image.open(train_files[0]) as first:
-            image_size = min(first.size)
-    else:
-        image_size = cfg.image_size
+    image_size = cfg.image_size or min(header_size(train_files[0]))
     caches = _caches(cfg, cache_dirs, {"train": train_files, "test": val_files}, channels, image_size)
     if cfg.verify != "none":  # a split in the cache was decoded whole when it was built, unchanged since
         _verify([f for split, files in (("train", train_files), ("test", val_files)) if caches[split] is None

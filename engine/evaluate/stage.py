@@ -162,6 +162,12 @@ class Evaluator:
     """Rows enumerated so far (ipc ascending; distilled sets, random real seeds; full data last)."""
     test_set: Optional[Dataset] = None
     """The test split every row is tested on (``test_split``); None: the bundle's."""
+    assigned: Optional[frozenset] = None
+    """Row processes (``row_processes``): the row positions this process trains; None: all (or the share's)."""
+    plan: Optional[list] = None
+    """Planning: train nothing, append (position, estimated cost) of every row still to train."""
+    quiet: bool = False
+    """No progress bar; one line per finished row (row processes share the terminal)."""
 
     def row_fingerprint(self, recipe: StudentRecipe, student_cfg: ModelConfig, seed: int,
                         train: TrainingSet) -> dict:
@@ -195,6 +201,15 @@ class Evaluator:
             return done
         if self.share.is_array and position % self.share.count != self.share.index:
             return None  # another task's row
+        if self.assigned is not None and position not in self.assigned:
+            return None  # another row process's row
+        if self.plan is not None:
+            done = ctx.run.resume and student_artifacts.load_result(result_file, fingerprint) is not None
+            passes = recipe.epochs // recipe.eval_every + 1
+            # ~4 image-forwards per trained image (teacher, student forward and backward), 1 per tested one
+            self.plan.append((position, 0 if done else 4 * len(train.dataset) * recipe.epochs
+                              + passes * len(bundle.test)))
+            return None
         if ctx.run.resume:
             done = student_artifacts.load_result(result_file, fingerprint)
             if done is not None:
@@ -222,7 +237,7 @@ class Evaluator:
             test_loader = self.loader.eval_loader(bundle, "test", batch_size=500)
         result = train_student(student, train.dataset, bundle.test, bundle.normalize, recipe, ctx.dist.device, seed,
                                teacher=self.teacher if stored is None else None, stored_labels=stored,
-                               checkpoint=state_file, progress=ctx.run.progress,
+                               checkpoint=state_file, progress=ctx.run.progress and not self.quiet,
                                desc=f"{key} ipc={ipc}" if ipc else key, dist=ctx.dist, test_loader=test_loader,
                                fingerprint=fingerprint)
         row = {"top1": result.top1, "best_top1": result.best_top1, "top5": result.top5,
@@ -235,6 +250,9 @@ class Evaluator:
         if ctx.dist.is_main:
             student_artifacts.save_result(result_file, row, fingerprint)
             state_file.unlink(missing_ok=True)
+        if self.quiet:
+            print(f"evaluate: {key}{f' ipc={ipc}' if ipc else ''} top-1 {row['top1']:.4f} ({row['seconds']:.0f} s)",
+                  flush=True)
         barrier()
         return row
 
@@ -287,16 +305,86 @@ def evaluate_rows(ctx: RunContext, cfg: EvaluateConfig, sets: dict[str, Path],
         teacher, payload = label_teacher(ctx, cfg)
         teacher = teacher.to(ctx.dist.device).eval()
         source = teacher_digest(payload)
-    evaluator = Evaluator(ctx, cfg, teacher, loader, source, share=share, gather=gather_count is not None,
-                          gather_count=gather_count or 1,
-                          test_set=None if gather_count is not None else test_split(bundle, cfg, loader))
+    test_set = None if gather_count is not None else test_split(bundle, cfg, loader)
+
+    def evaluator(**fields) -> Evaluator:
+        return Evaluator(ctx, cfg, teacher, loader, source, share=share, gather=gather_count is not None,
+                         gather_count=gather_count or 1, test_set=test_set, **fields)
+
     imported = external_sets(ctx, cfg)
-    results: dict = {"ipc": {}}
     if (ctx.dist.is_main and hasattr(bundle.train, "crop_views") and cfg.loss == "kl" and cfg.relabel == "stored"
             and (cfg.random_real_seeds or cfg.full_data)):
         print("evaluate: relabel=stored replays crop boxes of image_size images, so the real-image rows train on "
               "the eval-size images (Resize + CenterCrop), not on crops of the full-resolution files as "
               "relabel=online does")
+    processes = row_processes(ctx, cfg, share, gather_count)
+    if processes > 1:
+        plan = evaluator(plan=[])
+        _rows(plan, ctx, cfg, sets, imported)
+        groups = balance(plan.plan, processes)
+        if len([g for g in groups if g]) > 1:
+            _train_in_processes(groups, lambda group: _rows(evaluator(assigned=frozenset(group), quiet=True),
+                                                            ctx, cfg, sets, imported))
+            return _rows(Evaluator(ctx, cfg, teacher, loader, source, gather=True, gather_count=processes),
+                         ctx, cfg, sets, imported)
+    return _rows(evaluator(), ctx, cfg, sets, imported)
+
+
+def row_processes(ctx: RunContext, cfg: EvaluateConfig, share: TaskShare, gather_count: Optional[int]) -> int:
+    """How many processes train rows side by side: evaluate.row_processes, by default (None) one per
+    intra-op thread on a one-process CPU run, each then running one thread (a student step on 10-100
+    small images keeps one core busy far better than two threads share it, and one-thread rows repeat
+    a OMP_NUM_THREADS=1 run bit for bit). 1 on a GPU, with DDP ranks, in a job-array task and in merge."""
+    if gather_count is not None or share.is_array or ctx.dist.world_size > 1 or ctx.dist.device.type != "cpu":
+        return 1
+    return cfg.row_processes if cfg.row_processes is not None else max(1, torch.get_num_threads())
+
+
+def balance(costs: Sequence[tuple[int, int]], processes: int) -> list[list[int]]:
+    """Row positions split into ``processes`` groups of near-equal estimated cost (largest row first, each
+    to the least loaded group)."""
+    groups: list[list[int]] = [[] for _ in range(processes)]
+    load = [0] * processes
+    for position, cost in sorted(costs, key=lambda pc: (-pc[1], pc[0])):
+        k = load.index(min(load))
+        groups[k].append(position)
+        load[k] += cost
+    return groups
+
+
+def _train_in_processes(groups: list[list[int]], train) -> None:
+    """``train(group)`` in one forked process per non-empty group, one intra-op thread each; a failure
+    or a preemption of any is raised here once all have stopped."""
+    import multiprocessing
+
+    from engine import preemption
+
+    def child(group: list[int]) -> None:
+        torch.set_num_threads(1)
+        try:
+            train(group)
+        except preemption.Preempted as exc:
+            print(f"scdd: {exc}", flush=True)
+            raise SystemExit(preemption.REQUEUE_EXIT)
+
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=child, args=(group,)) for group in groups if group]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    codes = [worker.exitcode for worker in workers]
+    if preemption.REQUEUE_EXIT in codes:
+        raise preemption.Preempted("a stop was requested; finished rows are on disk (resume=true goes on)")
+    if any(code != 0 for code in codes):
+        raise RuntimeError(f"evaluate: a row process failed (exit codes {codes}); its error is printed above")
+
+
+def _rows(evaluator: Evaluator, ctx: RunContext, cfg: EvaluateConfig, sets: dict[str, Path],
+          imported: dict[str, Path]) -> dict:
+    """Every row in the fixed order through ``evaluator``; the nested result dict."""
+    bundle = ctx.data
+    results: dict = {"ipc": {}}
     for ipc in sorted(set(ctx.run.ipc)):
         rows = {}
         for key, path in {**sets, **imported}.items():
