@@ -253,7 +253,21 @@ def open_or_build(folder: Path, files: Sequence[Path], channels: int, image_size
         return None
     if reason is not None and folder.exists():
         announce(f"decode cache {folder} is stale or corrupt ({reason}); rebuilding it")
-    build(folder, files, channels, max_short, fingerprint, workers)
+    # built beside, then renamed: ranks or runs building the same cache at once never see half of one
+    building = folder.with_name(f".{folder.name}.{os.getpid()}.building")
+    build(building, files, channels, max_short, fingerprint, workers)
+    if folder.exists():
+        if _check(folder, fingerprint, len(files)) is None:  # another process finished first
+            shutil.rmtree(building)
+            return DecodeCache(folder)
+        shutil.rmtree(folder, ignore_errors=True)
+    try:
+        os.rename(building, folder)
+    except OSError:  # another process renamed its build in between
+        shutil.rmtree(building, ignore_errors=True)
+        if _check(folder, fingerprint, len(files)) is not None:
+            raise ConfigError(f"decode cache {folder} could not be written (another process holds a different "
+                              f"one); remove {folder} and rerun") from None
     announce(f"decode cache: {what} decoded once into {folder} ({len(files)} images, {need / 2**20:.1f} MiB, "
              f"shorter side <= {max_short} px)")
     return DecodeCache(folder)

@@ -174,3 +174,20 @@ def test_test_split_goes_through_the_cache_and_is_decoded_once(tree, tmp_path):
     model = build_model(ModelConfig(name="convnet"), bundle.num_classes, 3, 32)
     assert evaluate_accuracy(model, split, bundle.normalize, torch.device("cpu")) == \
         evaluate_accuracy(model, bundle.test, bundle.normalize, torch.device("cpu"))
+
+
+def test_two_processes_building_the_same_cache_agree(tree, tmp_path):
+    import multiprocessing
+
+    files = sorted((tree / "train").rglob("*.*"))
+    context = multiprocessing.get_context("fork")
+    builders = [context.Process(target=open_or_build, args=(tmp_path / "c", files, 3, 16, 2**30, "the tree"),
+                                kwargs={"announce": lambda line: None}) for _ in range(2)]
+    for p in builders:
+        p.start()
+    for p in builders:
+        p.join()
+    assert [p.exitcode for p in builders] == [0, 0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # no build left beside it
+    cache = open_or_build(tmp_path / "c", files, 3, 16, 2**30, "the tree", announce=pytest.fail)  # reused as is
+    assert len(cache) == len(files)
