@@ -330,7 +330,8 @@ def real_subset_dataset(base: Dataset, indices: Sequence[int], labels: Sequence[
     """The real images at ``indices``; ``crops`` (an image-folder ``base``): random resized crops of the
     full-resolution files instead (``CropViews``, each view through ``codec``).
 
-    Memory: with ``crops`` the cache keeps every image decoded once with its shorter side capped at
+    Memory: with ``crops`` a tree in the run's decode cache (engine.data.decode_cache) is cropped from
+    it as it is; otherwise the cache here keeps every image decoded once with its shorter side capped at
     ``CACHE_SIDE_FACTOR`` x ``crops.size`` (448 px for 224; smaller images as they are) when those
     8-bit pixels fit ``cache_bytes``; crops are then cut per sample from the cached image (the same
     box as from the file, scaled). Otherwise the files are decoded per sample. Without ``crops``:
