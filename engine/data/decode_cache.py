@@ -238,13 +238,13 @@ def open_or_build(folder: Path, files: Sequence[Path], channels: int, image_size
     in one line. None (announced) when it would exceed ``budget_bytes``: the tree then streams."""
     folder = Path(folder)
     max_short = max_short_side(image_size)
-    fingerprint = tree_fingerprint(files, channels, max_short)
-    reason = None
+    fingerprint = reason = None
     if folder.exists():
+        fingerprint = tree_fingerprint(files, channels, max_short)
         reason = _check(folder, fingerprint, len(files))
         if reason is None:
             return DecodeCache(folder)
-    need = cache_bytes(files, channels, max_short, budget_bytes)
+    need = cache_bytes(files, channels, max_short, budget_bytes)  # a large tree stops early, unstat'ed
     if need is None:
         announce(f"decode cache: {what} ({len(files)} files) exceeds data.cache_mb={budget_bytes >> 20} once "
                  f"decoded (shorter side <= {max_short} px); streaming it from the files")
@@ -254,6 +254,7 @@ def open_or_build(folder: Path, files: Sequence[Path], channels: int, image_size
     if reason is not None and folder.exists():
         announce(f"decode cache {folder} is stale or corrupt ({reason}); rebuilding it")
     # built beside, then renamed: ranks or runs building the same cache at once never see half of one
+    fingerprint = fingerprint or tree_fingerprint(files, channels, max_short)
     building = folder.with_name(f".{folder.name}.{os.getpid()}.building")
     build(building, files, channels, max_short, fingerprint, workers)
     if folder.exists():
