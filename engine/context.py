@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.artifacts.layout import RunLayout
 from engine.data import DataBundle, DataConfig, build_data
 from engine.distributed import DistEnv, configure_determinism
 from engine.errors import ConfigError
@@ -63,7 +64,8 @@ class RunContext:
 
     @cached_property
     def data(self) -> DataBundle:
-        return build_data(self.data_cfg)
+        layout = RunLayout(self.run_dir)  # an image tree is decoded once into the run dir's cache
+        return build_data(self.data_cfg, {split: layout.decode_cache(split) for split in ("train", "test")})
 
     def smallest_class(self) -> tuple[str, int]:
         """(name, count) of the class with the fewest images in the training split."""

@@ -38,7 +38,7 @@ from torchvision.utils import make_grid
 
 from engine.artifacts.fingerprint import announce_overwrite, digest, require_match
 from engine.data.imagefolder import ImageFolderDataset
-from engine.data.views import CACHE_SIDE_FACTOR, CropSpec, CropViews, MemorySource, cached_bytes
+from engine.data.views import CACHE_SIDE_FACTOR, CropSpec, CropViews, FileSource, MemorySource, cached_bytes
 from engine.data.tensor_dataset import TensorImageDataset
 from engine.errors import ConfigError
 from engine.io import atomic_write, save_json
@@ -330,7 +330,8 @@ def real_subset_dataset(base: Dataset, indices: Sequence[int], labels: Sequence[
     """The real images at ``indices``; ``crops`` (an image-folder ``base``): random resized crops of the
     full-resolution files instead (``CropViews``, each view through ``codec``).
 
-    Memory: with ``crops`` the cache keeps every image decoded once with its shorter side capped at
+    Memory: with ``crops`` a tree in the run's decode cache (engine.data.decode_cache) is cropped from
+    it as it is; otherwise the cache here keeps every image decoded once with its shorter side capped at
     ``CACHE_SIDE_FACTOR`` x ``crops.size`` (448 px for 224; smaller images as they are) when those
     8-bit pixels fit ``cache_bytes``; crops are then cut per sample from the cached image (the same
     box as from the file, scaled). Otherwise the files are decoded per sample. Without ``crops``:
@@ -338,7 +339,9 @@ def real_subset_dataset(base: Dataset, indices: Sequence[int], labels: Sequence[
     if crops is not None:
         source = base.source(indices)
         max_short = CACHE_SIDE_FACTOR * crops.size
-        if cache_bytes > 0 and cached_bytes(source.full_sizes(), channels, max_short) <= cache_bytes:
+        # a tree in the run's decode cache is already decoded once under the same cap
+        if (isinstance(source, FileSource) and cache_bytes > 0
+                and cached_bytes(source.full_sizes(), channels, max_short) <= cache_bytes):
             source = MemorySource(source, max_short)
         return CropViews(source, labels, crops, finish=codec.roundtrip)
     subset = CodecSubset(base, indices, labels, codec)

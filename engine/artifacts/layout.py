@@ -10,6 +10,7 @@
     <run>/external/<name>/                   a set of evaluate.external_sets, imported (same format)
     <run>/evaluate/ipc<n>/<row>/             result.json, student_state.pt, labels/ (stored relabel)
     <run>/evaluate/full/full_data/           the full-data student
+    <run>/cache/<split>/                     an image tree's split decoded once: images.u8, table.npy, meta.json
     <run>/report.{md,json}, accuracy_per_epoch.png, distilled_grids.png
     <run>/tensorboard/<stage>/<loop>/        event files of each training loop (logger=tensorboard)
 """
@@ -73,6 +74,11 @@ class RunLayout:
     def tensorboard(self, stage: str, *loop: str) -> Path:
         """Event files of one training loop: squeeze/ssl, squeeze/probe, evaluate/ipc10/scdd, ..."""
         return self.root.joinpath("tensorboard", stage, *loop)
+
+    # data
+    def decode_cache(self, split: str) -> Path:
+        """Folder of a split's decode cache (engine.data.decode_cache), split: train | test."""
+        return self.root / "cache" / split
 
     # report
     @property

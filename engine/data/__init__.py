@@ -1,7 +1,8 @@
 """Data registry: ``data=<name>`` picks a loader that returns a DataBundle."""
 from __future__ import annotations
 
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Optional
 
 from engine.data.builtin import load_digits, load_mnist5k
 from engine.data.bundle import DATA_PRESETS, DataBundle, DataConfig
@@ -18,9 +19,13 @@ DATASETS: dict[str, Callable[[DataConfig], DataBundle]] = {
 }
 
 
-def build_data(cfg: DataConfig) -> DataBundle:
+def build_data(cfg: DataConfig, cache_dirs: Optional[dict[str, Path]] = None) -> DataBundle:
+    """``cache_dirs`` ({'train': folder, 'test': folder}): where an image-folder tree's decode cache lives
+    (engine.artifacts.layout.RunLayout.decode_cache); built-in data is in memory already."""
     if cfg.name not in DATASETS:
         raise ConfigError(f"unknown data '{cfg.name}'; choose one of {sorted(DATASETS)}")
+    if cfg.name == "imagefolder":
+        return load_imagefolder(cfg, cache_dirs)
     return DATASETS[cfg.name](cfg)
 
 

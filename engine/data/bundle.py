@@ -38,6 +38,13 @@ class DataConfig:
     """Image-folder check before work starts: 'header' opens every file, 'full' decodes it, 'none'."""
     stats_samples: int = 2000
     """Images sampled from the training split to compute mean/std when none are given."""
+    cache_mb: int = 4096
+    """Image-folder trees: a split whose images, stored with the shorter side capped at 2 x image_size
+    (their own size when smaller), fit this many MiB is decoded once into a memory-mapped file in the
+    run dir (<run>/cache/<split>/, rebuilt when the tree changes; engine.data.decode_cache) and every
+    crop, train and eval, is cut from it; a larger split streams from the files. 0: never cache."""
+    cache_workers: int = 0
+    """Processes decoding a split into the cache while it is built (0: the main process)."""
 
     def __post_init__(self) -> None:
         from engine.errors import ConfigError
@@ -61,6 +68,9 @@ class DataConfig:
         if not 0 < self.eval_crop_ratio <= 1:
             raise ConfigError(f"data.eval_crop_ratio={self.eval_crop_ratio} must be in (0, 1] (0.875: "
                               f"Resize(256) + CenterCrop(224))")
+        if self.cache_mb < 0 or self.cache_workers < 0:
+            raise ConfigError(f"data.cache_mb={self.cache_mb} and data.cache_workers={self.cache_workers} must be "
+                              f">= 0 (cache_mb 0: never cache the tree)")
         if self.stats_samples < 1:
             raise ConfigError(f"data.stats_samples={self.stats_samples} must be >= 1")
 

@@ -10,6 +10,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from engine.data.bundle import DataBundle, DataConfig
+from engine.data.decode_cache import DecodeCache, header_size, open_or_build
 from engine.data.views import CropSpec, CropViews, FileSource, eval_crop, open_image, to_chw
 from engine.errors import ConfigError
 
@@ -55,21 +56,29 @@ class ImageFolderDataset(Dataset):
     """
 
     def __init__(self, files: list[Path], labels: list[int], channels: int, image_size: int,
-                 crop_ratio: float = 1.0) -> None:
+                 crop_ratio: float = 1.0, cache: Optional[DecodeCache] = None) -> None:
         self.files = files
         self.labels = labels
         self.channels = channels
         self.image_size = image_size
         self.crop_ratio = crop_ratio
+        self.cache = cache
+        """The split decoded once (engine.data.decode_cache); None: every read decodes the file."""
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int):
-        return load_image(self.files[index], self.channels, self.image_size, self.crop_ratio), self.labels[index]
+        if self.cache is None:
+            return load_image(self.files[index], self.channels, self.image_size, self.crop_ratio), self.labels[index]
+        img = self.cache.get(index)[0]
+        return to_chw(eval_crop(img, self.image_size, self.crop_ratio)).float().div_(255.0), self.labels[index]
 
-    def source(self, indices: Optional[Sequence[int]] = None) -> FileSource:
-        """The full-resolution files (of ``indices``, default all) for crop views."""
+    def source(self, indices: Optional[Sequence[int]] = None):
+        """Where crops of ``indices`` (default all) come from: the decode cache when the split has one,
+        else the full-resolution files (both the source interface of engine.data.views)."""
+        if self.cache is not None:
+            return self.cache.subset(indices)
         files = self.files if indices is None else [self.files[i] for i in indices]
         return FileSource(files, self.channels)
 
@@ -112,7 +121,18 @@ def _stats_from_sample(dataset: ImageFolderDataset, samples: int, seed: int):
     return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
 
 
-def load_imagefolder(cfg: DataConfig) -> DataBundle:
+def _caches(cfg: DataConfig, cache_dirs: Optional[dict[str, Path]], splits: dict[str, list[Path]],
+            channels: int, image_size: int) -> dict[str, Optional[DecodeCache]]:
+    if not cache_dirs or cfg.cache_mb <= 0:
+        return {split: None for split in splits}
+    return {split: open_or_build(cache_dirs[split], files, channels, image_size, cfg.cache_mb << 20,
+                                 f"the {split} split of {cfg.root}", workers=cfg.cache_workers)
+            for split, files in splits.items()}
+
+
+def load_imagefolder(cfg: DataConfig, cache_dirs: Optional[dict[str, Path]] = None) -> DataBundle:
+    """``cache_dirs`` ({'train': folder, 'test': folder}, from the run layout): decode each split once
+    into a cache there when it fits ``data.cache_mb`` (engine.data.decode_cache)."""
     if not cfg.root:
         raise ConfigError("data=imagefolder needs data.root=DIR holding train/ and val/ class folders")
     root = Path(cfg.root).expanduser()
@@ -142,16 +162,14 @@ def load_imagefolder(cfg: DataConfig) -> DataBundle:
     class_index = {c: i for i, c in enumerate(class_names)}
     train_files, train_labels = _flatten(train_classes, class_index)
     val_files, val_labels = _flatten(val_classes, class_index)
-    if cfg.verify != "none":
-        _verify(train_files + val_files, cfg.verify)
     channels = cfg.channels or 3
-    if cfg.image_size is None:
-        with Image.open(train_files[0]) as first:
-            image_size = min(first.size)
-    else:
-        image_size = cfg.image_size
-    train = ImageFolderDataset(train_files, train_labels, channels, image_size, cfg.eval_crop_ratio)
-    val = ImageFolderDataset(val_files, val_labels, channels, image_size, cfg.eval_crop_ratio)
+    image_size = cfg.image_size or min(header_size(train_files[0]))
+    caches = _caches(cfg, cache_dirs, {"train": train_files, "test": val_files}, channels, image_size)
+    if cfg.verify != "none":  # a split in the cache was decoded whole when it was built, unchanged since
+        _verify([f for split, files in (("train", train_files), ("test", val_files)) if caches[split] is None
+                 for f in files], cfg.verify)
+    train = ImageFolderDataset(train_files, train_labels, channels, image_size, cfg.eval_crop_ratio, caches["train"])
+    val = ImageFolderDataset(val_files, val_labels, channels, image_size, cfg.eval_crop_ratio, caches["test"])
     if cfg.mean is not None and cfg.std is not None:
         mean, std = list(cfg.mean), list(cfg.std)
     else:

@@ -16,6 +16,11 @@ pretraining, the probe's views, students on real images):
 The batched device augmentation (engine.squeeze.augment) then adds only the photometric steps
 (``augment_color``); students (engine.evaluate.student) keep their flip and CutMix.
 Built-in in-memory data (MNIST, digits, CIFAR) is already at its native size and has no views.
+
+Sources: ``FileSource`` decodes the file per read; engine.data.decode_cache.DecodeCache (a run's
+memory-mapped cache of the whole split, the default for trees that fit data.cache_mb) and
+``MemorySource`` (a small subset decoded in memory, for trees not in a cache) hold images with the
+shorter side capped at CACHE_SIDE_FACTOR x the output size; all three give the same boxes.
 """
 from __future__ import annotations
 

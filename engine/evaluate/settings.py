@@ -79,6 +79,10 @@ class EvaluateConfig:
     """Random real subsets drawn (different seeds) for the baseline row; mean and std reported."""
     workers: int = 0
     """DataLoader workers for streaming (image-folder) training sets."""
+    row_processes: Optional[int] = None
+    """Processes training rows side by side on a one-process CPU run, one intra-op thread each (rows are
+    split by estimated cost); None: one per torch thread (2 on 2 cores); 1: one row after another. GPU runs,
+    DDP, job-array tasks and merge always take one. See engine.evaluate.stage.row_processes."""
     cache_mb: int = 512
     """Size rule: a training set (distilled or random real) whose 8-bit pixels (N x C x H x W bytes)
     fit this many MiB is decoded once into memory; larger sets stream from disk every epoch."""
@@ -104,6 +108,8 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.full_data_epochs < 1:
             raise ConfigError("evaluate.epochs and evaluate.full_data_epochs must be >= 1")
+        if self.row_processes is not None and self.row_processes < 1:
+            raise ConfigError(f"evaluate.row_processes={self.row_processes} must be >= 1 (or null: one per thread)")
         if self.cache_mb < 0:
             raise ConfigError(f"evaluate.cache_mb={self.cache_mb} must be >= 0 (0 streams every set)")
         if self.batch_size < 1:

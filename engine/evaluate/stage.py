@@ -29,6 +29,7 @@ from engine.artifacts.teacher import data_facts, load_teacher, teacher_digest
 from engine.config import from_mapping
 from engine.context import RunContext
 from engine.data import DataBundle
+from engine.data.decode_cache import eval_images
 from engine.data.views import CropSpec
 from engine.distributed import TaskShare, barrier, task_share
 from engine.errors import ConfigError
@@ -109,6 +110,15 @@ def full_training_set(cfg: EvaluateConfig, bundle: DataBundle, seed: int) -> Tra
     return TrainingSet(bundle.train.crop_views(crops), digest({**facts, "crops": dataclasses.asdict(crops)}))
 
 
+def test_split(bundle: DataBundle, cfg: EvaluateConfig, loader: Optional[LoaderConfig] = None) -> Dataset:
+    """The test split as every row's test passes read it: an image tree's eval-transform images decoded
+    once (from its decode cache when it has one) into memory when they fit evaluate.cache_mb, instead of
+    decoding the split at every test pass of every row; the bundle's split as it is otherwise."""
+    if loader is not None and loader.external:
+        return bundle.test  # loader=ffcv|dali read the split themselves
+    return eval_images(bundle.test, cfg.cache_mb * 2**20, cfg.workers)
+
+
 def build_eval_config(ctx: RunContext, **overrides) -> EvaluateConfig:
     section = dict(ctx.sections.get("evaluate") or {})
     section.update(overrides)
@@ -152,6 +162,14 @@ class Evaluator:
     """The array's task count, to name the task that owns a missing row when gathering."""
     position: int = 0
     """Rows enumerated so far (ipc ascending; distilled sets, random real seeds; full data last)."""
+    test_set: Optional[Dataset] = None
+    """The test split every row is tested on (``test_split``); None: the bundle's."""
+    assigned: Optional[frozenset] = None
+    """Row processes (``row_processes``): the row positions this process trains; None: all (or the share's)."""
+    plan: Optional[list] = None
+    """Planning: train nothing, append (position, estimated cost) of every row still to train."""
+    quiet: bool = False
+    """No progress bar; one line per finished row (row processes share the terminal)."""
 
     def row_fingerprint(self, recipe: StudentRecipe, student_cfg: ModelConfig, seed: int,
                         train: TrainingSet) -> dict:
@@ -164,6 +182,8 @@ class Evaluator:
     def run_row(self, key: str, ipc: Optional[int], train: TrainingSet, epochs: Optional[int] = None,
                 seed_offset: int = 0) -> dict:
         ctx, bundle = self.ctx, self.ctx.data
+        if self.test_set is not None:  # the test split as decoded once for every row (test_split)
+            bundle = dataclasses.replace(bundle, test=self.test_set)
         folder = RunLayout(ctx.run_dir).evaluate_row(ipc, key + (f"_s{seed_offset}" if seed_offset else ""))
         recipe = make_recipe(self.cfg, bundle, epochs)
         seed = ctx.run.seed + seed_offset
@@ -183,6 +203,15 @@ class Evaluator:
             return done
         if self.share.is_array and position % self.share.count != self.share.index:
             return None  # another task's row
+        if self.assigned is not None and position not in self.assigned:
+            return None  # another row process's row
+        if self.plan is not None:
+            done = ctx.run.resume and student_artifacts.load_result(result_file, fingerprint) is not None
+            passes = recipe.epochs // recipe.eval_every + 1
+            # ~4 image-forwards per trained image (teacher, student forward and backward), 1 per tested one
+            self.plan.append((position, 0 if done else 4 * len(train.dataset) * recipe.epochs
+                              + passes * len(bundle.test)))
+            return None
         if ctx.run.resume:
             done = student_artifacts.load_result(result_file, fingerprint)
             if done is not None:
@@ -212,7 +241,7 @@ class Evaluator:
             "evaluate", folder.parent.name, folder.name), ctx.dist.is_main)
         result = train_student(student, train.dataset, bundle.test, bundle.normalize, recipe, ctx.dist.device, seed,
                                teacher=self.teacher if stored is None else None, stored_labels=stored,
-                               checkpoint=state_file, progress=ctx.run.progress,
+                               checkpoint=state_file, progress=ctx.run.progress and not self.quiet,
                                desc=f"{key} ipc={ipc}" if ipc else key, dist=ctx.dist, test_loader=test_loader,
                                fingerprint=fingerprint, logger=logger)
         logger.close()
@@ -226,6 +255,9 @@ class Evaluator:
         if ctx.dist.is_main:
             student_artifacts.save_result(result_file, row, fingerprint)
             state_file.unlink(missing_ok=True)
+        if self.quiet:
+            print(f"evaluate: {key}{f' ipc={ipc}' if ipc else ''} top-1 {row['top1']:.4f} ({row['seconds']:.0f} s)",
+                  flush=True)
         barrier()
         return row
 
@@ -278,15 +310,86 @@ def evaluate_rows(ctx: RunContext, cfg: EvaluateConfig, sets: dict[str, Path],
         teacher, payload = label_teacher(ctx, cfg)
         teacher = teacher.to(ctx.dist.device).eval()
         source = teacher_digest(payload)
-    evaluator = Evaluator(ctx, cfg, teacher, loader, source, share=share, gather=gather_count is not None,
-                          gather_count=gather_count or 1)
+    test_set = None if gather_count is not None else test_split(bundle, cfg, loader)
+
+    def evaluator(**fields) -> Evaluator:
+        return Evaluator(ctx, cfg, teacher, loader, source, share=share, gather=gather_count is not None,
+                         gather_count=gather_count or 1, test_set=test_set, **fields)
+
     imported = external_sets(ctx, cfg)
-    results: dict = {"ipc": {}}
     if (ctx.dist.is_main and hasattr(bundle.train, "crop_views") and cfg.loss == "kl" and cfg.relabel == "stored"
             and (cfg.random_real_seeds or cfg.full_data)):
         print("evaluate: relabel=stored replays crop boxes of image_size images, so the real-image rows train on "
               "the eval-size images (Resize + CenterCrop), not on crops of the full-resolution files as "
               "relabel=online does")
+    processes = row_processes(ctx, cfg, share, gather_count)
+    if processes > 1:
+        plan = evaluator(plan=[])
+        _rows(plan, ctx, cfg, sets, imported)
+        groups = balance(plan.plan, processes)
+        if len([g for g in groups if g]) > 1:
+            _train_in_processes(groups, lambda group: _rows(evaluator(assigned=frozenset(group), quiet=True),
+                                                            ctx, cfg, sets, imported))
+            return _rows(Evaluator(ctx, cfg, teacher, loader, source, gather=True, gather_count=processes),
+                         ctx, cfg, sets, imported)
+    return _rows(evaluator(), ctx, cfg, sets, imported)
+
+
+def row_processes(ctx: RunContext, cfg: EvaluateConfig, share: TaskShare, gather_count: Optional[int]) -> int:
+    """How many processes train rows side by side: evaluate.row_processes, by default (None) one per
+    intra-op thread on a one-process CPU run, each then running one thread (a student step on 10-100
+    small images keeps one core busy far better than two threads share it, and one-thread rows repeat
+    a OMP_NUM_THREADS=1 run bit for bit). 1 on a GPU, with DDP ranks, in a job-array task and in merge."""
+    if gather_count is not None or share.is_array or ctx.dist.world_size > 1 or ctx.dist.device.type != "cpu":
+        return 1
+    return cfg.row_processes if cfg.row_processes is not None else max(1, torch.get_num_threads())
+
+
+def balance(costs: Sequence[tuple[int, int]], processes: int) -> list[list[int]]:
+    """Row positions split into ``processes`` groups of near-equal estimated cost (largest row first, each
+    to the least loaded group)."""
+    groups: list[list[int]] = [[] for _ in range(processes)]
+    load = [0] * processes
+    for position, cost in sorted(costs, key=lambda pc: (-pc[1], pc[0])):
+        k = load.index(min(load))
+        groups[k].append(position)
+        load[k] += cost
+    return groups
+
+
+def _train_in_processes(groups: list[list[int]], train) -> None:
+    """``train(group)`` in one forked process per non-empty group, one intra-op thread each; a failure
+    or a preemption of any is raised here once all have stopped."""
+    import multiprocessing
+
+    from engine import preemption
+
+    def child(group: list[int]) -> None:
+        torch.set_num_threads(1)
+        try:
+            train(group)
+        except preemption.Preempted as exc:
+            print(f"scdd: {exc}", flush=True)
+            raise SystemExit(preemption.REQUEUE_EXIT)
+
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=child, args=(group,)) for group in groups if group]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    codes = [worker.exitcode for worker in workers]
+    if preemption.REQUEUE_EXIT in codes:
+        raise preemption.Preempted("a stop was requested; finished rows are on disk (resume=true goes on)")
+    if any(code != 0 for code in codes):
+        raise RuntimeError(f"evaluate: a row process failed (exit codes {codes}); its error is printed above")
+
+
+def _rows(evaluator: Evaluator, ctx: RunContext, cfg: EvaluateConfig, sets: dict[str, Path],
+          imported: dict[str, Path]) -> dict:
+    """Every row in the fixed order through ``evaluator``; the nested result dict."""
+    bundle = ctx.data
+    results: dict = {"ipc": {}}
     for ipc in sorted(set(ctx.run.ipc)):
         rows = {}
         for key, path in {**sets, **imported}.items():

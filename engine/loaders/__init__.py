@@ -1,7 +1,8 @@
 """Loader registry: ``build_loader(kind, ...)`` -> batches of (normalized float32 [B,C,H,W], int64 [B]).
 
 Three back ends share one contract (see engine/loaders/common.py):
-  torch  torch DataLoader over the data bundle (PIL decode for image-folder trees)
+  torch  torch DataLoader over the data bundle (image-folder trees: crops of the run's decode cache,
+         engine.data.decode_cache, or PIL decode of the files when the tree is not cached)
   ffcv   .beton files written by ``python -m engine.loaders.convert_ffcv``
   dali   NVIDIA DALI decoding the bundle's image files (or in-memory images) on CPU or GPU
 """

@@ -1,4 +1,5 @@
-"""torch DataLoader path: PIL decode for image-folder trees, tensor ops for in-memory data."""
+"""torch DataLoader path: image-folder trees from their decode cache (or PIL decode of the files), tensor ops
+for in-memory data."""
 from __future__ import annotations
 
 from typing import Iterator
@@ -7,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
-from engine.data.views import CropSpec, draw, eval_crop, open_image, render, tensor_views, to_chw, view_rng
+from engine.data.views import CropSpec, draw, eval_crop, render, tensor_views, to_chw, view_rng
 from engine.loaders.common import BatchLoader, LoaderSpec, normalizer
 
 
@@ -25,7 +26,8 @@ class _ViewDataset(Dataset):
         self.size = size
         self.channels = channels
         self.epoch = 0
-        self.files = getattr(dataset, "files", None)
+        # an image tree: its decode cache when it has one, else its files (engine.data.views sources)
+        self.source = dataset.source() if hasattr(dataset, "source") else None
         self.images = getattr(dataset, "images", None)
         self.labels = list(dataset.labels)
         self.ratio = getattr(dataset, "crop_ratio", 1.0)
@@ -38,17 +40,17 @@ class _ViewDataset(Dataset):
     def __getitem__(self, index: int):
         label = self.labels[index]
         if self.spec.transform == "eval":
-            if self.files is not None:
-                return to_chw(eval_crop(open_image(self.files[index], self.channels), self.size, self.ratio)), label
+            if self.source is not None:
+                return to_chw(eval_crop(self.source.get(index)[0], self.size, self.ratio)), label
             image = self.images[index] if self.images is not None else self.dataset[index][0]
             if image.shape[-1] != self.size or image.shape[-2] != self.size:
                 image = v2.functional.center_crop(
                     v2.functional.resize(image, self.size, antialias=True), self.size)
             return image, label
         rng = view_rng(self.crop.seed, self.epoch, index)
-        if self.files is not None:
-            img = open_image(self.files[index], self.channels)
-            views = render(img, draw(rng, img.size[1], img.size[0], self.crop), self.size)
+        if self.source is not None:  # boxes in full-resolution coordinates, scaled to a cached image
+            img, (height, width), shrink = self.source.get(index)
+            views = render(img, draw(rng, height, width, self.crop), self.size, shrink)
         else:
             source = self.images[index] if self.images is not None else self.dataset[index][0]
             views = tensor_views(source, self.crop, rng)

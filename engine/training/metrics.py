@@ -11,14 +11,26 @@ from torch.utils.data import Dataset
 from engine.training.batches import batches_of, load_batches, to_unit_float
 
 
+CPU_EVAL_BATCH = 32
+"""Test batches on the CPU: one thread forwarded 1,000 MNIST images through the default ConvNet in 370 ms
+at batch 32-50 against 600 ms at 500 (CIFAR-size ConvNet 490 vs 820, ResNet-18 7.5 vs 9.5 s): a small
+batch's activations stay in the core's cache. Eval-mode outputs do not depend on the batch beyond rounding."""
+
+
+def eval_batch_size(device: torch.device) -> int:
+    """Images per test batch: 500 on an accelerator (fewer launches), CPU_EVAL_BATCH on the CPU."""
+    return CPU_EVAL_BATCH if torch.device(device).type == "cpu" else 500
+
+
 @torch.no_grad()
 def evaluate_accuracy(model: nn.Module, dataset: Dataset, normalize: Callable, device: torch.device,
-                      batch_size: int = 500, workers: int = 0, loader=None) -> tuple[float, Optional[float]]:
+                      batch_size: Optional[int] = None, workers: int = 0, loader=None) -> tuple[float, Optional[float]]:
     """Top-1 (and top-5 when there are more than 10 classes, else None) as fractions, eval mode.
 
-    ``loader``: an engine.loaders BatchLoader of the whole split (eval transform, normalized batches,
-    loader=ffcv|dali) read instead of ``dataset``.
+    ``batch_size``: None takes ``eval_batch_size(device)``. ``loader``: an engine.loaders BatchLoader of the
+    whole split (eval transform, normalized batches, loader=ffcv|dali) read instead of ``dataset``.
     """
+    batch_size = batch_size or eval_batch_size(device)
     model.eval()
     correct1 = correct5 = total = 0
     has_top5 = None
