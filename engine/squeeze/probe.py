@@ -1,7 +1,10 @@
 """Linear probe: a frozen, eval-mode backbone and one trainable linear layer on pooled features.
 
 The backbone runs in eval mode under no_grad, so BN running statistics (the quantity SC-DD
-matches during recovery) are never touched. Two ways to feed the layer (``views``):
+matches during recovery) are never touched. ``mode=finetune`` instead trains backbone and layer
+together (train mode: BN running statistics follow the labelled views; the backbone's lr is the
+layer's times ``backbone_lr_scale``), so the teacher recovery matches is the fine-tuned one. Two
+ways to feed the layer (``views``; finetune needs augmented, as fixed features cannot move the backbone):
   augmented: every epoch, random-resized-crop + flip views of the training images (MoCo's lincls, which
     SC-DD's probe follows) go through the frozen backbone; the crops come from the squeeze stage's
     batched view code (engine.squeeze.augment), so they are cut as the pretraining views are.
@@ -70,6 +73,7 @@ def step_or_cosine_lr(epoch: int, epochs: int, base_lr: float, schedule: str,
 
 
 PROBE_VIEWS = ("augmented", "features")
+PROBE_MODES = ("linear", "finetune")
 
 
 def linear_probe(model: ClassifierNet, train: Dataset, test: Dataset,
@@ -78,10 +82,14 @@ def linear_probe(model: ClassifierNet, train: Dataset, test: Dataset,
                  milestones: tuple[float, ...], standardize: bool, device: torch.device,
                  generator: torch.Generator, workers: int = 0, progress: bool = True,
                  loaders=None, views: str = "features", augment: Optional[AugmentSpec] = None,
-                 precision: str = "fp32", logger: MetricsLogger = NULL_LOGGER) -> tuple[list[dict], dict]:
+                 precision: str = "fp32", logger: MetricsLogger = NULL_LOGGER, mode: str = "linear",
+                 backbone_lr_scale: float = 0.01) -> tuple[list[dict], dict]:
     """Fit ``model.fc`` on frozen features; returns (per-epoch rows, final metrics).
 
-    The backbone is left in eval mode with requires_grad unchanged; only ``model.fc`` is written.
+    ``mode`` linear: the backbone is left in eval mode with requires_grad unchanged; only ``model.fc``
+    is written. finetune (needs views=augmented): the backbone trains too, in train mode (its BN
+    running statistics update), by SGD at ``lr * backbone_lr_scale`` on the same schedule; it is left
+    in eval mode with requires_grad as it was.
     ``views``: augmented (``augment``'s crop + flip views of ``train`` each epoch; standardize must be
     off) | features (precomputed, unaugmented). ``loaders``: optional {"train": BatchLoader, "test":
     BatchLoader} (normalized eval batches) that replace ``train``/``test`` for feature extraction
@@ -92,6 +100,10 @@ def linear_probe(model: ClassifierNet, train: Dataset, test: Dataset,
     if views not in PROBE_VIEWS or (views == "augmented" and (augment is None or standardize)):
         raise ValueError(f"probe views={views!r} must be one of {PROBE_VIEWS}; augmented needs an AugmentSpec "
                          f"and no standardization")
+    if mode not in PROBE_MODES or (mode == "finetune" and views != "augmented") or backbone_lr_scale < 0:
+        raise ValueError(f"probe mode={mode!r} must be one of {PROBE_MODES}; finetune needs views=augmented; "
+                         f"backbone_lr_scale={backbone_lr_scale} must be >= 0")
+    finetune = mode == "finetune"
     loaders = loaders or {}
     started = time.perf_counter()
     model.to(device).eval()
@@ -108,22 +120,33 @@ def linear_probe(model: ClassifierNet, train: Dataset, test: Dataset,
     # MoCo's lincls init: weights N(0, 0.01), bias 0.
     weight = (torch.randn(num_classes, dim, generator=generator) * 0.01).to(where).requires_grad_(True)
     bias = torch.zeros(num_classes, device=where, requires_grad=True)
-    optimizer = torch.optim.SGD([weight, bias], lr=lr, momentum=momentum, weight_decay=weight_decay,
+    groups = [{"params": [weight, bias], "scale": 1.0}]
+    backbone = [q for name, q in model.named_parameters() if not name.startswith("fc.")]
+    requires_grad = [q.requires_grad for q in backbone]
+    if finetune:
+        for q in backbone:
+            q.requires_grad_(True)
+        groups.append({"params": backbone, "scale": backbone_lr_scale})
+    optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay,
                                 **optimizer_options(where))
     rows = []
     bar = tqdm(range(epochs), desc="probe", disable=not progress, leave=False)
     for epoch in bar:
         epoch_lr = step_or_cosine_lr(epoch, epochs, lr, schedule, milestones)
         for group in optimizer.param_groups:
-            group["lr"] = epoch_lr
+            group["lr"] = epoch_lr * group["scale"]
         if views == "features":
             batches = _feature_batches((train_x - mean) / std, train_y, batch_size, generator)
         else:
-            batches = _view_batches(model, train, normalize, augment, batch_size, device, generator, workers, epoch,
-                                    precision)
+            batches = _view_batches(train, normalize, augment, batch_size, device, generator, workers, epoch)
+        model.train(finetune)
         total, correct, count = 0.0, 0, 0
         epoch_started = time.perf_counter()
         for z, y in batches:
+            if views == "augmented":
+                with torch.set_grad_enabled(finetune), autocast(precision, device):
+                    z = model.features(z)
+                z = z.float()
             logits = F.linear(z, weight, bias)
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
@@ -136,6 +159,9 @@ def linear_probe(model: ClassifierNet, train: Dataset, test: Dataset,
         logger.scalars({"train/loss": rows[-1]["loss"], "train/lr": epoch_lr, "train/top1": rows[-1]["train_top1"],
                         "train/images_per_s": count / max(time.perf_counter() - epoch_started, 1e-9)}, epoch + 1)
         bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}", lr=f"{epoch_lr:.4g}")
+    model.eval()
+    for q, flag in zip(backbone, requires_grad):
+        q.requires_grad_(flag)
     with torch.no_grad():
         folded = weight.cpu() / std  # fc(x) = W ((x - mean) / std) + b
         model.fc.weight.copy_(folded.to(model.fc.weight))
@@ -145,7 +171,7 @@ def linear_probe(model: ClassifierNet, train: Dataset, test: Dataset,
     logger.flush()
     final = {"probe_top1": test_top1, "probe_train_top1": rows[-1]["train_top1"] if rows else None,
              "probe_seconds": time.perf_counter() - started, "probe_feature_seconds": feature_seconds,
-             "probe_views": views}
+             "probe_views": views, "probe_mode": mode}
     return rows, final
 
 
@@ -157,11 +183,11 @@ def _feature_batches(z: torch.Tensor, labels: torch.Tensor, batch_size: int,
         yield z[index], labels[index]
 
 
-def _view_batches(model: ClassifierNet, train: Dataset, normalize: Callable[[torch.Tensor], torch.Tensor],
+def _view_batches(train: Dataset, normalize: Callable[[torch.Tensor], torch.Tensor],
                   spec: AugmentSpec, batch_size: int, device: torch.device, generator: torch.Generator,
-                  workers: int, epoch: int, precision: str = "fp32") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch of (frozen eval-mode features of fresh augmented views, labels), on ``device``. An
-    image-folder tree is cropped from its full-resolution files, as pretraining's views are."""
+                  workers: int, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of (fresh normalized augmented views, labels), on ``device``; the caller runs the
+    backbone. An image-folder tree is cropped from its full-resolution files, as pretraining's views are."""
     order = torch.randperm(len(train), generator=generator)
     crops = crop_source(train, spec, 1, generator.initial_seed())
     source = train if crops is None else at_epoch(crops, epoch)
@@ -170,9 +196,7 @@ def _view_batches(model: ClassifierNet, train: Dataset, normalize: Callable[[tor
             views = normalize(augment_batch(to_device(images, device), spec, generator))
         else:
             views = batch_views(images, 1, spec, generator, normalize, device)[0]
-        with torch.no_grad(), autocast(precision, device):
-            features = model.features(views)
-        yield features.float(), to_device(labels.long(), device)
+        yield views, to_device(labels.long(), device)
 
 
 def evaluate_top1(model: ClassifierNet, dataset: Dataset, normalize: Callable[[torch.Tensor], torch.Tensor],

@@ -71,11 +71,26 @@ class ProbeConfig:
     views: str = "features"
     """augmented: random-resized-crop + flip views of the training images each epoch (the paper's probe) |
     features: unaugmented features computed once (fast; the small built-in data)."""
+    mode: str = "linear"
+    """linear: frozen eval-mode backbone, BN running statistics untouched (the paper) | finetune: the
+    backbone trains with the layer in train mode, so its weights and BN statistics move and the teacher
+    written is the fine-tuned model. finetune needs views=augmented (refused otherwise: fixed features
+    cannot update the backbone)."""
+    backbone_lr_scale: float = 0.01
+    """finetune: the backbone's lr is ``lr`` times this (the layer's lr suits a fresh head, not
+    pretrained weights); unused by linear."""
 
     def __post_init__(self) -> None:
         if self.views not in ("augmented", "features") or (self.views == "augmented" and self.standardize):
             raise ConfigError(f"squeeze.probe.views={self.views!r} must be augmented|features; augmented "
                               f"needs squeeze.probe.standardize=false")
+        if self.mode not in ("linear", "finetune"):
+            raise ConfigError(f"squeeze.probe.mode={self.mode!r} is not one of linear|finetune")
+        if self.mode == "finetune" and self.views != "augmented":
+            raise ConfigError("squeeze.probe.mode=finetune trains the backbone on fresh views; set "
+                              "squeeze.probe.views=augmented squeeze.probe.standardize=false")
+        if not self.backbone_lr_scale >= 0:
+            raise ConfigError(f"squeeze.probe.backbone_lr_scale={self.backbone_lr_scale} must be >= 0")
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError(f"squeeze.probe needs epochs >= 0, batch_size >= 1, lr > 0; got epochs="
                               f"{self.epochs}, batch_size={self.batch_size}, lr={self.lr}")
@@ -439,7 +454,8 @@ def _probe(ctx: RunContext, cfg: SqueezeConfig, model,
                             device=ctx.dist.device, generator=generator, workers=cfg.workers,
                             progress=ctx.run.progress, loaders=loaders, views=p.views,
                             augment=probe_image_spec(ctx.data.image_size, _flip_for(cfg, ctx.data.channels)),
-                            precision=precision, logger=logger)
+                            precision=precision, logger=logger, mode=p.mode,
+                            backbone_lr_scale=p.backbone_lr_scale)
     finally:
         logger.close()
 
