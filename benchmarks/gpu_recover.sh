@@ -13,7 +13,7 @@
 #   01_recover_r18.log   recover rows, ResNet-18 224 px, class-batch 100: peer loop, floor (teacher
 #                        forward + input backward) and this engine at G = 1,2,4,8 class-batches per
 #                        step, fp32/bf16, CUDA graphs off/on; img-it/s, ratio vs peer, peak MB, best G
-#                        (rows an option is missing for say "n/a (not in this build)")  + .json
+#                                                                                      + .json
 #   02_recover_r50.log   the same for ResNet-50, class-batch 50                                + .json
 #   03_bf16_vs_fp32.log  CE and BN loss every 5 of 50 recover steps, fp32 and bf16 side by side from
 #                        the same start (ResNet-18 224 px, batch 100), largest relative differences,

@@ -6,8 +6,7 @@ forward and backward), grouped and not; or the BN-matching loss alone (``--what 
 
 ``--what module`` (default) times ``FusedBNMatching`` per backend (triton on CUDA, torch) against the
 unfused path (``F.batch_norm`` + the reference loss, what a hook loop computes) on G x B images
-(``--groups``: G class-batches per call, each with its own statistics and loss). A build whose
-module has no group dimension prints ``n/a (not in this build)`` for G > 1. Module bytes count
+(``--groups``: G class-batches per call, each with its own statistics and loss). Module bytes count
 5 * numel(x) * itemsize: read x and write y in forward, read x and dy and write dx in backward.
 
 ``--what loss`` times the loss alone: Triton vs eager vs torch.compile.
@@ -23,7 +22,6 @@ and a line says that Triton figures need a GPU.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
 import time
@@ -34,9 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bn_matching_reference import bn_matching_loss_reference
-from .fused_bn import FusedBNMatching
-
-NOT_IN_BUILD = "n/a (not in this build)"
+from .fused_bn import FusedBNMatching, set_groups
 
 # (C, H, W) of the BN inputs, one entry per distinct shape.
 SHAPES: dict[str, list[tuple[int, int, int]]] = {
@@ -61,16 +57,11 @@ def _providers(device: torch.device, with_compile: bool) -> dict[str, Callable]:
     return providers
 
 
-def _time_fwd_bwd(fn: Callable, x: torch.Tensor, rm: torch.Tensor, rv: torch.Tensor, iters: int, warmup: int) -> float:
-    """Milliseconds per forward+backward (grad of the loss w.r.t. x)."""
-
-    def step():
-        loss = fn(x, rm, rv)
-        torch.autograd.grad(loss, x)
-
+def _time_ms(step: Callable[[], None], cuda: bool, iters: int, warmup: int) -> float:
+    """Milliseconds per call of ``step`` after ``warmup`` calls (CUDA events on a GPU, wall clock on CPU)."""
     for _ in range(warmup):
         step()
-    if x.is_cuda:
+    if cuda:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
         start.record()
@@ -85,32 +76,24 @@ def _time_fwd_bwd(fn: Callable, x: torch.Tensor, rm: torch.Tensor, rv: torch.Ten
     return (time.perf_counter() - t0) * 1e3 / iters
 
 
-def _takes_groups(fn) -> bool:
-    return "groups" in inspect.signature(fn).parameters
+def _time_fwd_bwd(fn: Callable, x: torch.Tensor, rm: torch.Tensor, rv: torch.Tensor, iters: int, warmup: int) -> float:
+    """Milliseconds per forward+backward (grad of the loss w.r.t. x)."""
+    return _time_ms(lambda: torch.autograd.grad(fn(x, rm, rv), x), x.is_cuda, iters, warmup)
 
 
-def fused_module(bn: nn.BatchNorm2d, backend: str, groups: int) -> FusedBNMatching | None:
-    """``FusedBNMatching`` of ``bn`` with G groups per call; None when this build has no groups."""
-    if _takes_groups(FusedBNMatching.__init__):
-        return FusedBNMatching(bn, backend=backend, groups=groups)
+def fused_module(bn: nn.BatchNorm2d, backend: str, groups: int) -> FusedBNMatching:
+    """``FusedBNMatching`` of ``bn`` with G groups per call."""
     module = FusedBNMatching(bn, backend=backend)
-    if groups == 1:
-        return module
-    if hasattr(module, "groups"):
-        module.groups = groups
-        return module
-    return None
+    set_groups([module], groups)
+    return module
 
 
-def unfused_call(bn: nn.BatchNorm2d, groups: int) -> Callable | None:
+def unfused_call(bn: nn.BatchNorm2d, groups: int) -> Callable:
     """Eval BN + the reference loss, separately (two reads of x forward, autograd backward)."""
-    if groups > 1 and not _takes_groups(bn_matching_loss_reference):
-        return None
-    kwargs = {"groups": groups} if groups > 1 else {}
 
     def call(x):
         y = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
-        return y, bn_matching_loss_reference(x, bn.running_mean, bn.running_var, **kwargs)
+        return y, bn_matching_loss_reference(x, bn.running_mean, bn.running_var, groups=groups)
 
     return call
 
@@ -122,21 +105,7 @@ def _time_module(call: Callable, x: torch.Tensor, dy: torch.Tensor, iters: int, 
         y, loss = call(x)
         torch.autograd.grad([y, loss], x, [dy, torch.ones_like(loss)])
 
-    for _ in range(warmup):
-        step()
-    if x.is_cuda:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        for _ in range(iters):
-            step()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / iters
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        step()
-    return (time.perf_counter() - t0) * 1e3 / iters
+    return _time_ms(step, x.is_cuda, iters, warmup)
 
 
 def run_module(args: argparse.Namespace) -> list[dict]:
@@ -187,18 +156,11 @@ def run_module(args: argparse.Namespace) -> list[dict]:
                     dy = dy.contiguous(memory_format=torch.channels_last)
                 x.requires_grad_()
                 nbytes = 5 * x.numel() * x.element_size()
-                providers: dict[str, Callable | None] = {"unfused": unfused_call(bn, groups)}
+                providers: dict[str, Callable] = {"unfused": unfused_call(bn, groups)}
                 for backend in backends:
-                    module = fused_module(bn, backend, groups)
-                    providers[f"fused {backend}"] = None if module is None else (
-                        lambda t, m=module: (m(t), m.last_loss))
+                    providers[f"fused {backend}"] = lambda t, m=fused_module(bn, backend, groups): (m(t), m.last_loss)
                 unfused_ms = None
                 for name, call in providers.items():
-                    if call is None:
-                        print(f"{net:<9} {groups:>3} {str(list(shape)):<24} {name:<14} {NOT_IN_BUILD:>9}")
-                        rows.append({"net": net, "groups": groups, "shape": list(shape), "provider": name,
-                                     "ms": None, "note": NOT_IN_BUILD})
-                        continue
                     try:
                         ms = _time_module(call, x, dy, iters, warmup=max(2, iters // 5))
                     except Exception as exc:  # keep the table going; report the failure in place

@@ -7,8 +7,7 @@ same teacher: a randomly initialised network whose BN running statistics were se
 forwards on smooth random images (a teacher with default running statistics, mean 0 and variance
 1, would give BN losses no recover run ever sees). It prints, every ``--every`` steps, CE and BN
 loss of both side by side with their relative differences, then the largest relative difference
-and how far the final images differ (relative L2). A build without ``recover.precision`` prints
-``n/a (not in this build)`` in the bf16 columns. Needs no Hydra (runs with torch alone).
+and how far the final images differ (relative L2). Needs no Hydra (runs with torch alone).
 """
 from __future__ import annotations
 
@@ -22,7 +21,7 @@ from torch import nn
 
 from engine.bench.device_stats import device_name
 from engine.bench.recover_cli import recipe
-from engine.bench.recover_variants import NOT_IN_BUILD, Variant, engine_runner, unavailable
+from engine.bench.recover_variants import Variant, engine_runner
 from engine.models import ModelConfig, build_model
 from engine.recover.synthesize import Objective
 from kernels import fused_bn_matching
@@ -81,32 +80,25 @@ def main(argv: list[str] | None = None) -> dict:
     common = dict(batch=args.batch, image_size=args.image_size, num_classes=args.num_classes, steps=args.steps,
                   every=args.every, device=device, r_bn=args.r_bn)
     fp32_log, fp32_images = trajectory(teacher, "fp32", **common)
-    reason = unavailable(Variant("engine", 1, "bf16"), device)
-    bf16_log, bf16_images = (None, None) if reason else trajectory(teacher, "bf16", **common)
+    bf16_log, bf16_images = trajectory(teacher, "bf16", **common)
     print(f"bf16 vs fp32 recover trajectories: {args.model} {args.image_size}px batch {args.batch}, "
           f"{args.steps} steps, r_bn {args.r_bn}, same start and augmentation, device {device_name(device)}")
     print(f"  {'step':>5}{'CE fp32':>11}{'CE bf16':>11}{'rel':>9}{'BN fp32':>12}{'BN bf16':>12}{'rel':>9}")
     worst = {"ce": 0.0, "bn": 0.0}
     for i, row in enumerate(fp32_log):
-        other = bf16_log[i] if bf16_log else None
-        if other is None:
-            print(f"  {row['step']:>5}{row['ce']:>11.4f}{NOT_IN_BUILD:>31}{row['bn']:>12.4f}")
-            continue
+        other = bf16_log[i]
         rel = {k: abs(other[k] - row[k]) / max(abs(row[k]), 1e-12) for k in ("ce", "bn")}
         worst = {k: max(worst[k], rel[k]) for k in worst}
         print(f"  {row['step']:>5}{row['ce']:>11.4f}{other['ce']:>11.4f}{rel['ce']:>9.2e}"
               f"{row['bn']:>12.4f}{other['bn']:>12.4f}{rel['bn']:>9.2e}")
     summary = {"model": args.model, "image_size": args.image_size, "batch": args.batch, "steps": args.steps,
                "device": device_name(device), "fp32": fp32_log, "bf16": bf16_log}
-    if bf16_images is not None:
-        image_rel = float((bf16_images - fp32_images).norm() / fp32_images.norm())
-        summary.update(worst_rel_ce=worst["ce"], worst_rel_bn=worst["bn"], final_images_rel_l2=image_rel)
-        print(f"largest relative difference: CE {worst['ce']:.2e}, BN {worst['bn']:.2e}; final images differ by "
-              f"{image_rel:.2e} (relative L2)")
-        if not all(math.isfinite(r['bn']) and math.isfinite(r['ce']) for r in bf16_log):
-            print("bf16 trajectory is not finite")
-    else:
-        print(f"bf16: {reason}")
+    image_rel = float((bf16_images - fp32_images).norm() / fp32_images.norm())
+    summary.update(worst_rel_ce=worst["ce"], worst_rel_bn=worst["bn"], final_images_rel_l2=image_rel)
+    print(f"largest relative difference: CE {worst['ce']:.2e}, BN {worst['bn']:.2e}; final images differ by "
+          f"{image_rel:.2e} (relative L2)")
+    if not all(math.isfinite(r['bn']) and math.isfinite(r['ce']) for r in bf16_log):
+        print("bf16 trajectory is not finite")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(summary, handle, indent=2)

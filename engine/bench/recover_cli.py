@@ -9,8 +9,7 @@ that copies its input (permute + contiguous + view), eager mean/var, torch.norm,
 engine use the same augmentation recipe, optimizer and clipping, so the ratio isolates the engine's
 step. The floor is the teacher's forward + the input's backward alone (engine.bench.recover_variants).
 Engine rows: G class-batches of ``--batch`` per teacher forward (``--groups``), fp32/bf16
-(``--precisions``), CUDA graphs off/on (``--graphs``, CUDA only); options this build lacks print
-``n/a (not in this build)``. Figures are image-iterations per second (images x steps / s) after
+(``--precisions``), CUDA graphs off/on (``--graphs``, CUDA only; ``n/a`` on CPU). Figures are image-iterations per second (images x steps / s) after
 warm-up, best of ``--repeats``. Needs no Hydra (runs with torch alone).
 """
 from __future__ import annotations

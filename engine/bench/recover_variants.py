@@ -9,9 +9,7 @@ Rows (image-iterations/s = images x steps / s, after warm-up):
   no recover loop can be faster on this device;
 * ``engine``: ``synthesize_batch`` with G class-batches per teacher forward (each with its own
   generator), ``precision`` and ``cuda_graphs`` (with graphs on, the steps' time is the difference
-  of two runs of different lengths, so the per-batch capture is left out). An option this build's ``RecoverConfig`` lacks
-  (``groups_per_step``, ``precision``, ``cuda_graphs``) gives the row ``n/a (not in this build)``;
-  CUDA graphs are CUDA only.
+  of two runs of different lengths, so the per-batch capture is left out). CUDA graphs are CUDA only.
 
 The best G of a list is reported per (precision, graphs); ratios are against the peer row. Each row
 is the best of ``repeats`` interleaved rounds; ``spread`` is (fastest - slowest) / fastest over them.
@@ -19,7 +17,6 @@ is the best of ``repeats`` interleaved rounds; ``spread`` is (fastest - slowest)
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -30,14 +27,11 @@ from torch import nn
 
 from engine.bench.device_stats import device_name, peak_memory, reset_peak, sync
 from engine.bench.measure import Rate, _objective, time_recover
-from engine.recover.settings import RecoverConfig, StepAugment
+from engine.recover.settings import StepAugment
 from engine.recover import synthesize
 from engine.recover.synthesize import Objective
 from kernels import fused_bn_matching
 
-OPTION_FIELDS = {"groups": "groups_per_step", "precision": "precision", "cuda_graphs": "cuda_graphs"}
-"""Variant option -> the RecoverConfig field that says this build has it."""
-NOT_IN_BUILD = "n/a (not in this build)"
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -78,22 +72,10 @@ class Row:
         return (max(self.rates) - min(self.rates)) / max(self.rates) if self.rates else 0.0
 
 
-def build_options() -> dict[str, bool]:
-    """Which engine options this build's RecoverConfig has (the integrated build fills them in)."""
-    fields = {f.name for f in dataclasses.fields(RecoverConfig)}
-    return {option: field in fields for option, field in OPTION_FIELDS.items()}
-
-
 def unavailable(variant: Variant, device: torch.device) -> Optional[str]:
     """Why ``variant`` cannot run here (None: it can)."""
     if variant.cuda_graphs and device.type != "cuda":
         return "n/a (CUDA only)"
-    if variant.kind != "engine":
-        return None
-    options = build_options()
-    if ((variant.groups > 1 and not options["groups"]) or (variant.precision != "fp32" and not options["precision"])
-            or (variant.cuda_graphs and not options["cuda_graphs"])):
-        return NOT_IN_BUILD
     return None
 
 
@@ -101,31 +83,16 @@ def engine_variants(groups: list[int], precisions: list[str], graphs: list[bool]
     return [Variant("engine", g, p, c) for p in precisions for c in graphs for g in groups]
 
 
-def engine_runner(variant: Variant, loop=synthesize):
+def engine_runner(variant: Variant):
     """``run(net, bn_modules, init, labels, objective, aug, bounds, generators, channels_last)`` -> one
-    BatchResult per group: ``loop.synthesize_groups`` (G class-batches, ``init``/``labels`` stacked
-    group after group, one generator each) where the build has it, else ``loop.synthesize_batch``
-    (G = 1). ``precision`` and ``cuda_graphs`` go by keyword where the loop takes them; a variant
-    the loop cannot run raises (``unavailable`` says n/a first for options the settings lack)."""
-    grouped = getattr(loop, "synthesize_groups", None)
-    fn = grouped or loop.synthesize_batch
-    params = inspect.signature(fn).parameters
-    options = {}
-    for name, value, default in (("precision", variant.precision, "fp32"), ("cuda_graphs", variant.cuda_graphs, False)):
-        if name in params:
-            options[name] = value
-        elif value != default:
-            raise RuntimeError(f"the recover loop takes no {name}: update engine.bench.recover_variants.engine_runner")
-    if grouped is None and variant.groups > 1:
-        raise RuntimeError("the recover loop has no synthesize_groups: update engine.bench.recover_variants.engine_runner")
+    BatchResult per group: ``synthesize_groups`` on G class-batches (``init``/``labels`` stacked group after
+    group, one generator each) with ``variant``'s precision and CUDA graphs."""
 
     def run(net, bn_modules, init, labels, objective, aug, bounds, generators, channels_last):
-        if grouped is not None:
-            g = len(generators)
-            return grouped(net, bn_modules, list(init.chunk(g)), list(labels.chunk(g)), objective, aug, bounds,
-                           generators, channels_last=channels_last, **options)
-        return [fn(net, bn_modules, init, labels, objective, aug, bounds, generators[0], channels_last=channels_last,
-                   **options)]
+        g = len(generators)
+        return synthesize.synthesize_groups(net, bn_modules, list(init.chunk(g)), list(labels.chunk(g)), objective,
+                                            aug, bounds, generators, channels_last=channels_last,
+                                            precision=variant.precision, cuda_graphs=variant.cuda_graphs)
 
     return run
 
@@ -165,7 +132,7 @@ def time_engine(model: nn.Module, variant: Variant, *, num_classes: int, batch: 
         # each call captures its graph anew after a few eager steps: a per-batch cost that 1000
         # iterations amortize. Both runs pay it (the shorter one replays too), so their difference
         # is ``steps`` replays.
-        short = getattr(synthesize, "GRAPH_WARMUP_STEPS", 3) + max(warmup, 1)
+        short = synthesize.GRAPH_WARMUP_STEPS + max(warmup, 1)
         seconds = timed(short + steps) - timed(short)
     else:
         seconds = timed(steps)

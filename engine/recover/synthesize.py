@@ -85,19 +85,10 @@ def augment_step(x: torch.Tensor, aug: StepAugment, generators: list[torch.Gener
     return augment_ops.augment_groups(x, augment_ops.sample_group_params(generators, aug, x.shape[-1], x.device))
 
 
-def static_augment_available() -> bool:
-    """Whether the static-shape per-group augmentation (tensor parameters) exists: CUDA graphs need it."""
-    return hasattr(augment_ops, "augment_groups") and hasattr(augment_ops, "sample_group_params")
-
-
 def require_cuda_graphs_possible(device: torch.device) -> None:
     if device.type != "cuda":
         raise ConfigError(f"recover.cuda_graphs=true needs a CUDA device (this run is on {device.type}); "
                           f"set recover.cuda_graphs=false")
-    if not static_augment_available():
-        raise ConfigError("recover.cuda_graphs=true needs the static-shape augmentation "
-                          "(engine.recover.augment.augment_groups), which this build lacks; "
-                          "set recover.cuda_graphs=false")
 
 
 def _autocast(device: torch.device, precision: str):

@@ -5,7 +5,7 @@ import pytest
 
 from engine.bench import recover_variants
 from engine.bench.recover_cli import main
-from engine.bench.recover_variants import NOT_IN_BUILD, Variant, build_options, unavailable
+from engine.bench.recover_variants import Variant, unavailable
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,10 +26,7 @@ def test_recover_benchmark_rows(tmp_path, capsys):
     # G class-batches of B images per step: the floor at G=2 runs twice the images
     assert by_label["floor G=2 fp32"].rate.batch == 2 * by_label["floor G=1 fp32"].rate.batch == 8
     grouped = by_label["engine G=2 fp32 graphs off"]
-    if build_options()["groups"]:
-        assert grouped.rate.batch == 8 and grouped.rate.rate > 0
-    else:
-        assert grouped.rate is None and grouped.note == NOT_IN_BUILD
+    assert grouped.rate.batch == 8 and grouped.rate.rate > 0
     assert all(by_label[f"engine G={g} fp32 graphs on"].note == "n/a (CUDA only)" for g in (1, 2))
     printed = capsys.readouterr().out
     assert "vs peer" in printed and "n/a (CUDA only)" in printed and "best engine row" in printed
@@ -39,22 +36,17 @@ def test_recover_benchmark_rows(tmp_path, capsys):
     assert "spread" in printed
 
 
-def test_rows_say_what_this_build_lacks(monkeypatch):
+def test_graph_rows_are_cuda_only():
     cpu, cuda = __import__("torch").device("cpu"), __import__("torch").device("cuda")
-    monkeypatch.setattr(recover_variants, "build_options",
-                        lambda: {"groups": True, "precision": False, "cuda_graphs": True})
-    assert unavailable(Variant("engine", 4, "fp32", False), cpu) is None
-    assert unavailable(Variant("engine", 4, "bf16", False), cpu) == NOT_IN_BUILD
+    assert unavailable(Variant("engine", 4, "bf16", False), cpu) is None
     assert unavailable(Variant("engine", 1, "fp32", True), cpu) == "n/a (CUDA only)"
     assert unavailable(Variant("engine", 1, "fp32", True), cuda) is None
-    assert unavailable(Variant("floor", 8, "bf16"), cpu) is None  # the floor needs no engine option
+    assert unavailable(Variant("floor", 8, "bf16"), cpu) is None
 
 
 def test_engine_options_reach_the_loop(monkeypatch):
-    """A build with synthesize_groups gets the G class-batches (stacked inputs split group by group, one
-    generator each) and the options; one without runs G = 1 only and fails clearly otherwise."""
-    from types import SimpleNamespace
-
+    """The runner hands synthesize_groups the G class-batches (stacked inputs split group by group, one
+    generator each) and the variant's precision and CUDA graphs."""
     import torch
 
     calls = []
@@ -64,24 +56,12 @@ def test_engine_options_reach_the_loop(monkeypatch):
         calls.append((len(inits), [t.tolist() for t in labels], len(generators), precision, cuda_graphs))
         return ["result"] * len(inits)
 
-    def synthesize_batch(teacher, bn_modules, init, labels, objective, aug, bounds, generator, channels_last=False,
-                         on_step=None):
-        calls.append(("batch", labels.tolist(), generator))
-        return "one"
-
+    monkeypatch.setattr(recover_variants.synthesize, "synthesize_groups", synthesize_groups)
     generators = [torch.Generator(), torch.Generator()]
     init, labels = torch.zeros(4, 1, 2, 2), torch.tensor([0, 1, 0, 1])
-    grouped = SimpleNamespace(synthesize_groups=synthesize_groups, synthesize_batch=synthesize_batch)
-    run = recover_variants.engine_runner(Variant("engine", 2, "bf16", True), grouped)
+    run = recover_variants.engine_runner(Variant("engine", 2, "bf16", True))
     assert run(None, [], init, labels, None, None, None, generators, True) == ["result", "result"]
     assert calls[-1] == (2, [[0, 1], [0, 1]], 2, "bf16", True)
-    plain = SimpleNamespace(synthesize_batch=synthesize_batch)
-    assert recover_variants.engine_runner(Variant("engine"), plain)(None, [], init, labels, None, None, None,
-                                                                     generators[:1], True) == ["one"]
-    assert calls[-1] == ("batch", [0, 1, 0, 1], generators[0])
-    for variant in (Variant("engine", 2), Variant("engine", 1, "bf16")):
-        with pytest.raises(RuntimeError, match="engine_runner"):
-            recover_variants.engine_runner(variant, plain)
 
 
 def test_gpu_entry_points_import_no_hydra():

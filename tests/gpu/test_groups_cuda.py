@@ -22,7 +22,7 @@ import torch
 
 from engine.models.resnet import resnet18_cifar
 from engine.recover.settings import StepAugment
-from engine.recover.synthesize import (Objective, static_augment_available, synthesize_batch,
+from engine.recover.synthesize import (Objective, synthesize_batch,
                                        synthesize_groups)
 from kernels import bn_matching_stats, bn_stats_reference, fused_bn_matching
 from kernels.bn_matching_reference import bn_matching_loss_reference
@@ -132,7 +132,6 @@ def test_groups_after_two_steps_keep_nearly_every_pixel(backend, no_tf32):
 
 
 def test_cuda_graphs_on_equal_off(no_tf32):
-    assert static_augment_available(), "cuda_graphs needs engine.recover.augment.augment_groups (branch staticstep)"
     net = _teacher()
     runs = {}
     with fused_bn_matching(net, backend="triton") as modules:
@@ -156,8 +155,6 @@ def test_cuda_graphs_on_equal_off(no_tf32):
 def test_the_step_reads_nothing_back(graphs):
     """CUDA sync debug mode warns at every host read: the final images, the one log table and (graphs) the
     capture's own set-up may sync; one read per step would be 20 or more."""
-    if graphs:
-        assert static_augment_available(), "cuda_graphs needs engine.recover.augment.augment_groups"
     net = _teacher()
     with fused_bn_matching(net, backend="triton") as modules:
         gens, inits, labels = _batches(2)
