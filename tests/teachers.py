@@ -14,6 +14,19 @@ SMALL_MODEL = ModelConfig(name="convnet", width=16, depth=2)
 MODEL_OVERRIDES = ("model.width=16", "model.depth=2")
 
 
+def digits_backbone():
+    """(digits bundle, the small ConvNet) with non-default BN running statistics, as a pretrained backbone has:
+    three train-mode forwards of 64 real digits, no weight update."""
+    bundle = build_data(DataConfig(name="digits"))
+    torch.manual_seed(0)
+    model = build_model(SMALL_MODEL, bundle.num_classes, bundle.channels, bundle.image_size)
+    model.train()
+    with torch.no_grad():
+        for i in range(3):
+            model(bundle.normalize(torch.stack([bundle.train[j][0] for j in range(64 * i, 64 * i + 64)])))
+    return bundle, model
+
+
 def train_digits_teacher(path: Path, kind: str = "supervised", epochs: int = 4, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     bundle = build_data(DataConfig(name="digits"))

@@ -5,24 +5,12 @@ import torch
 from engine.artifacts.teacher import load_teacher
 from engine.data import DataConfig, build_data
 from engine.errors import ConfigError
-from engine.models import ModelConfig, build_model
+from engine.models import ModelConfig
 from engine.squeeze.augment import probe_image_spec
 from engine.squeeze.probe import evaluate_top1, linear_probe
+from teachers import digits_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _digits_model():
-    bundle = build_data(DataConfig(name="digits"))
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(name="convnet", width=16, depth=2), bundle.num_classes, bundle.channels,
-                        bundle.image_size)
-    # Non-default BN running statistics, as a pretrained teacher has.
-    model.train()
-    with torch.no_grad():
-        for i in range(3):
-            model(bundle.normalize(torch.stack([bundle.train[j][0] for j in range(64 * i, 64 * i + 64)])))
-    return bundle, model
 
 
 def _probe(bundle, model, mode):
@@ -35,7 +23,7 @@ def _probe(bundle, model, mode):
 
 @pytest.mark.parametrize("mode", ["linear", "finetune"])
 def test_mode_decides_whether_backbone_and_bn_statistics_move(mode):
-    bundle, model = _digits_model()
+    bundle, model = digits_backbone()
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     flags = [q.requires_grad for q in model.parameters()]
     rows, final = _probe(bundle, model, mode)
@@ -54,7 +42,7 @@ def test_mode_decides_whether_backbone_and_bn_statistics_move(mode):
 
 
 def test_finetune_with_fixed_features_is_refused_in_the_library():
-    bundle, model = _digits_model()
+    bundle, model = digits_backbone()
     with pytest.raises(ValueError, match="finetune needs views=augmented"):
         linear_probe(model, bundle.train, bundle.test, bundle.normalize, epochs=1, batch_size=128, lr=0.5,
                      momentum=0.9, weight_decay=0.0, schedule="cosine", milestones=(), standardize=True,

@@ -1,28 +1,14 @@
 """The linear probe leaves the backbone and its BN statistics untouched and folds its scaling into fc."""
 import torch
 
-from engine.data import DataConfig, build_data
-from engine.models import ModelConfig, bn_layers, build_model
+from engine.models import bn_layers
 from engine.squeeze.bn_stats import bn_variance_summary
 from engine.squeeze.probe import evaluate_top1, extract_features, linear_probe
-
-
-def _digits_model():
-    bundle = build_data(DataConfig(name="digits"))
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(name="convnet", width=16, depth=2), bundle.num_classes, bundle.channels,
-                        bundle.image_size)
-    # Give the BN layers non-default running statistics, as a pretrained teacher has.
-    model.train()
-    with torch.no_grad():
-        for i in range(3):
-            x = torch.stack([bundle.train[j][0] for j in range(64 * i, 64 * i + 64)])
-            model(bundle.normalize(x))
-    return bundle, model
+from teachers import digits_backbone
 
 
 def test_probe_keeps_bn_statistics_and_backbone_bit_identical():
-    bundle, model = _digits_model()
+    bundle, model = digits_backbone()
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     assert any("running_var" in k for k in before)
     model.train()  # the probe must switch to eval itself
@@ -39,7 +25,7 @@ def test_probe_keeps_bn_statistics_and_backbone_bit_identical():
 
 
 def test_folded_classifier_equals_standardized_probe():
-    bundle, model = _digits_model()
+    bundle, model = digits_backbone()
     _, final = linear_probe(model, bundle.train, bundle.test, bundle.normalize, epochs=3, batch_size=256,
                             lr=0.5, momentum=0.9, weight_decay=0.0, schedule="cosine", milestones=(),
                             standardize=True, device=torch.device("cpu"),
@@ -51,7 +37,7 @@ def test_folded_classifier_equals_standardized_probe():
 
 
 def test_bn_summary_rows():
-    _, model = _digits_model()
+    _, model = digits_backbone()
     rows = bn_variance_summary(model, bins=10)
     assert [r["layer"] for r in rows] == [n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
     for row in rows:

@@ -6,13 +6,12 @@ import json
 import pytest
 import torch
 
-from engine.data import DataConfig, build_data
 from engine.errors import ConfigError
-from engine.models import ModelConfig, bn_layers, build_model
+from engine.models import bn_layers
 from engine.squeeze.augment import probe_image_spec
 from engine.squeeze.probe import linear_probe
 from engine.squeeze.ssl import MoCo, MoCoSettings, check_queue, fit_to_data
-from teachers import MODEL_OVERRIDES
+from teachers import MODEL_OVERRIDES, digits_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -20,20 +19,8 @@ TINY = ("data=digits", "device=cpu", "stage=squeeze", "progress=false", *MODEL_O
         "squeeze.teachers=[ssl]", "squeeze.epochs=1")
 
 
-def _digits_model():
-    bundle = build_data(DataConfig(name="digits"))
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(name="convnet", width=16, depth=2), bundle.num_classes, bundle.channels,
-                        bundle.image_size)
-    model.train()
-    with torch.no_grad():  # non-default running statistics, as a pretrained backbone has
-        for i in range(3):
-            model(bundle.normalize(bundle.train.images[64 * i:64 * i + 64].float() / 255))
-    return bundle, model
-
-
 def test_moco_head_hidden_width_is_the_backbones_when_null():
-    bundle, model = _digits_model()
+    bundle, model = digits_backbone()
     moco = MoCo(model, fit_to_data(MoCoSettings(proj_hidden_dim=None), len(bundle.train)), torch.Generator())
     assert moco.head[0].out_features == model.feature_dim == moco.head[2].in_features
     assert MoCo(model, MoCoSettings(), torch.Generator()).head[0].out_features == 512
@@ -56,7 +43,7 @@ def test_queue_larger_than_the_split_fails_before_training(run_scdd, tmp_path):
 
 
 def test_augmented_probe_trains_and_leaves_backbone_and_bn_buffers_unchanged():
-    bundle, model = _digits_model()
+    bundle, model = digits_backbone()
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     assert any("running_mean" in k for k in before)
     fc_before = model.fc.weight.detach().clone()
@@ -77,10 +64,10 @@ def test_augmented_probe_trains_and_leaves_backbone_and_bn_buffers_unchanged():
 
 def test_augmented_probe_sees_new_views_every_epoch():
     """Two probes that differ only in the views' crop range end with different classifiers."""
-    bundle, _ = _digits_model()
+    bundle, _ = digits_backbone()
     weights = []
     for scale in ((0.08, 1.0), (1.0, 1.0)):
-        _, model = _digits_model()
+        _, model = digits_backbone()
         spec = dataclasses.replace(probe_image_spec(bundle.image_size, flip=False), crop_scale=scale)
         linear_probe(model, bundle.train, bundle.test, bundle.normalize, epochs=1, batch_size=256, lr=1.0,
                      momentum=0.9, weight_decay=0.0, schedule="step", milestones=(), standardize=False,
