@@ -16,24 +16,13 @@ from engine.evaluate.settings import EvaluateConfig
 from engine.evaluate.stage import random_real_subset
 from engine.evaluate.student import StudentRecipe, build_optimizer, train_student
 from engine.models import build_model
-from engine.training.tb_logger import MetricsLogger
 from teachers import SMALL_MODEL, train_digits_teacher
+from recording_logger import Recorder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 LOSS_RTOL = 0.03
 WEIGHT_SHARE = 0.5
-
-
-class Recorder(MetricsLogger):
-    """Keeps every scalar the loop sends: {tag: [(step, value), ...]}."""
-
-    def __init__(self):
-        self.rows: dict[str, list[tuple[int, float]]] = {}
-
-    def scalars(self, values, step):
-        for tag, value in values.items():
-            self.rows.setdefault(tag, []).append((step, float(value)))
 
 
 @pytest.fixture(scope="module")

@@ -17,21 +17,12 @@ from engine.squeeze.augment import spec_for
 from engine.squeeze.losses import momentum_update
 from engine.squeeze.pretrain import Schedule, train
 from engine.squeeze.ssl import METHODS, MoCoSettings, SupervisedSettings
-from engine.training.tb_logger import MetricsLogger
 from engine.training.trainers import DeepSpeedSettings, deepspeed_config
 from teachers import SMALL_MODEL
+from recording_logger import Recorder
 
 LOSS_RTOL = 0.005
 WEIGHT_SHARE = 0.2
-
-
-class Recorder(MetricsLogger):
-    def __init__(self):
-        self.rows: dict[str, list[tuple[int, float]]] = {}
-
-    def scalars(self, values, step):
-        for tag, value in values.items():
-            self.rows.setdefault(tag, []).append((step, float(value)))
 
 
 @pytest.fixture(scope="module")
