@@ -9,9 +9,10 @@
     <run>/recover/ssl-real/init/             the unrefined real-init set (same format)
     <run>/external/<name>/                   a set of evaluate.external_sets, imported (same format)
     <run>/evaluate/ipc<n>/<row>/             result.json, student_state.pt, labels/ (stored relabel)
+    <run>/evaluate/ipc<n>/<row>@<model>/     the same for each further evaluate.students model
     <run>/evaluate/full/full_data/           the full-data student
     <run>/cache/<split>/                     an image tree's split decoded once: images.u8, table.npy, meta.json
-    <run>/report.{md,json}, accuracy_per_epoch.png, distilled_grids.png
+    <run>/report.{md,json}, accuracy_per_epoch.png, distilled_grids.png, cross_arch.png
     <run>/tensorboard/<stage>/<loop>/        event files of each training loop (logger=tensorboard)
 """
 from __future__ import annotations
@@ -67,8 +68,10 @@ class RunLayout:
         return self.root / "external" / name
 
     # evaluate
-    def evaluate_row(self, ipc: Optional[int], key: str) -> Path:
-        return self.root / "evaluate" / (f"ipc{ipc}" if ipc else "full") / key
+    def evaluate_row(self, ipc: Optional[int], key: str, student: Optional[str] = None) -> Path:
+        """A student row's folder; ``student``: a further evaluate.students model (the first, the headline,
+        keeps the row's own folder, so a run made before the key existed resumes)."""
+        return self.root / "evaluate" / (f"ipc{ipc}" if ipc else "full") / (f"{key}@{student}" if student else key)
 
     # metrics
     def tensorboard(self, stage: str, *loop: str) -> Path:
@@ -96,3 +99,7 @@ class RunLayout:
     @property
     def grids_plot(self) -> Path:
         return self.root / "distilled_grids.png"
+
+    @property
+    def cross_arch_plot(self) -> Path:
+        return self.root / "cross_arch.png"

@@ -3,7 +3,8 @@
 Each RUN_DIR holds the report.json of one `scdd` run (typically the same settings with seed=0,1,2);
 prints two markdown tables, final top-1 % (the headline) and best top-1 % (best full test pass), as
 mean +- sample standard deviation per row and ipc. A run whose report has no best for a row (written
-before best was recorded) counts in the final table only.
+before best was recorded) counts in the final table only. Runs with evaluate.students add a third table:
+final top-1 % per row, ipc and student model.
 """
 from __future__ import annotations
 
@@ -54,6 +55,38 @@ def render(table: dict[str, dict[str, list[float]]], runs: int, metric: str = "t
     return "\n".join(lines)
 
 
+def collect_students(reports: list[dict]) -> dict[str, dict[tuple[str, str], list[float]]]:
+    """row title -> (ipc or 'all', student model) -> final top-1 values, from rows with "students"."""
+    table: dict[str, dict[tuple[str, str], list[float]]] = {}
+
+    def add(title: str, column: str, row: dict) -> None:
+        for model, result in row.get("students", {}).items():
+            if result.get("top1") is not None:
+                table.setdefault(title, {}).setdefault((column, model), []).append(result["top1"])
+
+    for report in reports:
+        for ipc, rows in report["ipc"].items():
+            for key, row in rows.items():
+                add(ROW_TITLES.get(key, key), ipc, row)
+        add("full training data", "all", report.get("full_data", {}))
+    return table
+
+
+def render_students(table: dict[str, dict[tuple[str, str], list[float]]], runs: int) -> str:
+    """The per-model table: a column per ipc and student model (models in their evaluate.students order)."""
+    found = list(dict.fromkeys(c for cols in table.values() for c in cols))
+    models = list(dict.fromkeys(model for _, model in found))
+    ipcs = sorted({ipc for ipc, _ in found}, key=lambda c: (c == "all", int(c) if c != "all" else 0))
+    columns = [(ipc, model) for ipc in ipcs for model in models if (ipc, model) in found]
+    head = "| method | " + " | ".join(f"{'IPC ' + ipc if ipc != 'all' else 'all'} top-1 % {model}"
+                                      for ipc, model in columns) + " |"
+    lines = [f"final top-1 % per student model over {runs} runs, mean ± sample sd", "", head,
+             "|---" * (len(columns) + 1) + "|"]
+    for title, cols in table.items():
+        lines.append(f"| {title} | " + " | ".join(format_cell(cols[c]) if c in cols else "-" for c in columns) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories holding report.json")
@@ -64,7 +97,11 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     reports = [json.loads((r / "report.json").read_text()) for r in args.runs]
-    print("\n\n".join(render(collect(reports, metric), len(reports), metric) for metric in METRICS))
+    tables = [render(collect(reports, metric), len(reports), metric) for metric in METRICS]
+    students = collect_students(reports)
+    if students:
+        tables.append(render_students(students, len(reports)))
+    print("\n\n".join(tables))
     return 0
 
 

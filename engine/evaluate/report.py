@@ -2,6 +2,8 @@
 
 Students report final top-1 (the headline: after the last epoch) and best top-1 (the best full test
 pass, every evaluate.eval_every epochs and the last), as the official scripts report a best epoch.
+With evaluate.students the table has one final top-1 column per student model (best top-1, top-5 and
+seconds stay the headline's, the first model's) and cross_arch.png draws them as bars.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ ROW_TITLES = {
     "random_real": "random real subset",
 }
 _SUMMARY_KEYS = ("top1", "top1_std", "best_top1", "top5", "images", "epochs", "seconds", "images_per_s",
-                 "stored_labels_bytes_per_image_epoch")
+                 "stored_labels_bytes_per_image_epoch", "students")
 
 
 def teacher_metrics(layout: RunLayout) -> dict:
@@ -60,29 +62,57 @@ def _fmt(value, pct=True) -> str:
     return f"{100 * value:.1f}" if pct else f"{value:.0f}"
 
 
+def student_models(rows: list[dict]) -> list[str]:
+    """The evaluate.students models of these rows, in their order; [] for single-student rows."""
+    models: dict[str, None] = {}
+    for row in rows:
+        models.update(dict.fromkeys(row.get("students", {})))
+    return list(models)
+
+
+def _report_rows(report: dict) -> list[dict]:
+    return [row for rows in report["ipc"].values() for row in rows.values()] + \
+        ([report["full_data"]] if "full_data" in report else [])
+
+
+def _top1_cell(row: dict) -> str:
+    top1 = _fmt(row.get("top1"))
+    if row.get("top1_std"):
+        top1 += f" ± {100 * row['top1_std']:.1f}"
+    return top1
+
+
+def _top1_cells(row: dict, models: list[str]) -> str:
+    """The final top-1 column(s) of a row: one per student model when there are several."""
+    if not models:
+        return _top1_cell(row)
+    return " | ".join(_top1_cell(row.get("students", {}).get(model, {})) for model in models)
+
+
 def render_table(report: dict) -> str:
     recover_s = report["seconds"].get("recover_per_set", {})
-    lines = ["| method | IPC | top-1 % (final) | best top-1 % | top-5 % | recover s | student s |",
-             "|---|---|---|---|---|---|---|"]
+    models = student_models(_report_rows(report))
+    top1_head = " | ".join(f"top-1 % {model}" for model in models) if models else "top-1 % (final)"
+    lines = [f"| method | IPC | {top1_head} | best top-1 % | top-5 % | recover s | student s |",
+             "|---" * (6 + max(1, len(models))) + "|"]
     for ipc, rows in report["ipc"].items():
         for key, row in rows.items():
-            top1 = _fmt(row.get("top1"))
-            if "top1_std" in row and row.get("top1_std"):
-                top1 += f" ± {100 * row['top1_std']:.1f}"
             rec = recover_s.get(SET_FOLDERS.get(key, ""), None)
-            lines.append(f"| {ROW_TITLES.get(key, key)} | {ipc} | {top1} | {_fmt(row.get('best_top1'))} | "
-                         f"{_fmt(row.get('top5'))} | "
+            lines.append(f"| {ROW_TITLES.get(key, key)} | {ipc} | {_top1_cells(row, models)} | "
+                         f"{_fmt(row.get('best_top1'))} | {_fmt(row.get('top5'))} | "
                          f"{_fmt(rec, pct=False)} | {_fmt(row.get('seconds'), pct=False)} |")
     if "full_data" in report:
         row = report["full_data"]
-        lines.append(f"| full training data | all | {_fmt(row.get('top1'))} | {_fmt(row.get('best_top1'))} | "
+        lines.append(f"| full training data | all | {_top1_cells(row, models)} | {_fmt(row.get('best_top1'))} | "
                      f"{_fmt(row.get('top5'))} | - | "
                      f"{_fmt(row.get('seconds'), pct=False)} |")
     teacher = report.get("teacher", {})
+    others = " | -" * (len(models) - 1)  # a teacher has one top-1: under the first model's column
     if "ssl_probe_top1" in teacher:
-        lines.append(f"| teacher: SSL + linear probe | all | {_fmt(teacher['ssl_probe_top1'])} | - | - | - | - |")
+        lines.append(f"| teacher: SSL + linear probe | all | {_fmt(teacher['ssl_probe_top1'])}{others} | - | - | - "
+                     f"| - |")
     if "supervised_top1" in teacher:
-        lines.append(f"| teacher: supervised | all | {_fmt(teacher['supervised_top1'])} | - | - | - | - |")
+        lines.append(f"| teacher: supervised | all | {_fmt(teacher['supervised_top1'])}{others} | - | - | - | - |")
     stage_s = {k: v for k, v in report["seconds"].items() if isinstance(v, (int, float))}
     footer = ", ".join(f"{k} {v:.0f}s" for k, v in stage_s.items())
     return "\n".join(lines) + (f"\n\nWall time per stage: {footer}\n" if footer else "\n")
@@ -121,6 +151,29 @@ def plot_grids(layout: RunLayout, keys: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_cross_arch(report: dict, models: list[str], path: Path) -> None:
+    """Final top-1 of each row (groups) and student model (bars), one panel per ipc; full data in each."""
+    ipcs = list(report["ipc"])
+    groups = max(len(rows) for rows in report["ipc"].values()) + 1
+    panel = max(5.5, 1.5 + 0.25 * groups * len(models))
+    fig, axes = plt.subplots(1, len(ipcs), figsize=(panel * len(ipcs), 4.5), squeeze=False)
+    width = 0.8 / len(models)
+    for ax, ipc in zip(axes[0], ipcs):
+        rows = dict(report["ipc"][ipc])
+        if "full_data" in report:
+            rows["full data"] = report["full_data"]
+        for m, model in enumerate(models):
+            tops = [100 * (row.get("students", {}).get(model, {}).get("top1") or 0.0) for row in rows.values()]
+            ax.bar([i + (m - (len(models) - 1) / 2) * width for i in range(len(rows))], tops, width, label=model)
+        ax.set_xticks(range(len(rows)), [ROW_TITLES.get(key, key) for key in rows], rotation=30, ha="right",
+                      fontsize=7)
+        ax.set(title=f"IPC {ipc}: student top-1 per architecture", ylabel="top-1 %", ylim=(0, 100))
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
 def write_report(ctx: RunContext, results: dict, seconds: dict | None = None,
                  recover_seconds: dict | None = None) -> dict:
     if not ctx.dist.is_main:
@@ -134,8 +187,13 @@ def write_report(ctx: RunContext, results: dict, seconds: dict | None = None,
     plot_accuracy(results, layout.accuracy_plot)
     keys = list(next(iter(results["ipc"].values())).keys()) if results["ipc"] else []
     plot_grids(layout, keys, layout.grids_plot)
+    figures = [layout.accuracy_plot.name, layout.grids_plot.name]
+    models = student_models(_report_rows(report))
+    if len(models) > 1 and report["ipc"]:
+        plot_cross_arch(report, models, layout.cross_arch_plot)
+        figures.append(layout.cross_arch_plot.name)
     save_json(report, layout.report_json)
-    save_text(header + table + "\nFigures: accuracy_per_epoch.png, distilled_grids.png\n", layout.report_md)
+    save_text(header + table + f"\nFigures: {', '.join(figures)}\n", layout.report_md)
     print("\n" + header + table)
     print(f"report: {layout.report_md}")
     return report

@@ -7,6 +7,7 @@ from typing import Optional
 
 from engine.artifacts.layout import SET_FOLDERS
 from engine.errors import ConfigError
+from engine.models import MODELS
 from engine.training.precision import check_precision
 
 RESERVED_ROWS = (*SET_FOLDERS, "random_real", "full_data")
@@ -69,6 +70,11 @@ class EvaluateConfig:
     """Test-set accuracy every this many epochs (and at the last), for the per-epoch plot."""
     student: Optional[str] = None
     """Student model name; None: the teacher's architecture (same model config)."""
+    students: Optional[list[str]] = None
+    """Cross-architecture evaluation: model names (``evaluate.students=[convnet,mobilenet_v2_cifar,vit_tiny]``),
+    each a registry preset as ``student`` takes it; every row trains one student per name with the same teacher
+    and recipe. The first is the row's headline (its folder and top-level results); each result is under
+    ``row["students"][name]``. None: one student, ``student``'s."""
     label_teacher: str = "ssl"
     """ssl | supervised: the teacher that gives the soft labels for every row (same labels for distilled
     and baselines)."""
@@ -148,6 +154,7 @@ class EvaluateConfig:
                                                 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1):
             raise ConfigError(f"evaluate.crop_scale={self.crop_scale} must be [low, high] in (0, 1]")
         check_precision(self.precision, "evaluate.precision")
+        self._check_students()
         if self.external_sets is not None and not isinstance(self.external_sets, dict):
             raise ConfigError(f"evaluate.external_sets={self.external_sets!r} must map names to folders: "
                               f"evaluate.external_sets={{name:/path/to/set}}")
@@ -157,3 +164,19 @@ class EvaluateConfig:
                                   f"with a letter) and none of our rows {list(RESERVED_ROWS)}; rename it")
             if not isinstance(path, str) or not path:
                 raise ConfigError(f"evaluate.external_sets.{name}={path!r} must be the set's folder path")
+
+    def _check_students(self) -> None:
+        if self.students is None:
+            return
+        if self.student is not None:
+            raise ConfigError(f"evaluate.student={self.student} and evaluate.students={list(self.students)} are "
+                              f"both set; pick one (list the student in evaluate.students)")
+        names = [str(name) for name in self.students]
+        if not names:
+            raise ConfigError("evaluate.students=[] lists no model; list one or more, or set it to null")
+        unknown = [name for name in names if name not in MODELS]
+        if unknown:
+            raise ConfigError(f"evaluate.students: unknown model {', '.join(unknown)}; choose from {sorted(MODELS)}")
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ConfigError(f"evaluate.students lists {', '.join(twice)} more than once; list each model once")

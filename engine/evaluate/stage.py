@@ -4,7 +4,7 @@ Rows, for each ipc: every distilled set under <run_dir>/recover/ (keyed by repor
 evaluate.external_sets (another engine's release, imported into <run_dir>/external/; keyed by its name), a
 random real subset with the same images per class; plus (once) a student on the full training split.
 Every row uses the same student recipe and the same soft-label teacher, so rows differ only in
-their training images.
+their training images; evaluate.students trains one student per listed model on each row.
 """
 from __future__ import annotations
 
@@ -143,9 +143,57 @@ def student_model_config(cfg: EvaluateConfig, teacher_cfg: ModelConfig) -> Model
     return teacher_cfg if cfg.student is None else ModelConfig(name=cfg.student)
 
 
+@dataclass(frozen=True)
+class Student:
+    """One model every row trains a student of."""
+
+    model: ModelConfig
+    folder: Optional[str] = None
+    """Suffix of its row folders (<row>@<folder>); None: the row's own folder (the headline)."""
+
+
+def student_lineup(cfg: EvaluateConfig, teacher_cfg: ModelConfig) -> list[Student]:
+    """evaluate.students in order, the first the headline (each a registry preset, as evaluate.student takes
+    a name); without it the one student of ``student_model_config``."""
+    if cfg.students is None:
+        return [Student(student_model_config(cfg, teacher_cfg))]
+    return [Student(ModelConfig(name=name), None if i == 0 else name) for i, name in enumerate(cfg.students)]
+
+
+STUDENT_KEYS = ("top1", "best_top1", "top5", "seconds")
+"""What row["students"][model] keeps of each model's result."""
+
+
+def with_students(rows: dict[str, dict]) -> dict:
+    """The headline (first) model's row, with every model's results under "students"."""
+    headline = dict(next(iter(rows.values())))
+    headline["students"] = {name: {k: row.get(k) for k in STUDENT_KEYS} for name, row in rows.items()}
+    return headline
+
+
+def mean_over_seeds(seeds: list[dict]) -> dict:
+    """The random-real row: seed 0's, with top-1 and best top-1 the mean over the seeds (top1_std their
+    spread), seconds their sum; per model as well when the rows have "students"."""
+    row = dict(seeds[0])
+    row["top1"] = float(np.mean([s["top1"] for s in seeds]))
+    row["top1_std"] = float(np.std([s["top1"] for s in seeds]))
+    bests = [s.get("best_top1") for s in seeds]
+    row["best_top1"] = None if None in bests else float(np.mean(bests))
+    row["seconds"] = float(sum(s["seconds"] for s in seeds))
+    if "students" in row:
+        row["students"] = {name: mean_over_seeds([s["students"][name] for s in seeds]) for name in row["students"]}
+    return row
+
+
+def student_seconds(row: dict) -> float:
+    """Training seconds of a row: every model's when it has "students"."""
+    return float(sum(s["seconds"] for s in row["students"].values()) if "students" in row else row.get("seconds", 0.0))
+
+
 @dataclass
 class Evaluator:
-    """Trains one student per row with a fixed recipe, teacher and seed; caches results on disk."""
+    """Trains one student per row and model (``student_lineup``) with a fixed recipe, teacher and seed; caches
+    results on disk."""
 
     ctx: RunContext
     cfg: EvaluateConfig
@@ -161,7 +209,8 @@ class Evaluator:
     gather_count: int = 1
     """The array's task count, to name the task that owns a missing row when gathering."""
     position: int = 0
-    """Rows enumerated so far (ipc ascending; distilled sets, random real seeds; full data last)."""
+    """Students enumerated so far (ipc ascending; distilled sets, random real seeds; full data last; each row's
+    models in lineup order): a job-array task, a row process and merge all count the same positions."""
     test_set: Optional[Dataset] = None
     """The test split every row is tested on (``test_split``); None: the bundle's."""
     assigned: Optional[frozenset] = None
@@ -180,14 +229,28 @@ class Evaluator:
                 "relabel": self.cfg.relabel if recipe.loss == "kl" else None, "stored": stored}
 
     def run_row(self, key: str, ipc: Optional[int], train: TrainingSet, epochs: Optional[int] = None,
-                seed_offset: int = 0) -> dict:
+                seed_offset: int = 0) -> Optional[dict]:
+        """The row's student of each lineup model, one position each; the headline's result, with every
+        model's under "students" when evaluate.students is set. None while any is another task's or process's."""
+        rows = [self.run_student(key, ipc, train, student, epochs, seed_offset)
+                for student in student_lineup(self.cfg, self.ctx.model_cfg)]
+        if any(row is None for row in rows):
+            return None
+        if self.cfg.students is None:
+            return rows[0]
+        return with_students(dict(zip(self.cfg.students, rows)))
+
+    def run_student(self, key: str, ipc: Optional[int], train: TrainingSet, student: Student,
+                    epochs: Optional[int] = None, seed_offset: int = 0) -> Optional[dict]:
         ctx, bundle = self.ctx, self.ctx.data
         if self.test_set is not None:  # the test split as decoded once for every row (test_split)
             bundle = dataclasses.replace(bundle, test=self.test_set)
-        folder = RunLayout(ctx.run_dir).evaluate_row(ipc, key + (f"_s{seed_offset}" if seed_offset else ""))
+        folder = RunLayout(ctx.run_dir).evaluate_row(ipc, key + (f"_s{seed_offset}" if seed_offset else ""),
+                                                     student.folder)
+        label = key + (f"@{student.folder}" if student.folder else "")
         recipe = make_recipe(self.cfg, bundle, epochs)
         seed = ctx.run.seed + seed_offset
-        student_cfg = student_model_config(self.cfg, ctx.model_cfg)
+        student_cfg = student.model
         fingerprint = self.row_fingerprint(recipe, student_cfg, seed, train)
         result_file, state_file = folder / student_artifacts.RESULT_FILE, folder / student_artifacts.STATE_FILE
         position, self.position = self.position, self.position + 1
@@ -197,9 +260,9 @@ class Evaluator:
             try:
                 done = student_artifacts.load_result(result_file, fingerprint)
             except StaleArtifact as exc:
-                raise ConfigError(f"merge: evaluate row {key} ipc={ipc}: {exc}; {owner}") from None
+                raise ConfigError(f"merge: evaluate row {label} ipc={ipc}: {exc}; {owner}") from None
             if done is None:
-                raise ConfigError(f"merge: evaluate row {key} ipc={ipc} has no result ({result_file}); {owner}")
+                raise ConfigError(f"merge: evaluate row {label} ipc={ipc} has no result ({result_file}); {owner}")
             return done
         if self.share.is_array and position % self.share.count != self.share.index:
             return None  # another task's row
@@ -217,7 +280,7 @@ class Evaluator:
             if done is not None:
                 return done
         elif ctx.dist.is_main and (result_file.is_file() or state_file.is_file()):
-            announce_overwrite(folder, f"student row {key}")
+            announce_overwrite(folder, f"student row {label}")
             result_file.unlink(missing_ok=True)
             state_file.unlink(missing_ok=True)
         barrier()
@@ -233,16 +296,16 @@ class Evaluator:
                         resume=ctx.run.resume, progress=ctx.run.progress and ctx.dist.is_main)
                 barrier()
         torch.manual_seed(seed)
-        student = build_model(student_cfg, bundle.num_classes, bundle.channels, bundle.image_size)
+        model = build_model(student_cfg, bundle.num_classes, bundle.channels, bundle.image_size)
         test_loader = None
         if self.loader is not None and self.loader.external:
             test_loader = self.loader.eval_loader(bundle, "test", batch_size=500)
         logger = open_logger(parse_logger(ctx.sections), RunLayout(ctx.run_dir).tensorboard(
             "evaluate", folder.parent.name, folder.name), ctx.dist.is_main)
-        result = train_student(student, train.dataset, bundle.test, bundle.normalize, recipe, ctx.dist.device, seed,
+        result = train_student(model, train.dataset, bundle.test, bundle.normalize, recipe, ctx.dist.device, seed,
                                teacher=self.teacher if stored is None else None, stored_labels=stored,
                                checkpoint=state_file, progress=ctx.run.progress and not self.quiet,
-                               desc=f"{key} ipc={ipc}" if ipc else key, dist=ctx.dist, test_loader=test_loader,
+                               desc=f"{label} ipc={ipc}" if ipc else label, dist=ctx.dist, test_loader=test_loader,
                                fingerprint=fingerprint, logger=logger)
         logger.close()
         row = {"top1": result.top1, "best_top1": result.best_top1, "top5": result.top5,
@@ -256,7 +319,7 @@ class Evaluator:
             student_artifacts.save_result(result_file, row, fingerprint)
             state_file.unlink(missing_ok=True)
         if self.quiet:
-            print(f"evaluate: {key}{f' ipc={ipc}' if ipc else ''} top-1 {row['top1']:.4f} ({row['seconds']:.0f} s)",
+            print(f"evaluate: {label}{f' ipc={ipc}' if ipc else ''} top-1 {row['top1']:.4f} ({row['seconds']:.0f} s)",
                   flush=True)
         barrier()
         return row
@@ -404,12 +467,7 @@ def _rows(evaluator: Evaluator, ctx: RunContext, cfg: EvaluateConfig, sets: dict
         results["ipc"][str(ipc)] = rows
         if any(s is None for s in seeds):
             continue
-        rows["random_real"] = dict(seeds[0])
-        rows["random_real"]["top1"] = float(np.mean([s["top1"] for s in seeds]))
-        rows["random_real"]["top1_std"] = float(np.std([s["top1"] for s in seeds]))
-        bests = [s.get("best_top1") for s in seeds]
-        rows["random_real"]["best_top1"] = None if None in bests else float(np.mean(bests))
-        rows["random_real"]["seconds"] = float(sum(s["seconds"] for s in seeds))
+        rows["random_real"] = mean_over_seeds(seeds)
     if cfg.full_data:
         full = full_training_set(cfg, bundle, ctx.run.seed)
         row = evaluator.run_row("full_data", None, full, epochs=cfg.full_data_epochs)
@@ -448,14 +506,15 @@ def _check_sets(ctx: RunContext, sets: dict[str, Path], missing: str) -> None:
 
 def validate(ctx: RunContext, *, teachers_from_squeeze: Optional[Sequence[str]] = None, **overrides) -> None:
     """Every check evaluate makes before training students, without training: its settings and the loader,
-    ipc against the smallest training class (the random-real baseline), the student model against the data,
+    ipc against the smallest training class (the random-real baseline), each student model against the data,
     the soft-label teacher, and the distilled sets it will read. ``teachers_from_squeeze`` (the pipeline):
     the teacher kinds squeeze will write; the sets are then recover's, made after this check."""
     cfg = build_eval_config(ctx, **overrides)
     bundle = ctx.data
     parse_loader(ctx.sections, ctx.data_cfg, bundle)
     ctx.require_ipc_fits(max(ctx.run.ipc), "the random-real baseline")
-    build_model(student_model_config(cfg, ctx.model_cfg), bundle.num_classes, bundle.channels, bundle.image_size)
+    for student in student_lineup(cfg, ctx.model_cfg):
+        build_model(student.model, bundle.num_classes, bundle.channels, bundle.image_size)
     if cfg.loss == "kl":
         _check_label_teacher(ctx, cfg, teachers_from_squeeze)
     _check_external_sets(ctx, cfg)
@@ -503,7 +562,7 @@ def gather(ctx: RunContext, task_count: Optional[int] = None) -> dict:
                   for f in (ctx.run_dir / "evaluate").rglob(student_artifacts.RESULT_FILE)}
         task_count = max(counts, default=1)
     results = evaluate_rows(ctx, cfg, sets, share=TaskShare(), gather_count=task_count)
-    results["seconds"] = {"evaluate": float(sum(row.get("seconds", 0.0) for rows in results["ipc"].values()
+    results["seconds"] = {"evaluate": float(sum(student_seconds(row) for rows in results["ipc"].values()
                                                 for row in rows.values()))}
     if ctx.dist.is_main:
         write_report(ctx, results)
