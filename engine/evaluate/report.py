@@ -83,7 +83,7 @@ def _top1_cell(row: dict) -> str:
 
 
 def _top1_cells(row: dict, models: list[str]) -> str:
-    """The final top-1 column(s) of a row: one per student model when there are several."""
+    """The final top-1 column(s) of a row: one per student model when the rows have "students"."""
     if not models:
         return _top1_cell(row)
     return " | ".join(_top1_cell(row.get("students", {}).get(model, {})) for model in models)

@@ -170,7 +170,8 @@ class EvaluateConfig:
             return
         if self.student is not None:
             raise ConfigError(f"evaluate.student={self.student} and evaluate.students={list(self.students)} are "
-                              f"both set; pick one (list the student in evaluate.students)")
+                              f"both set (a preset may set the first); pick one: evaluate.student=null with "
+                              f"{self.student} in evaluate.students, or drop evaluate.students")
         names = [str(name) for name in self.students]
         if not names:
             raise ConfigError("evaluate.students=[] lists no model; list one or more, or set it to null")
