@@ -21,6 +21,7 @@ from tqdm import tqdm
 from engine.artifacts import soft_labels
 from engine.evaluate.augment import AugParams, apply_params, step_rng
 from engine.training.batches import batches_of, epoch_order, load_batches, to_unit_float
+from engine.training.precision import autocast, layout, use_channels_last
 
 
 @torch.no_grad()
@@ -33,7 +34,10 @@ def precompute_soft_labels(teacher: nn.Module, train_set, normalize: Callable, r
     ``fingerprint``: what else the labels depend on (the set's and the teacher's digests); the
     recipe, seed, top-k, dtype and image count are added here.
     """
-    teacher = teacher.to(device).eval()
+    # the teacher runs exactly as the online student step runs it (layout and autocast), so stored labels
+    # replay the online ones
+    channels_last = use_channels_last(recipe.channels_last, device, recipe.precision)
+    teacher = layout(teacher.to(device).eval(), channels_last)
     count = len(train_set)
     full = {"recipe": dataclasses.asdict(recipe), "seed": seed, "topk": topk, "dtype": dtype, "count": count,
             **(fingerprint or {})}
@@ -49,7 +53,11 @@ def precompute_soft_labels(teacher: nn.Module, train_set, normalize: Callable, r
         for step, (images, _labels) in enumerate(load_batches(train_set, batches_of(order, recipe.batch_size),
                                                                recipe.workers)):
             params = recipe.sample(step_rng(seed, epoch, step), len(images), image_size)
-            logits = teacher(apply_params(normalize(to_unit_float(images.to(device))), params, fill))
+            x = apply_params(normalize(to_unit_float(images.to(device))), params, fill)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(recipe.precision, device):
+                logits = teacher(x).float()
             kept = soft_labels.compress(logits, topk, recipe.temperature, store_dtype)
             values.append(kept["values"].cpu())
             indices.append(kept["indices"].cpu())
@@ -61,6 +69,7 @@ def precompute_soft_labels(teacher: nn.Module, train_set, normalize: Callable, r
             "order": order.astype(np.int32), "boxes": np.concatenate(boxes), "flips": np.concatenate(flips),
             "steps": steps, "batch_size": recipe.batch_size, "values": torch.cat(values),
             "indices": torch.cat(indices), "rest": torch.cat(rest), "temperature": recipe.temperature})
+    layout(teacher, False)  # handed back in the default layout, as train_student does
     total = soft_labels.total_bytes(folder, recipe.epochs)
     return {"bytes": total, "bytes_per_image_epoch": total / (count * recipe.epochs)}
 

@@ -171,7 +171,7 @@ def train_student(student: nn.Module, train_set: Dataset, test_set: Dataset, nor
         raise ValueError("soft-label training needs a teacher (online) or stored labels")
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     torch.manual_seed(seed)
-    channels_last = use_channels_last(recipe.channels_last, device)
+    channels_last = use_channels_last(recipe.channels_last, device, recipe.precision)
     student = layout(student.to(device), channels_last)
     if teacher is not None:
         teacher = layout(teacher.to(device).eval(), channels_last)

@@ -33,6 +33,7 @@ from engine.recover.plan import (SynthBatch, batches_for_rank, batches_for_task,
                                  task_of_batch)
 from engine.recover.settings import RecoverConfig, resolve_augment
 from engine.recover.synthesize import Objective, require_cuda_graphs_possible, synthesize_groups
+from engine.training.precision import resolve_precision
 from kernels import fused_bn_matching
 
 log = logging.getLogger("scdd.recover")
@@ -82,6 +83,7 @@ def recover_distilled_set(teacher: nn.Module, bundle: DataBundle, cfg: RecoverCo
     batches are kept, and no index is written: ``scdd stage=merge`` verifies the shares and writes it.
     A preemption signal stops the run between batches (the batch in flight is finished and written)."""
     start = time.time()
+    cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, dist.device))
     fingerprint = set_fingerprint(cfg, bundle, ipc, seed, teacher_digest)
     set_digest = digest(fingerprint)
     init_path = out_dir / "init" if cfg.init == "real" else None
@@ -219,6 +221,9 @@ def merge_distilled_set(bundle: DataBundle, cfg: RecoverConfig, ipc: int, out_di
     fingerprint, holding the classes and ipc indices the plan gives it, every (class, ipc index) exactly
     once; then write the index. Returns the number of batches. A missing or mismatched share is refused
     with one line naming the batch and the task that should have made it."""
+    # the tasks ran on this kind of device (the stage resolves auto with the run's device first)
+    cfg = dataclasses.replace(cfg, precision=resolve_precision(
+        cfg.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu")))
     fingerprint = set_fingerprint(cfg, bundle, ipc, seed, teacher_digest)
     set_digest = digest(fingerprint)
     plan = plan_batches(bundle.num_classes, ipc, cfg.classes_per_batch, cfg.ipc_per_batch)

@@ -59,10 +59,11 @@ class RecoverConfig:
     seed and augmentation (the paper's per-batch semantics): the images equal those of running the
     batches one after the other up to float rounding; more per pass amortizes per-layer fixed costs.
     Batches of unequal size (a last class chunk) go in groups of their own size."""
-    precision: str = "fp32"
-    """fp32 | bf16: the teacher under bf16 autocast (CUDA or CPU); pixels, Adam state and the BN
-    statistics and losses stay fp32. bf16 changes the images beyond rounding, so it is part of the set's
-    fingerprint."""
+    precision: str = "auto"
+    """auto | fp32 | bf16: the teacher under bf16 autocast (CUDA or CPU); pixels, Adam state and the BN
+    statistics and losses stay fp32. auto: bf16 on CUDA and on a CPU with native bf16 (AVX512-BF16/AMX),
+    fp32 elsewhere (engine.training.precision). bf16 changes the images beyond rounding, so the resolved
+    precision is part of the set's fingerprint."""
     cuda_graphs: bool = False
     """Capture the whole step (augmentation, teacher, losses, backward, Adam, clip) as a CUDA graph and
     replay it; CUDA only. Same images as without, up to float rounding."""
@@ -100,8 +101,8 @@ class RecoverConfig:
             raise ConfigError(f"recover.backend={self.backend!r} is not one of auto|triton|torch")
         if self.groups_per_step < 1:
             raise ConfigError(f"recover.groups_per_step={self.groups_per_step} must be >= 1")
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"recover.precision={self.precision!r} is not one of fp32|bf16")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"recover.precision={self.precision!r} is not one of auto|fp32|bf16")
         if self.image_format not in ("png", "jpeg") or not 90 <= self.jpeg_quality <= 100:
             raise ConfigError(f"recover.image_format={self.image_format!r} must be png|jpeg and "
                               f"recover.jpeg_quality={self.jpeg_quality} in [90, 100]")

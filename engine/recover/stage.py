@@ -1,6 +1,8 @@
 """`scdd stage=recover`: synthesize the distilled set from each requested teacher."""
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -10,6 +12,7 @@ from engine.config import from_mapping
 from engine.context import RunContext
 from engine.distributed import task_share
 from engine.errors import ConfigError
+from engine.training.precision import resolve_precision
 from engine.models import ModelConfig, has_batchnorm
 from engine.recover.distill import merge_distilled_set, recover_distilled_set
 from engine.recover.plan import batches_for_rank, plan_batches
@@ -41,7 +44,9 @@ def requested_teachers(ctx: RunContext, cfg: RecoverConfig) -> list[Path]:
 def build_recover_config(ctx: RunContext, **overrides) -> RecoverConfig:
     section = dict(ctx.sections.get("recover") or {})
     section.update(overrides)
-    return from_mapping(RecoverConfig, section, "recover")
+    cfg = from_mapping(RecoverConfig, section, "recover")
+    # auto is settled here, once, for this run's device: the set's fingerprint records fp32 or bf16
+    return dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, ctx.dist.device))
 
 
 def validate(ctx: RunContext, *, teachers_from_squeeze: Optional[Sequence[str]] = None, **overrides) -> None:

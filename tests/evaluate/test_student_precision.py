@@ -125,3 +125,43 @@ def test_precision_setting_is_checked():
     assert EvaluateConfig().precision == "auto"
     with pytest.raises(ConfigError, match="evaluate.precision='fp16' is not one of auto|fp32|bf16"):
         EvaluateConfig(precision="fp16")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_is_bf16_and_nhwc_on_a_cpu_with_native_bf16_only(monkeypatch, native):
+    """auto: bf16 on CUDA always, on the CPU only where oneDNN has native bf16 (emulated bf16 is slower
+    than fp32); the layout follows the precision on the CPU (bf16 kernels want NHWC), and an explicit
+    channels_last wins."""
+    from engine.training import precision as rules
+
+    monkeypatch.setattr(rules, "cpu_has_native_bf16", lambda: native)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # only the device type is read
+    assert rules.resolve_precision("auto", cuda) == "bf16"
+    assert rules.resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+    assert rules.resolve_precision("fp32", cuda) == "fp32" and rules.resolve_precision("bf16", cpu) == "bf16"
+    assert rules.use_channels_last(None, cpu, "auto") is native
+    assert rules.use_channels_last(None, cpu, "fp32") is False and rules.use_channels_last(None, cuda, "fp32")
+    assert rules.use_channels_last(False, cpu, "bf16") is False
+
+
+def test_stored_labels_replay_online_ones_under_bf16_and_nhwc(digits_teacher, tmp_path):
+    """Stored relabeling runs the teacher as the online step does (autocast and layout), so a student
+    trained on stored labels (all classes kept, fp32) follows the online one step for step."""
+    from engine.evaluate.relabel import precompute_soft_labels
+
+    bundle, teacher, train_set = digits_teacher
+    recipe = StudentRecipe(epochs=2, batch_size=16, lr=1e-3, weight_decay=0.01, temperature=4.0, loss="kl",
+                           crop_scale=(0.5, 1.0), flip=False, cutmix_prob=1.0, cutmix_alpha=1.0, eval_every=2,
+                           precision="bf16", channels_last=True)
+    precompute_soft_labels(teacher, train_set, bundle.normalize, recipe, torch.device("cpu"), 0, tmp_path / "labels",
+                           topk=10, dtype="float32", progress=False)
+    losses = []
+    for stored in (None, tmp_path / "labels"):
+        torch.manual_seed(0)
+        recorder = Recorder()
+        train_student(build_model(SMALL_MODEL, 10, 1, 8), train_set, bundle.test, bundle.normalize, recipe,
+                      torch.device("cpu"), 0, teacher=teacher if stored is None else None, stored_labels=stored,
+                      progress=False, logger=recorder)
+        losses.append([v for _, v in recorder.rows["train/loss"]])
+    assert len(losses[0]) == len(losses[1]) > 0
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4)
