@@ -101,13 +101,13 @@ class EvaluateConfig:
     Images must be data.image_size square (never resized). None, not {}, by default: Hydra then takes the
     dict as given instead of merging it into an empty one (which struct mode refuses)."""
     precision: str = "auto"
-    """auto (bf16 on CUDA, fp32 on the CPU) | fp32 | bf16: the student's and the teacher's soft-label forward
+    """auto (bf16 on CUDA and on a CPU with native bf16, else fp32) | fp32 | bf16: the student's and the teacher's soft-label forward
     under bf16 autocast; weights, optimizer state, BN running statistics and the loss stay fp32. bf16 vs fp32
     over a few steps on digits: see tests/evaluate/test_student_precision.py for the tolerance."""
     channels_last: Optional[bool] = None
-    """NHWC student, teacher and batches. None: on CUDA only. On the CPU true measured 1.0-1.5x in fp32 and
-    1.6x in bf16 (default ConvNet, 2 shared cores: benchmarks/student_speed.py) but online labels then differ
-    from stored ones by rounding (relabel's teacher runs in the default layout), so it is not the default."""
+    """NHWC student, teacher and batches (stored relabeling's teacher too). None: on CUDA, and on the CPU
+    under bf16 (default ConvNet, 1 thread, benchmarks/student_speed.py: bf16 1.45x fp32, bf16+NHWC 2.90x);
+    fp32 on the CPU keeps the default layout (fp32+NHWC 1.34x, but other rounding than earlier runs)."""
     compile: bool = False
     """torch.compile the student's forward/backward (fixed shapes). Each student pays the compilation once:
     CPU, default ConvNet at batch 100, about 25-55 s for 1.3x fp32 steps (2 shared cores; bf16+channels_last

@@ -44,7 +44,7 @@ class TrainSettings:
     BYOL-style, torchvision or this engine's teacher files) or ``torchvision:<arch>`` from the local
     torchvision cache. Never downloaded."""
     precision: str = "auto"
-    """auto (bf16 on CUDA, fp32 on the CPU) | fp32 | bf16: the encoders' forwards under bf16 autocast, for
+    """auto (bf16 on CUDA and on a CPU with native bf16, else fp32) | fp32 | bf16: the encoders' forwards under bf16 autocast, for
     every trainer (trainer=deepspeed: its autocast; deepspeed.bf16 null follows this, a contradiction is
     refused) and for the probe's frozen features. Weights, SGD state, BN running statistics, MoCo's key
     encoder (its EMA) and queue and the losses stay fp32 (tests/squeeze/test_squeeze_precision.py)."""

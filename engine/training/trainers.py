@@ -38,7 +38,7 @@ class DeepSpeedSettings:
 
     zero_stage: int = 1
     bf16: Optional[bool] = None
-    """None: as ssl.precision says (its auto: bf16 on CUDA, fp32 on the CPU); set, it must agree with an
+    """None: as ssl.precision says (its auto: bf16 on CUDA and on a CPU with native bf16, else fp32); set, it must agree with an
     explicit ssl.precision (a contradiction is refused). bf16 runs the forward under torch.autocast(bfloat16)
     (DeepSpeed's ``torch_autocast``; convolution/linear gradients are all-reduced in bf16); weights,
     optimizer state, the MoCo key encoder and the BN running statistics recover matches stay fp32.

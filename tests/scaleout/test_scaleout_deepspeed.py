@@ -67,10 +67,12 @@ def test_unknown_zero_stage_and_missing_json_are_refused(run_scdd):
 
 
 def test_bf16_is_autocast_around_an_fp32_module(run_scdd):
+    from engine.training.precision import cpu_has_native_bf16
     from engine.training.trainers import DeepSpeedSettings, deepspeed_config
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    for settings, device, on in ((DeepSpeedSettings(), cpu, False), (DeepSpeedSettings(), cuda, True),
+    # auto (ssl.precision's default) autocasts on a CPU with native bf16 only
+    for settings, device, on in ((DeepSpeedSettings(), cpu, cpu_has_native_bf16()), (DeepSpeedSettings(), cuda, True),
                                  (DeepSpeedSettings(bf16=True), cpu, True), (DeepSpeedSettings(bf16=False), cuda, False)):
         config = deepspeed_config(settings, 8, 2, device)
         assert config["torch_autocast"] == {"enabled": on, "dtype": "bfloat16"}
