@@ -55,15 +55,22 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--pretrain", action="store_true")
     parser.add_argument("--pretrain-ipc", type=int, default=100)
+    parser.add_argument("--model", default="convnet", help="student, teacher and pretraining model")
+    parser.add_argument("--image-size", type=int, default=28,
+                        help="MNIST-5k images resized (bilinear) to this size, 3 channels when > 28 (GPU shapes)")
+    parser.add_argument("--batch", type=int, default=100)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     bundle = build_data(DataConfig(name="mnist5k"))
-    model_cfg = ModelConfig(name="convnet", width=64, depth=3)
+    model_cfg = ModelConfig(name="convnet", width=64, depth=3) if args.model == "convnet" else ModelConfig(name=args.model)
     train_set = random_real_subset(bundle, args.ipc, seed=0).dataset
+    test_set = bundle.test
+    if args.image_size != bundle.image_size:
+        bundle, train_set, test_set = resized(bundle, train_set, args.image_size)
     torch.manual_seed(1)
     teacher = build_model(model_cfg, bundle.num_classes, bundle.channels, bundle.image_size).eval()
-    batch = 100
+    batch = args.batch
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} thread(s)"
     print(f"{name}; load average {load:.2f} on {os.cpu_count()} cores; {len(train_set)} images, batch {batch}, "
@@ -79,7 +86,7 @@ def main() -> None:
         student = build_model(model_cfg, bundle.num_classes, bundle.channels, bundle.image_size)
         rates = EpochRates()
         started = time.perf_counter()
-        train_student(student, train_set, bundle.test, bundle.normalize, recipe, device, 0, teacher=teacher,
+        train_student(student, train_set, test_set, bundle.normalize, recipe, device, 0, teacher=teacher,
                       progress=False, logger=rates)
         del started
         steady = statistics.median(rates.rates[1:]) if len(rates.rates) > 1 else rates.rates[0]
@@ -87,10 +94,44 @@ def main() -> None:
         base = base or steady
         print(f"{variant:<22}{steady / batch:>10.2f}{steady:>11.0f}{steady / base:>8.2f}x{first_epoch:>15.2f}")
     if args.pretrain:
-        pretrain_rates(bundle, model_cfg, device, args.pretrain_ipc)
+        pretrain_set = random_real_subset(build_data(DataConfig(name="mnist5k")), args.pretrain_ipc, seed=0).dataset
+        if args.image_size != 28:
+            pretrain_set = resized(bundle, pretrain_set, args.image_size)[1]
+        pretrain_rates(bundle, model_cfg, device, pretrain_set)
 
 
-def pretrain_rates(bundle, model_cfg: ModelConfig, device: torch.device, ipc: int) -> None:
+class _Images:
+    """An in-memory uint8 set (``.images``/``.labels``: the students' sliced path)."""
+
+    def __init__(self, images: torch.Tensor, labels) -> None:
+        self.images, self.labels = images, list(labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], self.labels[i]
+
+
+def resized(bundle, train_set, size: int):
+    """(bundle, train set, test set) with MNIST-5k's digits resized to ``size`` px and 3 channels: real
+    images at the shapes a GPU benchmark needs (224 px: ImageNet's); the first 500 test images."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    def convert(dataset, count=None):
+        count = len(dataset) if count is None else min(count, len(dataset))
+        images = torch.stack([dataset[i][0] for i in range(count)]).float()
+        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+        images = images.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+        return _Images(images, [int(dataset[i][1]) for i in range(count)])
+
+    big = dataclasses.replace(bundle, channels=3, image_size=size, mean=[bundle.mean[0]] * 3, std=[bundle.std[0]] * 3)
+    return big, convert(train_set), convert(bundle.test, 500)
+
+
+def pretrain_rates(bundle, model_cfg: ModelConfig, device: torch.device, train_set) -> None:
     import tempfile
     from pathlib import Path
 
@@ -98,7 +139,6 @@ def pretrain_rates(bundle, model_cfg: ModelConfig, device: torch.device, ipc: in
     from engine.squeeze.pretrain import Schedule, train
     from engine.squeeze.ssl import METHODS, MoCoSettings, fit_to_data
 
-    train_set = random_real_subset(bundle, ipc, seed=0).dataset
     settings = fit_to_data(MoCoSettings(), len(train_set))
     print(f"MoCo v2 pretraining: {len(train_set)} images, batch {settings.batch_size}, 2 epochs per precision")
     for precision in ("fp32", "bf16"):
@@ -109,7 +149,7 @@ def pretrain_rates(bundle, model_cfg: ModelConfig, device: torch.device, ipc: in
         with tempfile.TemporaryDirectory() as folder:
             history = train(method, train_set, schedule=Schedule(2, settings.batch_size, settings.lr,
                                                                  settings.momentum, settings.weight_decay),
-                            spec=spec_for("strong", bundle.image_size, False), normalize=bundle.normalize,
+                            spec=spec_for("strong", bundle.image_size, bundle.channels == 3), normalize=bundle.normalize,
                             device=device, generator=generator, state_path=Path(folder) / "state.pt",
                             fingerprint={}, resume=False, progress=False, precision=precision)
         print(f"  {precision}: {history[-1]['images_per_s']:.0f} images/s (second epoch)")
