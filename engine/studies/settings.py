@@ -48,15 +48,15 @@ class StudyConfig:
     """None: one run of each variant with the run's ``seed``; a list repeats every variant per seed (in
     <run>/study/<variant>/s<seed>/) and reports mean ± sd."""
     reduced: ReducedSettings = field(default_factory=ReducedSettings)
-    students: list[str] = field(default_factory=lambda: ["convnet", "mobilenet_v2_cifar", "vit_tiny"])
+    students: list[str] = field(default_factory=lambda: ["convnet", "resnet18_cifar", "vit_tiny"])
     """cross_arch: student architectures (model= names), each trained on every row; the first is the headline."""
     teachers: list[ModelConfig] = field(default_factory=lambda: [
         ModelConfig(width=16), ModelConfig(width=32), ModelConfig(width=64), ModelConfig(width=128),
         ModelConfig(width=64, depth=2)])
-    """teacher_size (reduced scale): the teachers' models, ConvNet widths and depths."""
+    """teacher_size and bn_variance (reduced scale): the teachers' models, ConvNet widths and depths."""
     full_teachers: list[ModelConfig] = field(default_factory=lambda: [
         ModelConfig(name="resnet18"), ModelConfig(name="resnet50"), ModelConfig(name="resnet101")])
-    """teacher_size (full scale): the teachers' models."""
+    """teacher_size and bn_variance (full scale): the teachers' models."""
     student: Optional[str] = None
     """teacher_size and bn_variance: the fixed student; None: convnet (reduced) or the run's model (full)."""
     finetune_lr_scale: Optional[float] = None
@@ -80,10 +80,14 @@ class StudyConfig:
 
 
 STUDY_PRESETS: dict[str, StudyConfig] = {
-    "cross_arch": StudyConfig(name="cross_arch"),
+    # the small-image ResNet-18 and ViT-Tiny take ~3-5 s per 100-image step on one loaded CPU core: half the epochs
+    "cross_arch": StudyConfig(name="cross_arch", students=["convnet", "resnet18_cifar", "vit_tiny"],
+                              reduced=ReducedSettings(student_epochs=30, eval_every=15)),
     "teacher_size": StudyConfig(name="teacher_size"),
     # linear and finetune both probe on augmented views (finetune needs them), 10 epochs of them
     "probe_vs_finetune": StudyConfig(name="probe_vs_finetune", reduced=ReducedSettings(probe_epochs=10)),
-    "bn_variance": StudyConfig(name="bn_variance"),
+    # width 128 (teacher_size's largest) would cost a third of this study's CPU time alone
+    "bn_variance": StudyConfig(name="bn_variance", teachers=[ModelConfig(width=16), ModelConfig(width=32),
+                                                               ModelConfig(width=64, depth=2)]),
 }
 """The ``study=`` options (``scdd +study=NAME``), registered with Hydra by engine.config_store."""
