@@ -233,7 +233,7 @@ def header(ctx: RunContext, study: StudyConfig, what: str) -> list[str]:
                  if study.seeds is None else f"seeds {seeds}: mean ± sample sd over seeds")
     return [f"# Study: {study.name}", "", what, "",
             f"- data: {ctx.data_cfg.name}; scale: {scale}", f"- {seed_text}",
-            f"- variants: <run>/study/<variant>/ (normal run dirs; resume=true skips what is finished)", ""]
+            "- variants: <run>/study/<variant>/ (normal run dirs; resume=true skips what is finished)", ""]
 
 
 def write_study(ctx: RunContext, lines: list[str], figures: dict[str, Path], data: dict, seconds: float) -> dict:

@@ -81,9 +81,10 @@ def run(ctx: RunContext, study: StudyConfig) -> dict:
         ["row (IPC %d)" % ipc] + [f"{arch} top-1 %" for arch in study.students],
         [[ROW_TITLES[row]] + [common.cell(entry, f"{row}/{arch}", True) for arch in study.students] for row in ROWS])
     plot = _plot(entry, study.students, ctx.run_dir / "cross_arch.png", ipc)
+    how = ("evaluate.students" if common.has_students_option()
+           else "one evaluate per architecture, in study/scdd-student-<arch>/")
     lines = common.header(ctx, study, TITLE) + [
-        f"Students: {', '.join(study.students)} ({'evaluate.students' if common.has_students_option() else 'one evaluate per architecture, in study/scdd-student-<arch>/'}); "
-        f"teacher and recover model: {ctx.model_cfg.name}.", "", table]
+        f"Students: {', '.join(study.students)} ({how}); teacher and recover model: {ctx.model_cfg.name}.", "", table]
     return common.write_study(ctx, lines, {"top-1 per row and student architecture": plot},
                               {"study": study.name, "ipc": ipc, "students": list(study.students), "variants": found},
                               time.time() - started)
