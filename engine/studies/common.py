@@ -18,10 +18,10 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from engine import preemption
 from engine.artifacts.layout import SET_FOLDERS, RunLayout
 from engine.config import from_mapping
 from engine.context import RunConfig, RunContext
-from engine.errors import ConfigError
 from engine.evaluate import stage as evaluate_stage
 from engine.evaluate.report import write_report as write_run_report
 from engine.evaluate.settings import EvaluateConfig
@@ -136,9 +136,8 @@ def run_variant(vctx: RunContext, kind: str, rows: Optional[Sequence[str]] = Non
     baseline; returns the evaluate results plus the teacher's final metrics and BN summary."""
     started = time.time()
     out = squeeze_stage.run(vctx)
-    if "interrupted" in out:
-        raise ConfigError(f"squeeze of {vctx.run_dir} stopped early (squeeze.stop_after_epochs); rerun the study "
-                          f"with resume=true to continue")
+    if "interrupted" in out:  # squeeze.stop_after_epochs or a signal: the epoch checkpoint is on disk
+        raise preemption.Preempted(f"squeeze of {vctx.run_dir} stopped before its last epoch")
     recover_stage.run(vctx, init="noise", teachers=[kind])
     cfg = evaluate_stage.build_eval_config(vctx, **(evaluate_overrides or {}))
     wanted = set(rows) if rows is not None else {ROW_OF_KIND[kind]}

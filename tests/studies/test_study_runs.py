@@ -69,3 +69,19 @@ def test_cross_arch_trains_each_student_on_the_same_set(run_scdd, tmp_path):
     report = (run_dir / "report.md").read_text()
     assert "| row (IPC 10) | convnet top-1 % | mobilenet_v2_cifar top-1 % |" in report
     assert (run_dir / "cross_arch.png").is_file()
+
+
+def test_a_study_stopped_mid_pretraining_goes_on_with_resume(run_scdd, tmp_path):
+    from engine import preemption
+
+    run_dir = tmp_path / "run"
+    args = ("+study=teacher_size", *TINY, TWO_TEACHERS, "study.reduced.ssl_epochs=2")
+    with pytest.raises(preemption.Preempted, match="stopped before its last epoch"):
+        run_scdd(*args, "squeeze.stop_after_epochs=1", run_dir=run_dir)
+    first = run_dir / "study" / "convnet-w8-d2" / "squeeze" / "ssl"
+    assert (first / "state.pt").is_file() and not (first / "teacher.pt").exists()
+    assert not (run_dir / "report.md").exists()
+    run_scdd(*args, "resume=true", run_dir=run_dir)
+    pretrain = json.loads((first / "metrics.json").read_text())["pretrain"]
+    assert [row["epoch"] for row in pretrain] == [1, 2]  # epoch 1 from the stopped run, epoch 2 resumed
+    assert not (first / "state.pt").exists() and (run_dir / "report.md").is_file()
