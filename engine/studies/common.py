@@ -79,7 +79,8 @@ def scale_overrides(study: StudyConfig) -> dict[str, Any]:
         return {}
     r = study.reduced
     out = {"squeeze.epochs": r.ssl_epochs, "recover.iterations": r.recover_iterations,
-           "evaluate.epochs": r.student_epochs, "evaluate.eval_every": r.eval_every, "evaluate.full_data": False,
+           "evaluate.epochs": r.student_epochs, "evaluate.batch_size": r.student_batch_size,
+           "evaluate.eval_every": r.eval_every, "evaluate.full_data": False,
            "ipc": [r.ipc]}
     if r.probe_epochs is not None:
         out["squeeze.probe.epochs"] = r.probe_epochs
