@@ -39,7 +39,7 @@ def _objective(ctx: RunContext, name: str) -> dict:
 def variants(ctx: RunContext, study: StudyConfig) -> list[common.Variant]:
     student = fixed_student(ctx, study)
     if study.scale == "full":
-        base, models = ctx.model_cfg, list(study.full_teachers)
+        base, models = ctx.model_cfg, [m for m in study.full_teachers if m != ctx.model_cfg]
         epochs = int((ctx.sections.get("ssl") or {}).get("epochs", 0)) or None
         lengths = [max(1, epochs // 4), max(1, epochs // 2)] if epochs else []
     else:
@@ -57,12 +57,15 @@ def variants(ctx: RunContext, study: StudyConfig) -> list[common.Variant]:
                 "params": common.param_count(model, ctx)}
         out.append(common.Variant(name, kind, overrides, info))
 
-    add(f"mocov2-{variant_name(base)}", "ssl", base, "mocov2")
+    # the run's SSL objective (ssl=) for every size and length, the other one once
+    ssl = str((ctx.sections.get("ssl") or {}).get("name", "mocov2"))
+    other = "mocov2" if ssl == "simclr" else "simclr"
+    add(f"{ssl}-{variant_name(base)}", "ssl", base, ssl)
     for model in models:
-        add(f"mocov2-{variant_name(model)}", "ssl", model, "mocov2")
+        add(f"{ssl}-{variant_name(model)}", "ssl", model, ssl)
     for epochs in lengths:
-        add(f"mocov2-{variant_name(base)}-e{epochs}", "ssl", base, "mocov2", epochs)
-    add(f"simclr-{variant_name(base)}", "ssl", base, "simclr", ssl=_objective(ctx, "simclr"))
+        add(f"{ssl}-{variant_name(base)}-e{epochs}", "ssl", base, ssl, epochs)
+    add(f"{other}-{variant_name(base)}", "ssl", base, other, ssl=_objective(ctx, other))
     add(f"supervised-{variant_name(base)}", "supervised", base, "supervised")
     for model in models if study.scale == "full" else models[:1]:
         add(f"supervised-{variant_name(model)}", "supervised", model, "supervised")
