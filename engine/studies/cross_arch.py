@@ -98,7 +98,7 @@ def _plot(entry: dict, students: list[str], path: Path, ipc: int) -> Path:
         x = [j + (i - (len(ROWS) - 1) / 2) * width for j in range(len(students))]
         y = [100 * entry["mean"].get(f"{row}/{arch}", float("nan")) for arch in students]
         err = [100 * entry["sd"].get(f"{row}/{arch}", 0.0) for arch in students]
-        ax.bar(x, y, width, yerr=err, capsize=3, label=ROW_TITLES[row])
+        ax.bar(x, y, width, yerr=err if any(err) else None, capsize=3, label=ROW_TITLES[row])
     ax.set_xticks(range(len(students)))
     ax.set_xticklabels(students, fontsize=8)
     ax.set(ylabel="student top-1 %", title=f"cross-architecture students, IPC {ipc}")
