@@ -107,6 +107,7 @@ def _plot(layers: dict[str, list], path: Path) -> Path:
         for ax, key in ((ax_mean, "mean_shift"), (ax_var, "var_shift_relative")):
             y = [sum(seed[i][key] for seed in per_seed) / len(per_seed) for i in range(count)]
             ax.plot(range(count), y, marker="o", label=name)
+            ax.set_xticks(range(count))
     ax_mean.set(title="running mean: mean |Δ| over channels", xlabel="BN layer", ylabel="|Δμ|")
     ax_var.set(title="running var: mean |Δ| / mean σ² (pretrained)", xlabel="BN layer", ylabel="relative |Δσ²|")
     for ax in (ax_mean, ax_var):
