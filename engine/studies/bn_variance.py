@@ -151,6 +151,9 @@ def _plot(found: dict, correlations: dict, path: Path, student: str, ipc: int) -
                title=f"Spearman rho {_num(c['rho'])}, 90% CI [{_num(c['ci90'][0])}, {_num(c['ci90'][1])}]")
         ax.grid(alpha=0.3)
     axes[1].set_xscale("log")
+    from matplotlib.ticker import NullFormatter
+
+    axes[1].xaxis.set_minor_formatter(NullFormatter())  # 2x10^-1, 3x10^-1, ... overlap on a short decade
     for kind, color in colors.items():
         axes[0].scatter([], [], color=color, label=f"{kind} teacher")
     axes[0].legend(fontsize=8)
