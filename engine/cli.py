@@ -47,6 +47,9 @@ VALIDATORS = {
     "bench": "engine.bench.stage:validate",
 }
 
+STUDY = ("engine.studies:validate", "engine.studies:run")
+"""``+study=NAME`` (a ``study`` section in the config): the study runs its variants' stages instead of ``stage``."""
+
 log = logging.getLogger("scdd")
 
 # Every group option and the top-level keys come from the dataclasses; @hydra.main composes from them.
@@ -91,6 +94,8 @@ def build_context(cfg: DictConfig, run_dir: Path) -> RunContext:
 def execute(cfg: DictConfig, run_dir: Path) -> dict:
     """Run the configured stage in ``run_dir``; raises ConfigError on bad input."""
     ctx = build_context(cfg, run_dir)
+    if ctx.sections.get("study") is not None:
+        return _execute_study(ctx)
     if ctx.run.stage not in STAGES:
         raise ConfigError(f"unknown stage '{ctx.run.stage}'; choose one of {sorted(STAGES)}")
     # Validate everything before any work: data and model (a bad tree or size), then every section, file and
@@ -102,6 +107,15 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict:
     if validator is not None:
         validator(ctx)
     return stage(ctx)
+
+
+def _execute_study(ctx: RunContext) -> dict:
+    """Validate every variant of the study (settings, data, models, each stage's checks), then run it."""
+    bundle = ctx.data
+    build_model(ctx.model_cfg, bundle.num_classes, bundle.channels, bundle.image_size)
+    validate, run = (_resolve("study", target) for target in STUDY)
+    validate(ctx)
+    return run(ctx)
 
 
 @hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="config")

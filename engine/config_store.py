@@ -4,7 +4,8 @@ Every option of every group is a dataclass instance. A group with one option (sq
 evaluate, bench) stores its dataclass built with no arguments as ``default``; a group of variants
 stores each named preset of the registry next to its dataclass (``data=`` DATA_PRESETS, ``model=``
 MODEL_PRESETS, ``ssl=`` SSL_PRESETS, ``trainer=`` TRAINER_PRESETS, ``deepspeed=`` DEEPSPEED_PRESETS,
-``loader=`` LOADER_PRESETS, ``logger=`` LOGGER_PRESETS). The top-level keys are RunConfig's fields, the
+``loader=`` LOADER_PRESETS, ``logger=`` LOGGER_PRESETS). Groups that configs/config.yaml does not pick,
+added with ``+GROUP=OPTION`` (``+study=`` STUDY_PRESETS), come from ``optional_group_options``. The top-level keys are RunConfig's fields, the
 ``run_config`` entry of configs/config.yaml's defaults list. configs/ keeps only config.yaml (defaults list, hydra settings)
 and the experiment presets (overrides on top of these defaults).
 
@@ -48,6 +49,14 @@ def group_options() -> dict[str, dict[str, Any]]:
     }
 
 
+def optional_group_options() -> dict[str, dict[str, Any]]:
+    """group -> option -> typed config of the groups a run adds with ``+GROUP=OPTION`` (absent otherwise:
+    configs/config.yaml's defaults list does not name them)."""
+    from engine.studies.settings import STUDY_PRESETS
+
+    return {"study": dict(STUDY_PRESETS)}
+
+
 def to_node(config: Any) -> Any:
     """A dataclass instance as the plain dict Hydra composes (nested dataclasses and tuples become
     dicts and lists)."""
@@ -87,6 +96,9 @@ def register() -> None:
     for group, options in group_nodes().items():
         for name, node in options.items():
             store.store(group=group, name=name, node=node, provider="engine")
+    for group, options in optional_group_options().items():
+        for name, cfg in options.items():
+            store.store(group=group, name=name, node=to_node(cfg), provider="engine")
     store.store(name=RUN_CONFIG, node=to_node(RunConfig()), provider="engine")
 
     from omegaconf import OmegaConf

@@ -11,7 +11,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("engine.squeeze", "engine.recover", "engine.evaluate")
-TOP = ("engine.pipeline", "engine.merge", "engine.bench", "engine.cli", "engine.config_store")  # config_store: the CLI's Hydra registry
+TOP = ("engine.pipeline", "engine.merge", "engine.bench", "engine.studies", "engine.cli",
+       "engine.config_store")  # config_store: the CLI's Hydra registry; studies: several pipelines
 
 
 def _module_name(path: Path) -> str:
