@@ -259,15 +259,20 @@ def _train_epoch(run: _Run, train_set: Dataset, epoch: int) -> tuple[dict, int]:
         loss = _train_step(run, images, labels, params, stored, step)
         run.step_index += 1
         if loss is not None:
-            losses.append(loss)
-            run.logger.scalars({"train/loss": loss, "train/lr": lr}, run.step_index)
+            losses.append((run.step_index, lr, loss))
         seen += len(labels)
-    return {"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": lr}, seen
+    # the step losses stay on the device until here: one host read per epoch, not one per step (a read
+    # per step waits for the device every step, and small distilled-set batches are launch-bound)
+    values = torch.stack([loss for _, _, loss in losses]).cpu().tolist() if losses else []
+    for (index, step_lr, _), value in zip(losses, values):
+        run.logger.scalars({"train/loss": value, "train/lr": step_lr}, index)
+    return {"epoch": epoch + 1, "loss": float(np.mean(values)), "lr": lr}, seen
 
 
 def _train_step(run: _Run, images: torch.Tensor, labels: torch.Tensor, params: AugParams,
-                stored: Optional[dict], step: int) -> Optional[float]:
-    """One optimizer step on this rank's share of the batch; returns its loss (None: empty share)."""
+                stored: Optional[dict], step: int) -> Optional[torch.Tensor]:
+    """One optimizer step on this rank's share of the batch; returns its loss, a 0-d tensor left on the
+    device (None: empty share)."""
     rank, world = run.rank, run.world
     # uint8 crosses to the device (a quarter of fp32's bytes) and becomes float there
     x = apply_params(run.normalize(to_unit_float(to_device(images, run.device))), params, run.fill)
@@ -303,4 +308,4 @@ def _train_step(run: _Run, images: torch.Tensor, labels: torch.Tensor, params: A
     # DDP averages over ranks; weighting by the share makes it the full batch's mean
     (loss * (len(labels) * world / full) if world > 1 else loss).backward()
     run.optimizer.step()
-    return float(loss.detach()) if len(labels) else None
+    return loss.detach().float() if len(labels) else None

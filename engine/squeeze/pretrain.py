@@ -1,6 +1,7 @@
 """The epoch loop shared by every method: batches, views, SGD + cosine, epoch checkpoints, resume."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,11 +221,16 @@ def _epoch_batches(run: _Run, epoch: int):
     return load_batches(dataset, batches_of(mine, run.micro_batch, drop_last=True), run.workers)
 
 
+PROGRESS_EVERY = 20
+"""Steps between progress-bar loss updates (each a host read)."""
+
+
 def _run_epoch(run: _Run, epoch: int) -> dict:
     """One epoch of SGD steps; returns its metrics row (loss and throughput over the whole world)."""
     run.method.train()
     step = epoch * run.steps_per_epoch
-    total_loss, seen, aug_seconds = 0.0, 0, 0.0
+    seen, aug_seconds = 0, 0.0
+    losses: list[tuple[int, float, int, torch.Tensor]] = []  # (step, lr, images, loss left on the device)
     started = time.perf_counter()
     bar = tqdm(_epoch_batches(run, epoch), total=run.steps_per_epoch,
                desc=f"{run.desc} {epoch + 1}/{run.schedule.epochs}",
@@ -236,16 +242,22 @@ def _run_epoch(run: _Run, epoch: int) -> dict:
         batch = _step_views(run, images)
         aug_seconds += time.perf_counter() - t0
         loss = run.wrapped.loss(batch, to_device(labels, run.device), run.view_generator)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{run.desc}: loss became {loss.item()} at epoch {epoch + 1}; "
-                                     f"lower ssl.lr")
         run.wrapped.backward(loss)
         run.wrapped.step()
-        total_loss += loss.item() * len(labels)
         seen += len(labels)
         step += 1
-        run.logger.scalars({"train/loss": loss.item(), "train/lr": lr}, step)
-        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.4g}")
+        losses.append((step, lr, len(labels), loss.detach().float()))
+        if not bar.disable and step % PROGRESS_EVERY == 0:  # a host read only where someone watches
+            bar.set_postfix(loss=f"{losses[-1][3].item():.4f}", lr=f"{lr:.4g}")
+    # one host read per epoch: a read per step (item(), an isfinite check) waits for the device every step
+    values = torch.stack([loss for *_, loss in losses]).cpu().tolist() if losses else []
+    bad = next((v for v in values if not math.isfinite(v)), None)
+    if bad is not None:  # raised before this epoch's checkpoint, so resume=true restarts from the last good one
+        raise FloatingPointError(f"{run.desc}: loss became {bad} in epoch {epoch + 1}; lower ssl.lr")
+    total_loss = 0.0
+    for (index, step_lr, images, _), value in zip(losses, values):
+        run.logger.scalars({"train/loss": value, "train/lr": step_lr}, index)
+        total_loss += value * images
     seconds = time.perf_counter() - started
     if run.dist.world_size > 1:  # the row reports the whole world: mean loss over all images, total throughput
         total_loss, seen = all_reduce_sum([total_loss, float(seen)])

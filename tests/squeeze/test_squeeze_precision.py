@@ -110,3 +110,29 @@ def test_deepspeed_autocast_follows_ssl_precision_and_refuses_a_contradiction():
         deepspeed_config(DeepSpeedSettings(extra={"torch_autocast": {"enabled": False}}), 8, 1, cpu, "bf16")
     with pytest.raises(ConfigError, match="ssl.precision='half' is not one of auto|fp32|bf16"):
         MoCoSettings(precision="half")
+
+
+def test_a_non_finite_loss_stops_pretraining_before_its_epoch_is_saved(digits, tmp_path, monkeypatch):
+    """Step losses are read from the device once per epoch; a NaN among them is still one clear error,
+    raised before that epoch's checkpoint, so resume=true restarts from the last finite epoch."""
+    from engine.squeeze import pretrain
+
+    real_views = pretrain._step_views
+    calls = {"n": 0}
+
+    first_of_epoch_2 = len(digits[1]) // _settings("mocov2").batch_size + 1  # full batches only
+
+    def poisoned(run, images):  # the second epoch's first step sees a NaN pixel
+        views = real_views(run, images)
+        calls["n"] += 1
+        if calls["n"] == first_of_epoch_2:
+            views[0] = views[0].clone()
+            views[0].view(-1)[0] = float("nan")
+        return views
+
+    monkeypatch.setattr(pretrain, "_step_views", poisoned)
+    with pytest.raises(FloatingPointError, match=r"loss became nan in epoch 2; lower ssl.lr"):
+        _pretrain(digits, "mocov2", "fp32", tmp_path)
+    saved = torch.load(tmp_path / "fp32.pt", weights_only=False)
+    assert saved["epoch"] == 1 and all(torch.isfinite(v).all() for v in saved["method"].values()
+                                       if v.is_floating_point())
