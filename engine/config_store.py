@@ -88,11 +88,30 @@ def register() -> None:
         for name, node in options.items():
             store.store(group=group, name=name, node=node, provider="engine")
     store.store(name=RUN_CONFIG, node=to_node(RunConfig()), provider="engine")
+    register_methods(store)
 
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("scdd_run_dir"):
         OmegaConf.register_new_resolver("scdd_run_dir", job_run_dir, use_cache=False)
+
+
+METHOD_GROUP = "method"
+"""``scdd +method=NAME``: engine.recover.methods.METHOD_PRESETS, each a set of recover/evaluate overrides."""
+
+
+def method_nodes() -> dict[str, dict]:
+    """option -> the node of the ``method`` group (overrides of other groups' keys, package _global_)."""
+    from engine.recover.methods import METHOD_PRESETS
+
+    return {name: preset.node() for name, preset in METHOD_PRESETS.items()}
+
+
+def register_methods(store) -> None:
+    """The ``method`` group: not in group_options (its options override other groups, they are not a
+    section of their own), stored at the global package so ``+method=best`` sets recover.* and evaluate.*."""
+    for name, node in method_nodes().items():
+        store.store(group=METHOD_GROUP, name=name, node=node, package="_global_", provider="engine")
 
 
 JOB_ID_VARIABLES = ("SCDD_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_JOB_ID")
