@@ -50,6 +50,9 @@ class RunConfig:
         if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)
                                        or any(s < 0 for s in self.seeds)):
             raise ConfigError(f"seeds={list(self.seeds)} must be null or a non-empty list of distinct seeds >= 0")
+        if self.seeds is not None and self.stage != "pipeline":
+            raise ConfigError(f"seeds={list(self.seeds)} runs the whole pipeline per seed; it needs stage=pipeline "
+                              f"(stage={self.stage}: use seed=S)")
         if not self.ipc or any(n < 1 for n in self.ipc):
             raise ConfigError(f"ipc={list(self.ipc)} must be a non-empty list of images-per-class counts, "
                               f"each >= 1")

@@ -53,6 +53,8 @@ def test_bad_seeds_are_one_line_errors():
             RunConfig(seeds=seeds)
         assert "seeds=" in str(err.value) and "\n" not in str(err.value)
     assert RunConfig().seeds is None
+    with pytest.raises(ConfigError, match="stage=pipeline"):
+        RunConfig(stage="recover", seeds=[0, 1])
 
 
 @pytest.mark.parametrize("name", sorted(METHOD_PRESETS))
