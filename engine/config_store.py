@@ -4,7 +4,8 @@ Every option of every group is a dataclass instance. A group with one option (sq
 evaluate, bench) stores its dataclass built with no arguments as ``default``; a group of variants
 stores each named preset of the registry next to its dataclass (``data=`` DATA_PRESETS, ``model=``
 MODEL_PRESETS, ``ssl=`` SSL_PRESETS, ``trainer=`` TRAINER_PRESETS, ``deepspeed=`` DEEPSPEED_PRESETS,
-``loader=`` LOADER_PRESETS, ``logger=`` LOGGER_PRESETS). The top-level keys are RunConfig's fields, the
+``loader=`` LOADER_PRESETS, ``logger=`` LOGGER_PRESETS). ``+method=`` (engine.recover.methods.METHOD_PRESETS)
+is a group of overrides of the recover and evaluate keys, stored at the global package. The top-level keys are RunConfig's fields, the
 ``run_config`` entry of configs/config.yaml's defaults list. configs/ keeps only config.yaml (defaults list, hydra settings)
 and the experiment presets (overrides on top of these defaults).
 
