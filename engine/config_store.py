@@ -5,7 +5,9 @@ evaluate, bench) stores its dataclass built with no arguments as ``default``; a 
 stores each named preset of the registry next to its dataclass (``data=`` DATA_PRESETS, ``model=``
 MODEL_PRESETS, ``ssl=`` SSL_PRESETS, ``trainer=`` TRAINER_PRESETS, ``deepspeed=`` DEEPSPEED_PRESETS,
 ``loader=`` LOADER_PRESETS, ``logger=`` LOGGER_PRESETS). Groups that configs/config.yaml does not pick,
-added with ``+GROUP=OPTION`` (``+study=`` STUDY_PRESETS), come from ``optional_group_options``. The top-level keys are RunConfig's fields, the
+added with ``+GROUP=OPTION`` (``+study=`` STUDY_PRESETS), come from ``optional_group_options``; ``+method=``
+(engine.recover.methods.METHOD_PRESETS) is a group of overrides of the recover and evaluate keys, stored at
+the global package. The top-level keys are RunConfig's fields, the
 ``run_config`` entry of configs/config.yaml's defaults list. configs/ keeps only config.yaml (defaults list, hydra settings)
 and the experiment presets (overrides on top of these defaults).
 
@@ -100,11 +102,30 @@ def register() -> None:
         for name, cfg in options.items():
             store.store(group=group, name=name, node=to_node(cfg), provider="engine")
     store.store(name=RUN_CONFIG, node=to_node(RunConfig()), provider="engine")
+    register_methods(store)
 
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("scdd_run_dir"):
         OmegaConf.register_new_resolver("scdd_run_dir", job_run_dir, use_cache=False)
+
+
+METHOD_GROUP = "method"
+"""``scdd +method=NAME``: engine.recover.methods.METHOD_PRESETS, each a set of recover/evaluate overrides."""
+
+
+def method_nodes() -> dict[str, dict]:
+    """option -> the node of the ``method`` group (overrides of other groups' keys, package _global_)."""
+    from engine.recover.methods import METHOD_PRESETS
+
+    return {name: preset.node() for name, preset in METHOD_PRESETS.items()}
+
+
+def register_methods(store) -> None:
+    """The ``method`` group: not in group_options (its options override other groups, they are not a
+    section of their own), stored at the global package so ``+method=best`` sets recover.* and evaluate.*."""
+    for name, node in method_nodes().items():
+        store.store(group=METHOD_GROUP, name=name, node=node, package="_global_", provider="engine")
 
 
 JOB_ID_VARIABLES = ("SCDD_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_JOB_ID")

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -23,6 +23,10 @@ class RunConfig:
     stage: str = "pipeline"
     """squeeze | recover | relabel | evaluate | pipeline | merge | bench."""
     seed: int = 0
+    seeds: Optional[list[int]] = None
+    """stage=pipeline: run the whole pipeline once per seed into <run>/seed<s>/ (each a normal run dir
+    with seed=s), then write the root report: every row as mean ± sample sd over the seeds. None: one
+    run with ``seed``."""
     device: str = "auto"
     """auto (CUDA when present) | cpu | cuda."""
     resume: bool = False
@@ -43,6 +47,12 @@ class RunConfig:
     thread, shared 2-core machine. false (default): CPU runs are bit-identical across runs anyway."""
 
     def __post_init__(self) -> None:
+        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)
+                                       or any(s < 0 for s in self.seeds)):
+            raise ConfigError(f"seeds={list(self.seeds)} must be null or a non-empty list of distinct seeds >= 0")
+        if self.seeds is not None and self.stage != "pipeline":
+            raise ConfigError(f"seeds={list(self.seeds)} runs the whole pipeline per seed; it needs stage=pipeline "
+                              f"(stage={self.stage}: use seed=S)")
         if not self.ipc or any(n < 1 for n in self.ipc):
             raise ConfigError(f"ipc={list(self.ipc)} must be a non-empty list of images-per-class counts, "
                               f"each >= 1")

@@ -14,6 +14,8 @@
     <run>/cache/<split>/                     an image tree's split decoded once: images.u8, table.npy, meta.json
     <run>/report.{md,json}, accuracy_per_epoch.png, distilled_grids.png, cross_arch.png
     <run>/tensorboard/<stage>/<loop>/        event files of each training loop (logger=tensorboard)
+    <run>/seed<s>/                           with seeds=[...]: one whole run per seed (this same layout);
+                                             <run>/report.{md,json} then holds mean ± sd over them
 """
 from __future__ import annotations
 
@@ -82,6 +84,11 @@ class RunLayout:
     def decode_cache(self, split: str) -> Path:
         """Folder of a split's decode cache (engine.data.decode_cache), split: train | test."""
         return self.root / "cache" / split
+
+    # seeds
+    def seed_run(self, seed: int) -> Path:
+        """The run dir of seed ``seed`` of a seeds=[...] pipeline run (a run dir of its own)."""
+        return self.root / f"seed{seed}"
 
     # report
     @property

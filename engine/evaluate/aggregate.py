@@ -87,6 +87,83 @@ def render_students(table: dict[str, dict[tuple[str, str], list[float]]], runs: 
     return "\n".join(lines)
 
 
+BEATS_MARK = "▲"
+BEATS_TEXT = (f"{BEATS_MARK} beats random real beyond the spread: the row's mean − sd exceeds the random real "
+              f"subset's mean + sd at that IPC (sample sd over the seeds).")
+
+
+def spread(values: list[float]) -> tuple[float, float]:
+    """(mean, sample sd; 0 for one value)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def beats_random_real(row: list[float], random_real: list[float]) -> bool:
+    """Whether a row's mean − sd exceeds random real's mean + sd (both over the same seeds)."""
+    (mean, sd), (rr_mean, rr_sd) = spread(row), spread(random_real)
+    return mean - sd > rr_mean + rr_sd
+
+
+def seed_summary(reports: list[dict], seeds: list[int], metric: str = "top1") -> dict:
+    """The root report of a seeds=[...] run from each seed's report.json: per ipc and row key
+    {mean, sd, values, beats_random_real} of ``metric``; full data and teachers as {mean, sd, values}."""
+    def cell(values: list[float], rr: list[float] | None = None, is_rr: bool = False) -> dict:
+        mean, sd = spread(values)
+        out = {"mean": mean, "sd": sd, "values": values}
+        if rr is not None:
+            out["beats_random_real"] = (not is_rr) and len(rr) == len(values) and beats_random_real(values, rr)
+        return out
+
+    ipcs: dict[str, dict[str, list[float]]] = {}
+    for report in reports:
+        for ipc, rows in report["ipc"].items():
+            for key, row in rows.items():
+                if row.get(metric) is not None:
+                    ipcs.setdefault(ipc, {}).setdefault(key, []).append(row[metric])
+    summary: dict = {"seeds": list(seeds), "metric": metric, "mark": BEATS_TEXT, "ipc": {}}
+    for ipc, rows in ipcs.items():
+        rr = rows.get("random_real")
+        summary["ipc"][ipc] = {key: cell(values, rr if rr else None, key == "random_real")
+                               for key, values in rows.items()}
+    full = [r["full_data"][metric] for r in reports if r.get("full_data", {}).get(metric) is not None]
+    if full:
+        summary["full_data"] = cell(full)
+    for key in ("ssl_probe_top1", "supervised_top1"):
+        values = [r["teacher"][key] for r in reports if key in r.get("teacher", {})]
+        if values and metric == "top1":
+            summary.setdefault("teacher", {})[key] = cell(values)
+    return summary
+
+
+def render_seed_summary(summary: dict) -> str:
+    """The summary as a markdown table: rows by title, one column per IPC, mean ± sd in %, the mark."""
+    columns = sorted(summary["ipc"], key=int)
+    keys: list[str] = []
+    for ipc in columns:
+        keys += [k for k in summary["ipc"][ipc] if k not in keys]
+
+    def fmt(c: dict | None) -> str:
+        if c is None:
+            return "-"
+        text = f"{100 * c['mean']:.1f} ± {100 * c['sd']:.1f}"
+        return text + (f" {BEATS_MARK}" if c.get("beats_random_real") else "")
+
+    name = METRICS.get(summary["metric"], summary["metric"])
+    lines = [f"{name} over seeds {summary['seeds']}, mean ± sample sd", "",
+             "| method | " + " | ".join(f"IPC {c}" for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for key in keys:
+        lines.append(f"| {ROW_TITLES.get(key, key)} | " + " | ".join(fmt(summary["ipc"][c].get(key)) for c in columns)
+                     + " |")
+    extra = []
+    if "full_data" in summary:
+        extra.append(("full training data", summary["full_data"]))
+    for key, title in (("ssl_probe_top1", "teacher: SSL + linear probe"), ("supervised_top1", "teacher: supervised")):
+        if key in summary.get("teacher", {}):
+            extra.append((title, summary["teacher"][key]))
+    for title, c in extra:
+        lines.append(f"| {title} | " + " | ".join(fmt(c) if i == 0 else "" for i in range(len(columns))) + " |")
+    return "\n".join(lines + ["", summary["mark"]])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories holding report.json")

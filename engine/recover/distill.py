@@ -28,7 +28,7 @@ from engine import preemption
 from engine.distributed import DistEnv, TaskShare, barrier
 from engine.errors import ConfigError
 from engine.io import save_json
-from engine.recover.init import noise_init, real_init, select_real_images
+from engine.recover.init import noise_init, rded_starts, real_init, select_real_images
 from engine.recover.plan import (SynthBatch, batches_for_rank, batches_for_task, plan_batches, step_groups,
                                  task_of_batch)
 from engine.recover.settings import RecoverConfig, resolve_augment
@@ -45,12 +45,18 @@ and augmentation, so a batch's images differ only by rounding (tests/recover/tes
 resumed run or a job-array task may use another G and still reuse or merge finished batches."""
 
 
+NEW_KEY_DEFAULTS = {"precision": "fp32", "real_init_iterations": None, "rded_crops": 0, "rded_patches": 1,
+                    "crop_curriculum": 0.0}
+"""Settings added after sets were made, at the value that makes what they made before."""
+
+
 def set_fingerprint(cfg: RecoverConfig, bundle: DataBundle, ipc: int, seed: int, teacher_digest: str) -> dict:
     """What a distilled set depends on: every semantic recover setting, the teacher, the data, ipc, seed."""
     recover = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NON_SEMANTIC_KEYS}
-    if recover["precision"] == "fp32":
-        # the default adds nothing, so sets made before the setting existed keep their fingerprint
-        del recover["precision"]
+    # a default adds nothing, so sets made before the setting existed keep their fingerprint
+    for key, default in NEW_KEY_DEFAULTS.items():
+        if recover[key] == default:
+            del recover[key]
     return {"recover": recover, "teacher": teacher_digest, "data": data_facts(bundle), "ipc": ipc, "seed": seed}
 
 
@@ -112,12 +118,16 @@ def recover_distilled_set(teacher: nn.Module, bundle: DataBundle, cfg: RecoverCo
     aug = resolve_augment(cfg, bundle.image_size, bundle.channels)
     bounds = bundle.pixel_bounds()
     objective = Objective(r_bn=cfg.r_bn, first_bn_multiplier=cfg.first_bn_multiplier,
-                          iterations=cfg.iterations,
+                          iterations=(cfg.real_init_iterations or cfg.iterations) if cfg.init == "real"
+                          else cfg.iterations,
                           lr=cfg.real_init_lr if cfg.init == "real" and cfg.real_init_lr else cfg.lr,
                           log_every=cfg.log_every)
     codec = store.Codec(cfg.image_format, cfg.jpeg_quality)
     chosen = None
-    if cfg.init == "real":
+    if cfg.init == "real" and cfg.rded_crops:
+        chosen = rded_starts(teacher, bundle, ipc, cfg.real_init_pool, cfg.rded_crops, cfg.rded_patches,
+                             aug.crop_scale, seed, device)
+    elif cfg.init == "real":
         chosen = select_real_images(teacher, bundle, ipc, cfg.real_init_select, cfg.real_init_pool,
                                     seed, device)
 
@@ -151,7 +161,7 @@ def recover_distilled_set(teacher: nn.Module, bundle: DataBundle, cfg: RecoverCo
         _assemble(plan, bundle, cfg, ipc, out_dir, seed, meta or {}, fingerprint, set_digest)
     barrier()
     images_done = sum(len(b.classes) for b in todo)
-    rate = images_done * cfg.iterations / seconds_synth if todo else 0.0
+    rate = images_done * objective.iterations / seconds_synth if todo else 0.0
     return RecoverResult(out_dir=out_dir, init=init_path, seconds=time.time() - start, batches_run=len(todo),
                          first_ratio=first_ratio, image_iterations_per_s=rate)
 
@@ -203,7 +213,8 @@ def _assemble(plan: list[SynthBatch], bundle: DataBundle, cfg: RecoverConfig, ip
     store.finalize_set(out_dir, records, index_meta, fingerprint)
     store.write_loss_log(log_rows, out_dir / "loss_log.csv")
     first = [row for row in log_rows if row["step"] == 0]
-    last = [row for row in log_rows if row["step"] == cfg.iterations - 1]
+    steps = (cfg.real_init_iterations or cfg.iterations) if cfg.init == "real" else cfg.iterations
+    last = [row for row in log_rows if row["step"] == steps - 1]
     save_json({"batches": len(plan), "images": sum(len(r["labels"]) for r in records),
                "first_step": {"ce": _mean(first, "ce"), "bn": _mean(first, "bn")},
                "last_step": {"ce": _mean(last, "ce"), "bn": _mean(last, "bn"), "acc": _mean(last, "acc")}},

@@ -1,10 +1,13 @@
 """Typed settings of the recover stage (``recover=default``: these dataclass defaults)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from engine.errors import ConfigError
+
+
+REAL_INIT_SELECTS = ("random", "confident", "kcenter", "herding")
 
 
 @dataclass
@@ -30,9 +33,23 @@ class RecoverConfig:
     init: str = "noise"
     """noise (randn, the paper's setting) | real (the class's own training images)."""
     real_init_select: str = "confident"
-    """With init=real: random | confident (those the teacher classifies most confidently)."""
+    """With init=real: random | confident (those the teacher classifies most confidently) | kcenter
+    (greedy k-center cover of the pool in the teacher's penultimate features, starting from the most
+    confident) | herding (features whose running mean tracks the pool's class mean)."""
     real_init_pool: int = 64
     """Candidates per class scored by the teacher for init=real confident."""
+    real_init_iterations: Optional[int] = None
+    """Optimization steps with init=real (None: ``iterations``): real starts need less refinement."""
+    rded_crops: int = 0
+    """RDED-style init (with init=real): > 0 scores this many random crops per candidate image of the
+    pool by the teacher's probability of the class and starts from the most confident crops (resized to
+    the image size) instead of whole images; 0: whole images."""
+    rded_patches: int = 1
+    """With rded_crops > 0: each start image stitches k x k of the class's best crops (k = this), each
+    shrunk to 1/k of the side; the student's online relabeling labels whatever crop it sees."""
+    crop_curriculum: float = 0.0
+    """CDA's easy-to-hard crops: over the first this fraction of the iterations the crop scale's lower
+    bound falls linearly from 1 to crop_scale's low, then stays there; 0: off (the fixed range)."""
     real_init_lr: Optional[float] = 0.05
     """Pixel lr with init=real (None: ``lr``); real images need smaller steps than noise
     (MNIST-5k, IPC 10 student top-1: lr 0.25 -> 78.3%, 0.05 -> 87.3%)."""
@@ -83,8 +100,17 @@ class RecoverConfig:
             raise ConfigError("recover.r_bn and recover.first_bn_multiplier must be >= 0")
         if self.init not in ("noise", "real"):
             raise ConfigError(f"recover.init={self.init!r} is not one of noise|real")
-        if self.real_init_select not in ("random", "confident"):
-            raise ConfigError(f"recover.real_init_select={self.real_init_select!r} is not random|confident")
+        if self.real_init_select not in REAL_INIT_SELECTS:
+            raise ConfigError(f"recover.real_init_select={self.real_init_select!r} is not one of "
+                              f"{'|'.join(REAL_INIT_SELECTS)}")
+        if self.real_init_iterations is not None and self.real_init_iterations < 1:
+            raise ConfigError(f"recover.real_init_iterations={self.real_init_iterations} must be >= 1 (or null)")
+        if self.rded_crops < 0 or self.rded_patches < 1:
+            raise ConfigError(f"recover.rded_crops={self.rded_crops} must be >= 0 and recover.rded_patches="
+                              f"{self.rded_patches} >= 1")
+        if not 0 <= self.crop_curriculum <= 1:
+            raise ConfigError(f"recover.crop_curriculum={self.crop_curriculum} must be a fraction of the "
+                              f"iterations in [0, 1]")
         if self.classes_per_batch is not None and self.classes_per_batch < 1:
             raise ConfigError(f"recover.classes_per_batch={self.classes_per_batch} must be >= 1")
         if self.ipc_per_batch is not None and self.ipc_per_batch < 1:
@@ -121,6 +147,26 @@ class StepAugment:
     jitter: int
     crop: bool = True
     jitter_mode: str = "symmetric"
+    crop_curriculum: float = 0.0
+    """Fraction of the iterations over which the crop scale's lower bound falls from 1 (``at``)."""
+
+    def at(self, step: int, steps: int) -> "StepAugment":
+        """The augmentation of step ``step`` of ``steps``: itself, unless a crop curriculum narrows the
+        crop scale's lower bound (1 at step 0, falling linearly to crop_scale's low at
+        crop_curriculum * steps)."""
+        if not self.crop or self.crop_curriculum <= 0:
+            return self
+        low = curriculum_low(step, steps, self.crop_scale[0], self.crop_curriculum)
+        return replace(self, crop_scale=(min(low, self.crop_scale[1]), self.crop_scale[1]))
+
+
+def curriculum_low(step: int, steps: int, low: float, fraction: float) -> float:
+    """CDA's easy-to-hard lower bound of the crop scale at ``step``: 1 -> ``low`` linearly over the
+    first ``fraction`` of ``steps``, ``low`` afterwards."""
+    span = fraction * steps
+    if span <= 0 or step >= span:
+        return low
+    return 1.0 - (1.0 - low) * step / span
 
 
 def resolve_augment(cfg: RecoverConfig, image_size: int, channels: int) -> StepAugment:
@@ -138,4 +184,4 @@ def resolve_augment(cfg: RecoverConfig, image_size: int, channels: int) -> StepA
     else:
         jitter = max(1, image_size // 8)
     return StepAugment(image_size=image_size, crop_scale=scale, flip=flip, jitter=jitter, crop=cfg.crop,
-                       jitter_mode=cfg.jitter_mode)
+                       jitter_mode=cfg.jitter_mode, crop_curriculum=cfg.crop_curriculum)

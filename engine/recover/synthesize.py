@@ -199,7 +199,7 @@ def synthesize_groups(teacher: nn.Module, bn_modules: list, inits: list[torch.Te
                     lr = cosine_lr(step, steps, objective.lr)
                     set_lr(optimizer, lr)
                     with _label(AUGMENT_RANGE):
-                        inputs = augment_step(x, aug, generators)
+                        inputs = augment_step(x, aug.at(step, steps), generators)
                     record(step, lr, step_fn(inputs, log_point(step)))
     finally:
         set_groups(bn_modules, 1)
@@ -240,7 +240,7 @@ def _run_graphed(step_fn: _GroupStep, aug: StepAugment, generators, steps: int, 
     def eager(step: int) -> torch.Tensor:
         lr = cosine_lr(step, steps, base_lr)
         lr_t.fill_(lr)
-        params = augment_ops.sample_group_params(generators, aug, size, x.device)
+        params = augment_ops.sample_group_params(generators, aug.at(step, steps), size, x.device)
         stats = step_fn(augment_ops.augment_groups(x, params), True)
         record(step, lr, stats if log_point(step) else None)
         return params
@@ -264,7 +264,7 @@ def _run_graphed(step_fn: _GroupStep, aug: StepAugment, generators, steps: int, 
         with _label(STEP_RANGE):
             lr = cosine_lr(step, steps, base_lr)
             lr_t.fill_(lr)
-            static_params.copy_(augment_ops.sample_group_params(generators, aug, size, x.device))
+            static_params.copy_(augment_ops.sample_group_params(generators, aug.at(step, steps), size, x.device))
             graph.replay()
             if log_point(step):
                 record(step, lr, static_stats.clone())
