@@ -65,6 +65,18 @@ def _teacher_pass(teacher: nn.Module, images: torch.Tensor, bundle: DataBundle, 
     return torch.cat(probs), (torch.cat(feats) if want_features else None)
 
 
+def _class_name(bundle: DataBundle, c: int) -> str:
+    return bundle.class_names[c] if bundle.class_names else str(c)
+
+
+def _candidates(idx: np.ndarray, need: int, pool: int, rng: np.random.Generator, too_few: str) -> np.ndarray:
+    """``max(pool, need)`` seeded candidates of one class's indices; ``too_few`` (one line) when it has fewer
+    than ``need``."""
+    if len(idx) < need:
+        raise ConfigError(too_few)
+    return idx[rng.permutation(len(idx))[: max(pool, need)]]
+
+
 @torch.no_grad()
 def select_real_images(teacher: nn.Module, bundle: DataBundle, ipc: int, select: str, pool: int,
                        seed: int, device: torch.device, batch_size: int = 256) -> list[list[int]]:
@@ -81,11 +93,9 @@ def select_real_images(teacher: nn.Module, bundle: DataBundle, ipc: int, select:
     rng = np.random.default_rng(seed)
     chosen: list[list[int]] = []
     for c, idx in enumerate(per_class):
-        if len(idx) < ipc:
-            raise ConfigError(f"class {bundle.class_names[c] if bundle.class_names else c} has only "
-                              f"{len(idx)} training images but ipc={ipc} with recover.init=real; "
-                              f"lower ipc or use recover.init=noise")
-        candidates = idx[rng.permutation(len(idx))[: max(pool, ipc)]]
+        candidates = _candidates(idx, ipc, pool, rng, f"class {_class_name(bundle, c)} has only {len(idx)} "
+                                 f"training images but ipc={ipc} with recover.init=real; lower ipc or use "
+                                 f"recover.init=noise")
         if select == "random":
             chosen.append([int(i) for i in candidates[:ipc]])
             continue
@@ -130,11 +140,9 @@ def rded_starts(teacher: nn.Module, bundle: DataBundle, ipc: int, pool: int, cro
     size = bundle.image_size
     starts = []
     for c, idx in enumerate(per_class):
-        if len(idx) < need:
-            raise ConfigError(f"class {bundle.class_names[c] if bundle.class_names else c} has only "
-                              f"{len(idx)} training images but recover.rded_patches={patches} needs "
-                              f"ipc * rded_patches^2 = {need} of them; lower rded_patches or ipc")
-        candidates = idx[rng.permutation(len(idx))[: max(pool, need)]]
+        candidates = _candidates(idx, need, pool, rng, f"class {_class_name(bundle, c)} has only {len(idx)} "
+                                 f"training images but recover.rded_patches={patches} needs ipc * rded_patches^2 "
+                                 f"= {need} of them; lower rded_patches or ipc")
         images = torch.stack([bundle.train[int(i)][0] for i in candidates])
         boxes = crop_boxes(rng.random((len(candidates) * crops, CROP_UNIFORMS)), size, scale)
         views = torch.stack([_resize(images[j // crops][None, :, t:t + h, l:l + w], size)[0]
