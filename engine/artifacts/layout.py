@@ -16,6 +16,8 @@
     <run>/tensorboard/<stage>/<loop>/        event files of each training loop (logger=tensorboard)
     <run>/seed<s>/                           with seeds=[...]: one whole run per seed (this same layout);
                                              <run>/report.{md,json} then holds mean ± sd over them
+    <run>/study/<variant>[/s<seed>]/         with +study=NAME: one whole run per variant (and seed, with
+                                             study.seeds); <run>/report.md, study.json and the study's PNG
 """
 from __future__ import annotations
 
@@ -89,6 +91,20 @@ class RunLayout:
     def seed_run(self, seed: int) -> Path:
         """The run dir of seed ``seed`` of a seeds=[...] pipeline run (a run dir of its own)."""
         return self.root / f"seed{seed}"
+
+    # studies
+    def study_variant(self, name: str, seed: int | None = None) -> Path:
+        """The run dir of one variant of a +study= run (of one of its seeds when study.seeds is set)."""
+        folder = self.root / "study" / name
+        return folder if seed is None else folder / f"s{seed}"
+
+    @property
+    def study_json(self) -> Path:
+        return self.root / "study.json"
+
+    def study_plot(self, name: str) -> Path:
+        """A study's figure, ``name`` a file name such as cross_arch.png."""
+        return self.root / name
 
     # report
     @property

@@ -8,6 +8,7 @@ import math
 import time
 from pathlib import Path
 
+from engine.artifacts.layout import RunLayout
 from engine.config_store import to_node
 from engine.context import RunContext
 from engine.models import ModelConfig
@@ -125,7 +126,7 @@ def run(ctx: RunContext, study: StudyConfig) -> dict:
         ["against student top-1", "Spearman rho", "bootstrap 90% interval", "teachers"],
         [[c["label"], _num(c["rho"]), f"[{_num(c['ci90'][0])}, {_num(c['ci90'][1])}]", c["teachers"]]
          for c in correlations.values()])
-    plot = _plot(found, correlations, ctx.run_dir / "bn_variance_vs_top1.png", student, ipc)
+    plot = _plot(found, correlations, RunLayout(ctx.run_dir).study_plot("bn_variance_vs_top1.png"), student, ipc)
     lines = common.header(ctx, study, TITLE) + [table, "", "## Rank correlation over teachers", "", corr]
     return common.write_study(ctx, lines, {"BN variance entropy and mean variance against student top-1": plot},
                               {"study": study.name, "ipc": ipc, "student": student, "correlations": correlations,

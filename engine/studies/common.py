@@ -69,8 +69,7 @@ def seeds_of(ctx: RunContext, study: StudyConfig) -> list[int]:
 
 
 def variant_dir(ctx: RunContext, study: StudyConfig, name: str, seed: int) -> Path:
-    folder = ctx.run_dir / "study" / name
-    return folder if study.seeds is None else folder / f"s{seed}"
+    return RunLayout(ctx.run_dir).study_variant(name, None if study.seeds is None else seed)
 
 
 def scale_overrides(study: StudyConfig) -> dict[str, Any]:
@@ -242,7 +241,7 @@ def write_study(ctx: RunContext, lines: list[str], figures: dict[str, Path], dat
     lines = list(lines) + ["", "## Figures", ""] + [f"- `{path.name}`: {what}" for what, path in figures.items()]
     lines += ["", f"Wall time of this invocation: {seconds:.0f} s (resume=true reuses finished teachers, sets and student rows)."]
     data = {**data, "figures": {what: str(path) for what, path in figures.items()}, "seconds": seconds}
-    save_json(data, ctx.run_dir / "study.json")
+    save_json(data, layout.study_json)
     save_text("\n".join(lines) + "\n", layout.report_md)
     print("\n".join(lines))
     return data

@@ -6,6 +6,7 @@ import os
 import time
 from pathlib import Path
 
+from engine.artifacts.layout import RunLayout
 from engine.context import RunContext
 from engine.evaluate import stage as evaluate_stage
 from engine.studies import common
@@ -80,7 +81,7 @@ def run(ctx: RunContext, study: StudyConfig) -> dict:
     table = common.markdown_table(
         ["row (IPC %d)" % ipc] + [f"{arch} top-1 %" for arch in study.students],
         [[ROW_TITLES[row]] + [common.cell(entry, f"{row}/{arch}", True) for arch in study.students] for row in ROWS])
-    plot = _plot(entry, study.students, ctx.run_dir / "cross_arch.png", ipc)
+    plot = _plot(entry, study.students, RunLayout(ctx.run_dir).study_plot("cross_arch.png"), ipc)
     how = ("evaluate.students" if common.has_students_option()
            else "one evaluate per architecture, in study/scdd-student-<arch>/")
     lines = common.header(ctx, study, TITLE) + [

@@ -91,7 +91,7 @@ def run(ctx: RunContext, study: StudyConfig) -> dict:
     table = common.markdown_table(["probe", "probe top-1 %", "BN mean shift (mean abs Δμ)", "BN var shift (mean abs Δσ² / mean σ²)",
                                    "BN var entropy (nats)", f"SC-DD student top-1 % (IPC {ipc})",
                                    "random real top-1 % (same labels)"], rows)
-    plot = _plot(layers, ctx.run_dir / "bn_shift_per_layer.png")
+    plot = _plot(layers, RunLayout(ctx.run_dir).study_plot("bn_shift_per_layer.png"))
     lines = common.header(ctx, study, TITLE) + [table]
     return common.write_study(ctx, lines, {"per-layer BN shift from the pretrained backbone, both probes": plot},
                               {"study": study.name, "ipc": ipc, "variants": found}, time.time() - started)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from engine.artifacts.layout import RunLayout
 from engine.context import RunContext
 from engine.models import ModelConfig
 from engine.studies import common
@@ -71,7 +72,7 @@ def run(ctx: RunContext, study: StudyConfig) -> dict:
     student = next(iter(found.values()))["info"]["student"]
     table = common.markdown_table(["teacher", "teacher params", "probe top-1 %", f"SC-DD student top-1 % "
                                    f"({student}, IPC {ipc})", "random real top-1 % (same labels)"], rows)
-    plot = _plot(found, ctx.run_dir / "student_vs_teacher_size.png", student, ipc)
+    plot = _plot(found, RunLayout(ctx.run_dir).study_plot("student_vs_teacher_size.png"), student, ipc)
     lines = common.header(ctx, study, TITLE) + [table]
     return common.write_study(ctx, lines, {"student top-1 against teacher parameters (log x)": plot},
                               {"study": study.name, "ipc": ipc, "student": student, "variants": found},
