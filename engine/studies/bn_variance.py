@@ -126,9 +126,13 @@ def run(ctx: RunContext, study: StudyConfig) -> dict:
         ["against student top-1", "Spearman rho", "bootstrap 90% interval", "teachers"],
         [[c["label"], _num(c["rho"]), f"[{_num(c['ci90'][0])}, {_num(c['ci90'][1])}]", c["teachers"]]
          for c in correlations.values()])
-    plot = _plot(found, correlations, RunLayout(ctx.run_dir).study_plot("bn_variance_vs_top1.png"), student, ipc)
+    layout = RunLayout(ctx.run_dir)
+    plot = _plot(found, correlations, layout.study_plot("bn_variance_vs_top1.png"), student, ipc)
+    per_layer = _plot_layers(found, layout.study_plot("bn_per_layer.png"), student, ipc)
     lines = common.header(ctx, study, TITLE) + [table, "", "## Rank correlation over teachers", "", corr]
-    return common.write_study(ctx, lines, {"BN variance entropy and mean variance against student top-1": plot},
+    return common.write_study(ctx, lines, {"BN variance entropy and mean variance against student top-1": plot,
+                                           "per-layer BN variance entropy and mean variance of every teacher, "
+                                           "coloured by its student's top-1": per_layer},
                               {"study": study.name, "ipc": ipc, "student": student, "correlations": correlations,
                                "variants": found}, time.time() - started)
 
@@ -157,5 +161,35 @@ def _plot(found: dict, correlations: dict, path: Path, student: str, ipc: int) -
     axes[1].xaxis.set_minor_formatter(NullFormatter())  # 2x10^-1, 3x10^-1, ... overlap on a short decade
     for kind, color in colors.items():
         axes[0].scatter([], [], color=color, label=f"{kind} teacher")
+    axes[0].legend(fontsize=8)
+    return common.save_plot(fig, path)
+
+
+def _plot_layers(found: dict, path: Path, student: str, ipc: int) -> Path:
+    """Per BN layer (first seed), each teacher's variance entropy and mean variance as a line whose colour is
+    its student's top-1: whether the layers, rather than their mean, separate good teachers from bad."""
+    plt = common.figure()
+    from matplotlib import cm, colors as mcolors
+
+    fig, axes = plt.subplots(1, 3, figsize=(10.5, 3.8), gridspec_kw={"width_ratios": [1, 1, 0.05]})
+    axes, colorbar_ax = axes[:2], axes[2]
+    top1 = [100 * v["mean"]["student_top1"] for v in found.values()]
+    norm = mcolors.Normalize(vmin=min(top1), vmax=max(top1) if max(top1) > min(top1) else min(top1) + 1)
+    cmap = plt.get_cmap("viridis")
+    for v, acc in zip(found.values(), top1):
+        layers = v["layers"][0] if v["layers"] else []
+        depth = list(range(1, len(layers) + 1))
+        style = "-" if v["info"]["kind"] == "ssl" else "--"
+        for ax, key in zip(axes, ("var_entropy", "var_mean")):
+            ax.plot(depth, [row[key] for row in layers], style, marker="o", ms=3, color=cmap(norm(acc)), lw=1.2)
+    for ax, label in zip(axes, ("BN running-variance entropy (nats)", "BN running variance (mean over channels)")):
+        ax.set(xlabel="BN layer (input to output)", ylabel=label)
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    axes[1].set_yscale("log")
+    bar = fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), cax=colorbar_ax)
+    bar.set_label(f"student top-1 % ({student}, IPC {ipc})")
+    axes[0].plot([], [], "k-", label="SSL teacher")
+    axes[0].plot([], [], "k--", label="supervised teacher")
     axes[0].legend(fontsize=8)
     return common.save_plot(fig, path)
