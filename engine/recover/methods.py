@@ -39,8 +39,8 @@ METHOD_PRESETS: dict[str, MethodPreset] = {
     "rded": MethodPreset(recover={"rded_crops": 8, "rded_patches": 1},
                          about="RDED-style starts: the teacher's most confident of 8 random crops of each "
                                "pool image (the unrefined real-init row is the RDED set)"),
-    "best": MethodPreset(recover={"real_init_select": "herding"},
+    "best": MethodPreset(recover={"real_init_select": "herding"}, evaluate={"label_teacher": "supervised"},
                          about="chosen on MNIST-5k (README, Methods): real starts picked by herding in the "
-                               "teacher's feature space"),
+                               "teacher's feature space, and the supervised teacher's soft labels for every row"),
 }
 """The ``method`` group's options (``scdd +method=NAME``)."""
