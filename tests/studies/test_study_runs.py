@@ -85,3 +85,21 @@ def test_a_study_stopped_mid_pretraining_goes_on_with_resume(run_scdd, tmp_path)
     pretrain = json.loads((first / "metrics.json").read_text())["pretrain"]
     assert [row["epoch"] for row in pretrain] == [1, 2]  # epoch 1 from the stopped run, epoch 2 resumed
     assert not (first / "state.pt").exists() and (run_dir / "report.md").is_file()
+
+
+def test_study_seeds_repeat_every_variant_and_report_mean_and_sd(run_scdd, tmp_path):
+    """study.seeds=[0,1]: each variant runs once per seed in study/<variant>/s<seed>/ (with that seed), and the
+    table shows mean ± sample sd over them (study.json keeps each seed's values)."""
+    run_dir = tmp_path / "run"
+    run_scdd("+study=teacher_size", *TINY, TWO_TEACHERS, "study.seeds=[0,1]", run_dir=run_dir)
+    variants = json.loads((run_dir / "study.json").read_text())["variants"]
+    for name, entry in variants.items():
+        for seed in (0, 1):
+            index = run_dir / "study" / name / f"s{seed}" / "recover" / "ssl-noise" / "index.json"
+            assert json.loads(index.read_text())["fingerprint"]["seed"] == seed
+        values = [run["student_top1"] for run in entry["seeds"]]
+        assert len(values) == 2
+        assert entry["mean"]["student_top1"] == pytest.approx(sum(values) / 2)
+        assert entry["sd"]["student_top1"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
+    table = (run_dir / "report.md").read_text().split("| teacher | teacher params |")[1]
+    assert table.count("±") >= 2 * len(variants)
