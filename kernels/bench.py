@@ -108,20 +108,23 @@ def _time_module(call: Callable, x: torch.Tensor, dy: torch.Tensor, iters: int, 
     return _time_ms(step, x.is_cuda, iters, warmup)
 
 
-def run_module(args: argparse.Namespace) -> list[dict]:
-    """The fused BN module (forward y + loss, backward) per backend and G, against the unfused path."""
+def _settings(args: argparse.Namespace, cpu_runs: str):
+    """(cuda, device, dtype, shape groups, batch, iters) of a table: the arguments, or on a machine without
+    a GPU the CIFAR shapes at the CPU defaults (``cpu_runs`` names what runs there instead of Triton)."""
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = DTYPES[args.dtype]
     nets = list(SHAPES) if args.shapes == "all" else [args.shapes]
     batch, iters = args.batch, args.iters
     if not cuda:
-        print("no GPU available: Triton figures need one; running the torch backend on CPU, CIFAR shapes only")
+        print(f"no GPU available: Triton figures need one; running {cpu_runs} on CPU, CIFAR shapes only")
         nets = ["cifar"]
         batch = batch or CPU_DEFAULT_BATCH
         iters = iters or CPU_DEFAULT_ITERS
-    batch = batch or 100
-    iters = iters or 50
+    return (cuda, torch.device("cuda" if cuda else "cpu"), DTYPES[args.dtype], nets, batch or 100, iters or 50)
+
+
+def run_module(args: argparse.Namespace) -> list[dict]:
+    """The fused BN module (forward y + loss, backward) per backend and G, against the unfused path."""
+    cuda, device, dtype, nets, batch, iters = _settings(args, "the torch backend")
     groups_list = args.groups or [1]
     backends = (["triton"] if cuda else []) + ["torch"]
     fmt = "nhwc" if args.channels_last else "nchw"
@@ -181,18 +184,7 @@ def run_module(args: argparse.Namespace) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = DTYPES[args.dtype]
-    groups = list(SHAPES) if args.shapes == "all" else [args.shapes]
-    batch, iters = args.batch, args.iters
-    if not cuda:
-        print("no GPU available: Triton figures need one; running eager/compile references on CPU, CIFAR shapes only")
-        groups = ["cifar"]
-        batch = batch or CPU_DEFAULT_BATCH
-        iters = iters or CPU_DEFAULT_ITERS
-    batch = batch or 100
-    iters = iters or 50
+    cuda, device, dtype, groups, batch, iters = _settings(args, "eager/compile references")
     providers = _providers(device, with_compile=not args.no_compile)
 
     rows = []
