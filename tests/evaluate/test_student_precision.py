@@ -17,7 +17,7 @@ from engine.evaluate.stage import random_real_subset
 from engine.evaluate.student import StudentRecipe, build_optimizer, train_student
 from engine.models import build_model
 from teachers import SMALL_MODEL, train_digits_teacher
-from recording_logger import Recorder
+from recording_logger import Recorder, assert_bf16_losses_follow_fp32
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,11 +51,7 @@ def _train(digits_teacher, **options):
 def test_bf16_student_follows_fp32_and_keeps_fp32_state(digits_teacher):
     fp32, start, rec32, _ = _train(digits_teacher, precision="fp32")
     bf16, _, rec16, _ = _train(digits_teacher, precision="bf16")
-    loss32 = np.array([v for _, v in rec32.rows["train/loss"]])
-    loss16 = np.array([v for _, v in rec16.rows["train/loss"]])
-    assert len(loss32) == len(loss16) == 8
-    assert not np.array_equal(loss32, loss16), "bf16 autocast changed nothing: the forward did not run in bf16"
-    np.testing.assert_allclose(loss16, loss32, rtol=LOSS_RTOL)
+    assert_bf16_losses_follow_fp32(rec32, rec16, 8, LOSS_RTOL)
     for key, w32 in fp32.state_dict().items():
         w16 = bf16.state_dict()[key]
         assert w16.dtype == w32.dtype, key  # weights and BN running statistics stay fp32

@@ -133,20 +133,21 @@ def test_groups_after_two_steps_keep_nearly_every_pixel(backend, no_tf32):
 
 def test_cuda_graphs_on_equal_off(no_tf32):
     net = _teacher()
-    runs = {}
-    with fused_bn_matching(net, backend="triton") as modules:
-        for graphs in (False, True):
-            gens, inits, labels = _batches(2)
-            runs[graphs] = synthesize_groups(net, modules, inits, labels, _objective(10), AUG, BOUNDS, gens,
-                                             channels_last=True, cuda_graphs=graphs)
+
+    def off_and_on(iterations: int) -> dict:
+        runs = {}
+        with fused_bn_matching(net, backend="triton") as modules:
+            for graphs in (False, True):
+                gens, inits, labels = _batches(2)
+                runs[graphs] = synthesize_groups(net, modules, inits, labels, _objective(iterations), AUG, BOUNDS,
+                                                 gens, channels_last=True, cuda_graphs=graphs)
+        return runs
+
+    runs = off_and_on(10)
     for off, on in zip(runs[False], runs[True]):
         assert [r["step"] for r in on.log] == [r["step"] for r in off.log]
         _assert_same_run(off, on)
-    with fused_bn_matching(net, backend="triton") as modules:
-        for graphs in (False, True):
-            gens, inits, labels = _batches(2)
-            runs[graphs] = synthesize_groups(net, modules, inits, labels, _objective(2), AUG, BOUNDS, gens,
-                                             channels_last=True, cuda_graphs=graphs)
+    runs = off_and_on(2)
     for off, on in zip(runs[False], runs[True]):
         _assert_pixels_mostly_equal(off.images, on.images)
 

@@ -5,7 +5,6 @@ Tolerances (digits, 10 images per class, ConvNet width 16, batch 32, 6 SGD steps
 step's loss within 0.5% of fp32's and every weight tensor's distance from the fp32 run at most 20% of how far
 fp32 moved it from the common start (measured: loss 0.015% MoCo v2 / 0.011% supervised, weights 7.1% / 4.3%).
 """
-import numpy as np
 import pytest
 import torch
 
@@ -20,7 +19,7 @@ from engine.squeeze.ssl import METHODS, MoCoSettings, SupervisedSettings
 from engine.training.precision import cpu_has_native_bf16
 from engine.training.trainers import DeepSpeedSettings, deepspeed_config
 from teachers import SMALL_MODEL
-from recording_logger import Recorder
+from recording_logger import Recorder, assert_bf16_losses_follow_fp32
 
 LOSS_RTOL = 0.005
 WEIGHT_SHARE = 0.2
@@ -60,11 +59,7 @@ def _pretrain(digits, name: str, precision: str, tmp_path):
 def test_bf16_pretraining_follows_fp32(digits, name, tmp_path):
     fp32, start, rec32, _ = _pretrain(digits, name, "fp32", tmp_path)
     bf16, _, rec16, history = _pretrain(digits, name, "bf16", tmp_path)
-    loss32 = np.array([v for _, v in rec32.rows["train/loss"]])
-    loss16 = np.array([v for _, v in rec16.rows["train/loss"]])
-    assert len(loss16) == len(loss32) == 6
-    assert not np.array_equal(loss16, loss32), "bf16 autocast changed nothing: the forward did not run in bf16"
-    np.testing.assert_allclose(loss16, loss32, rtol=LOSS_RTOL)
+    assert_bf16_losses_follow_fp32(rec32, rec16, 6, LOSS_RTOL)
     for key, w32 in fp32.state_dict().items():
         w16 = bf16.state_dict()[key]
         assert w16.dtype == w32.dtype, key  # weights, key encoder, queue, BN statistics: as in fp32
