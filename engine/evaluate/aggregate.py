@@ -39,9 +39,8 @@ def collect(reports: list[dict], metric: str = "top1") -> dict[str, dict[str, li
 
 
 def format_cell(values: list[float]) -> str:
-    mean = 100 * statistics.fmean(values)
-    spread = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.1f} ± {spread:.1f}" if len(values) > 1 else f"{mean:.1f}"
+    mean, sd = spread(values)
+    return f"{100 * mean:.1f} ± {100 * sd:.1f}" if len(values) > 1 else f"{100 * mean:.1f}"
 
 
 def render(table: dict[str, dict[str, list[float]]], runs: int, metric: str = "top1") -> str:

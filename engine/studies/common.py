@@ -23,6 +23,7 @@ from engine.artifacts.layout import SET_FOLDERS, RunLayout
 from engine.config import from_mapping
 from engine.context import RunConfig, RunContext
 from engine.evaluate import stage as evaluate_stage
+from engine.evaluate.aggregate import spread
 from engine.evaluate.report import write_report as write_run_report
 from engine.evaluate.settings import EvaluateConfig
 from engine.io import save_figure, save_json, save_text
@@ -201,8 +202,7 @@ def summarize(per_seed: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     for key in per_seed[0]:
         values = [s[key] for s in per_seed]
         if all(isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None for v in values):
-            mean[key] = float(np.mean(values))
-            sd[key] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+            mean[key], sd[key] = spread([float(v) for v in values])
     return {"mean": mean, "sd": sd}
 
 
