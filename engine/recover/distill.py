@@ -118,8 +118,7 @@ def recover_distilled_set(teacher: nn.Module, bundle: DataBundle, cfg: RecoverCo
     aug = resolve_augment(cfg, bundle.image_size, bundle.channels)
     bounds = bundle.pixel_bounds()
     objective = Objective(r_bn=cfg.r_bn, first_bn_multiplier=cfg.first_bn_multiplier,
-                          iterations=(cfg.real_init_iterations or cfg.iterations) if cfg.init == "real"
-                          else cfg.iterations,
+                          iterations=cfg.steps,
                           lr=cfg.real_init_lr if cfg.init == "real" and cfg.real_init_lr else cfg.lr,
                           log_every=cfg.log_every)
     codec = store.Codec(cfg.image_format, cfg.jpeg_quality)
@@ -213,8 +212,7 @@ def _assemble(plan: list[SynthBatch], bundle: DataBundle, cfg: RecoverConfig, ip
     store.finalize_set(out_dir, records, index_meta, fingerprint)
     store.write_loss_log(log_rows, out_dir / "loss_log.csv")
     first = [row for row in log_rows if row["step"] == 0]
-    steps = (cfg.real_init_iterations or cfg.iterations) if cfg.init == "real" else cfg.iterations
-    last = [row for row in log_rows if row["step"] == steps - 1]
+    last = [row for row in log_rows if row["step"] == cfg.steps - 1]
     save_json({"batches": len(plan), "images": sum(len(r["labels"]) for r in records),
                "first_step": {"ce": _mean(first, "ce"), "bn": _mean(first, "bn")},
                "last_step": {"ce": _mean(last, "ce"), "bn": _mean(last, "bn"), "acc": _mean(last, "acc")}},

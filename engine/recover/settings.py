@@ -91,6 +91,11 @@ class RecoverConfig:
     jpeg_quality: int = 95
     """JPEG quality for image_format=jpeg; 90-100."""
 
+    @property
+    def steps(self) -> int:
+        """Optimization steps per batch: ``real_init_iterations`` for real starts when set, else ``iterations``."""
+        return (self.real_init_iterations or self.iterations) if self.init == "real" else self.iterations
+
     def __post_init__(self) -> None:
         if self.iterations < 1:
             raise ConfigError(f"recover.iterations={self.iterations} must be >= 1")
