@@ -8,23 +8,25 @@ Layout. A BN input [N, C, H, W] is addressed as a 3-D view [N, HW, C] with strid
 are made contiguous first. Kernels only ever see that view, so both memory formats share code.
 
 Groups. With ``groups`` = G the N images are G independent class-batches of N/G: every statistic,
-norm and loss is per (group, channel) / per group, in the same launches (the merge kernel's grid
-gains a group axis, the loss kernel runs one program per group). In the view a group is
+norm and loss is per (group, channel) / per group, in the same launches (tickets, merge and loss
+are per group). In the view a group is
 ``grp_imgs`` consecutive view-images: N/G for NCHW, and for channels_last the view folds each
 group's images into one view-image [G, (N/G)*HW, C]. Pivots are per group (its first pixel).
 
-Forward.
-  1. ``_bn_stats_partial_kernel``: grid (row groups, channel blocks). A program walks
-     ``tiles_per_group`` tiles [BLOCK_HW, BLOCK_C] of one image, computes each tile's corrected
-     two-pass (mean, M2) in registers and folds it into its running (n, mean, M2) with Chan's
-     pairwise formula. Everything is computed on x - x[0, c, 0, 0] (a per-channel pivot) and
-     deviations are taken from tile means before squaring: this is what keeps a 1e3-mean,
-     1e-2-std channel's variance accurate in fp32 (E[x^2]-E[x]^2 would lose it entirely).
-     With ``WRITE_Y`` it also writes the eval-mode BN output from the same loaded tile.
-  2. ``_bn_stats_merge_kernel``: grid (channel blocks,). Merges the row-group partials,
-     BLOCK_T at a time (multi-way Chan within a chunk, pairwise Chan across chunks).
-  3. ``_bn_matching_loss_kernel``: one program, reduces over C into the two norms and the loss.
-Backward.
+Forward: one launch, ``_bn_matching_fwd_kernel``, grid (row groups, channel blocks).
+  A program walks ``tiles_per_group`` tiles [BLOCK_HW, BLOCK_C] of one image, computes each tile's
+  corrected two-pass (mean, M2) in registers and folds it into its running (n, mean, M2) with Chan's
+  pairwise formula. Everything is computed on x - x[first image of the group, c, 0, 0] (a per-channel
+  pivot) and deviations are taken from tile means before squaring: this is what keeps a 1e3-mean,
+  1e-2-std channel's variance accurate in fp32 (E[x^2]-E[x]^2 would lose it entirely). With
+  ``WRITE_Y`` it also writes the eval-mode BN output from the same loaded tile (the BN scale
+  w / sqrt(rv + eps) is computed in the kernel, not by host-side ops).
+  The program then draws a ticket for its (group, channel block); the one with the last ticket merges
+  that block's partials (multi-way Chan within a chunk of BLOCK_T, pairwise across chunks) into the
+  group's mean and variance, then draws a ticket for its group: the last merger of a group reduces
+  over C into the two norms and the loss. On a GPU a step pays a fixed cost per launch, so this
+  replaces the separate merge and loss launches of a layer (tickets: ``_tickets``).
+Backward: one launch.
   ``_bn_matching_bwd_kernel``: elementwise over x,
      dL/dx = g * [ (mean_c - rm_c)/||mean - rm|| + 2 (var_c - rv_c)(x - mean_c)/||var - rv|| ] / (N*H*W)
   (a zero norm contributes zero), plus ``dy * scale_c`` when fused with the BN output.
@@ -56,43 +58,139 @@ __all__ = [
 
 
 @triton.jit
-def _bn_stats_partial_kernel(
+def _merge_partials(
+    PMEAN_ptr,  # [P, C] fp32 partial means of x - pivot of one batch group (already offset to it)
+    PM2_ptr,  # [P, C] fp32 partial sums of squared deviations
+    c_offs,
+    c_mask,
+    C,
+    P,  # partials of the batch group
+    HW,
+    row_groups,
+    group_hw,  # rows covered by one full row group (tiles_per_group * BLOCK_HW)
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """(n, mean, M2) [BLOCK_C] of a batch group's channels from its P row-group partials."""
+    acc_n = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc_mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc_m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for t0 in range(0, P, BLOCK_T):
+        t_offs = t0 + tl.arange(0, BLOCK_T)
+        t_mask = t_offs < P
+        # Row count of a partial follows from its index, so it is not stored.
+        rows_left = HW - (t_offs % row_groups) * group_hw
+        cnt = tl.minimum(tl.maximum(rows_left, 0), group_hw).to(tl.float32)
+        cnt = tl.where(t_mask, cnt, 0.0)
+        mask = t_mask[:, None] & c_mask[None, :]
+        p_offs = t_offs[:, None].to(tl.int64) * C + c_offs[None, :]
+        # .cg: read from L2, where the other programs' partials are (they are never in this SM's L1).
+        pmean = tl.load(PMEAN_ptr + p_offs, mask=mask, other=0.0, cache_modifier=".cg")
+        pm2 = tl.load(PM2_ptr + p_offs, mask=mask, other=0.0, cache_modifier=".cg")
+
+        # Multi-way Chan inside the chunk: deviations are taken from the chunk mean.
+        blk_n = tl.sum(cnt, axis=0)
+        inv_n = 1.0 / tl.maximum(blk_n, 1.0)
+        blk_mean = tl.sum(cnt[:, None] * pmean, axis=0) * inv_n
+        dev = tl.where(mask, pmean - blk_mean[None, :], 0.0)
+        wdev_sum = tl.sum(cnt[:, None] * dev, axis=0)
+        blk_mean = blk_mean + wdev_sum * inv_n  # same correction as for a tile
+        blk_m2 = tl.sum(pm2, axis=0) + tl.maximum(
+            tl.sum(cnt[:, None] * dev * dev, axis=0) - wdev_sum * wdev_sum * inv_n, 0.0
+        )
+
+        new_n = acc_n + blk_n
+        delta = blk_mean - acc_mean
+        frac = blk_n / tl.maximum(new_n, 1.0)
+        acc_mean = acc_mean + delta * frac
+        acc_m2 = acc_m2 + blk_m2 + delta * delta * acc_n * frac
+        acc_n = new_n
+    return acc_n, acc_mean, acc_m2
+
+
+@triton.jit
+def _group_loss(
+    MEAN_ptr,  # [C] fp32 batch mean of one group
+    VAR_ptr,  # [C] fp32 batch variance of one group
+    RM_ptr,
+    RV_ptr,
+    C,
+    BLOCK_L: tl.constexpr,
+):
+    """(||rm - mean||, ||rv - var||) of one group."""
+    sq_m = tl.zeros([BLOCK_L], dtype=tl.float32)
+    sq_v = tl.zeros([BLOCK_L], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_L):
+        c_offs = c0 + tl.arange(0, BLOCK_L)
+        c_mask = c_offs < C
+        mean = tl.load(MEAN_ptr + c_offs, mask=c_mask, other=0.0, cache_modifier=".cg")
+        var = tl.load(VAR_ptr + c_offs, mask=c_mask, other=0.0, cache_modifier=".cg")
+        dm = tl.load(RM_ptr + c_offs, mask=c_mask, other=0.0) - mean
+        dv = tl.load(RV_ptr + c_offs, mask=c_mask, other=0.0) - var
+        sq_m += dm * dm
+        sq_v += dv * dv
+    return tl.sqrt(tl.sum(sq_m, axis=0)), tl.sqrt(tl.sum(sq_v, axis=0))
+
+
+@triton.jit
+def _bn_matching_fwd_kernel(
     X_ptr,  # [N, HW, C] view of the input via (stride_xn, stride_xhw, stride_xc); fp32/fp16/bf16
     Y_ptr,  # [N, HW, C] view of the BN output, same strides as X (only written when WRITE_Y)
-    RM_ptr,  # [C] fp32 running mean (only read when WRITE_Y)
-    SCALE_ptr,  # [C] fp32 weight * rsqrt(running_var + eps) (only read when WRITE_Y)
-    BIAS_ptr,  # [C] fp32 bias (only read when WRITE_Y)
-    PMEAN_ptr,  # [T, C] fp32 out: mean of x - pivot over each row group, T = N * groups
-    PM2_ptr,  # [T, C] fp32 out: sum of squared deviations of each row group
+    RM_ptr,  # [C] fp32 running mean
+    RV_ptr,  # [C] fp32 running variance
+    W_ptr,  # [C] BN weight (only read when WRITE_Y and HAS_W)
+    B_ptr,  # [C] BN bias (only read when WRITE_Y and HAS_B)
+    PMEAN_ptr,  # [T, C] fp32 scratch: mean of x - pivot over each row group, T = N * row_groups
+    PM2_ptr,  # [T, C] fp32 scratch: sum of squared deviations of each row group
+    MEAN_ptr,  # [G, C] fp32 out: batch mean of each group
+    VAR_ptr,  # [G, C] fp32 out: biased batch variance of each group
+    NORMS_ptr,  # [G, 2] fp32 out: (||rm - mean||, ||rv - var||) of each group
+    LOSS_ptr,  # [G] fp32 out: the sum of the two norms
+    CNT_ptr,  # int32 tickets, zero on entry and left zero: [G, c_blocks] then [G]
     C,
     HW,
     stride_xn,
     stride_xhw,
     stride_xc,
-    groups,  # row groups per image
+    row_groups,  # row groups per image
     tiles_per_group,  # BLOCK_HW tiles walked by one program
     grp_imgs,  # view-images per batch group
+    n_groups,
+    eps,
     BLOCK_HW: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_L: tl.constexpr,
     WRITE_Y: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
-    n = pid_t // groups
-    g = pid_t % groups
+    c_blocks = tl.num_programs(1)
+    n = pid_t // row_groups
+    g = pid_t % row_groups
+    grp = n // grp_imgs
 
     c_offs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offs < C
     base = n.to(tl.int64) * stride_xn
     c_part = c_offs[None, :].to(tl.int64) * stride_xc
     if WRITE_Y:
+        # Eval-mode BN folded to y = (x - rm) * scale + bias, scale = w / sqrt(rv + eps); computed here so
+        # that a layer's forward is this one launch.
         rm = tl.load(RM_ptr + c_offs, mask=c_mask, other=0.0)
-        scale = tl.load(SCALE_ptr + c_offs, mask=c_mask, other=0.0)
-        bias = tl.load(BIAS_ptr + c_offs, mask=c_mask, other=0.0)
+        scale = 1.0 / tl.sqrt(tl.load(RV_ptr + c_offs, mask=c_mask, other=1.0) + eps)
+        if HAS_W:
+            scale = scale * tl.load(W_ptr + c_offs, mask=c_mask, other=0.0).to(tl.float32)
+        if HAS_B:
+            bias = tl.load(B_ptr + c_offs, mask=c_mask, other=0.0).to(tl.float32)
+        else:
+            bias = tl.zeros([BLOCK_C], dtype=tl.float32)
 
     # Statistics are of x - pivot_c, pivot_c = x[first image of the group, c, 0, 0]: partial means
     # near 0 keep full fp32 relative precision even when the channel mean is large (1e3 + 1e-2 noise).
-    pivot_base = (n // grp_imgs).to(tl.int64) * grp_imgs * stride_xn
+    pivot_base = grp.to(tl.int64) * grp_imgs * stride_xn
     pivot = tl.load(X_ptr + pivot_base + c_offs.to(tl.int64) * stride_xc, mask=c_mask, other=0.0).to(tl.float32)
     acc_n = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc_mean = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -129,102 +227,31 @@ def _bn_stats_partial_kernel(
             y = (x - rm[None, :]) * scale[None, :] + bias[None, :]
             tl.store(Y_ptr + offs, y.to(Y_ptr.dtype.element_ty), mask=mask)
 
-    tl.store(PMEAN_ptr + pid_t * C + c_offs, acc_mean, mask=c_mask)
-    tl.store(PM2_ptr + pid_t * C + c_offs, acc_m2, mask=c_mask)
+    tl.store(PMEAN_ptr + pid_t.to(tl.int64) * C + c_offs, acc_mean, mask=c_mask)
+    tl.store(PM2_ptr + pid_t.to(tl.int64) * C + c_offs, acc_m2, mask=c_mask)
 
-
-@triton.jit
-def _bn_stats_merge_kernel(
-    X_ptr,  # input; only the pivots x[0, c, 0, 0] = X_ptr[c * stride_xc] are read
-    PMEAN_ptr,  # [T, C] fp32 row-group means of x - pivot
-    PM2_ptr,  # [T, C] fp32 row-group sums of squared deviations
-    MEAN_ptr,  # [G, C] fp32 out: batch mean of each group
-    VAR_ptr,  # [G, C] fp32 out: biased batch variance of each group
-    C,
-    T,  # partials per batch group (a group's are consecutive)
-    HW,
-    stride_xn,
-    stride_xc,
-    groups,
-    group_hw,  # rows covered by one full row group (tiles_per_group * BLOCK_HW)
-    grp_imgs,  # view-images per batch group
-    BLOCK_T: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    pid_c = tl.program_id(0)
-    pid_g = tl.program_id(1)
-    PMEAN_ptr += pid_g.to(tl.int64) * T * C
-    PM2_ptr += pid_g.to(tl.int64) * T * C
-    c_offs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c_offs < C
-
-    acc_n = tl.zeros([BLOCK_C], dtype=tl.float32)
-    acc_mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    acc_m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        t_offs = t0 + tl.arange(0, BLOCK_T)
-        t_mask = t_offs < T
-        # Row count of a group follows from its index, so it is not stored.
-        rows_left = HW - (t_offs % groups) * group_hw
-        cnt = tl.minimum(tl.maximum(rows_left, 0), group_hw).to(tl.float32)
-        cnt = tl.where(t_mask, cnt, 0.0)
-        mask = t_mask[:, None] & c_mask[None, :]
-        p_offs = t_offs[:, None] * C + c_offs[None, :]
-        pmean = tl.load(PMEAN_ptr + p_offs, mask=mask, other=0.0)
-        pm2 = tl.load(PM2_ptr + p_offs, mask=mask, other=0.0)
-
-        # Multi-way Chan inside the chunk: deviations are taken from the chunk mean.
-        blk_n = tl.sum(cnt, axis=0)
-        inv_n = 1.0 / tl.maximum(blk_n, 1.0)
-        blk_mean = tl.sum(cnt[:, None] * pmean, axis=0) * inv_n
-        dev = tl.where(mask, pmean - blk_mean[None, :], 0.0)
-        wdev_sum = tl.sum(cnt[:, None] * dev, axis=0)
-        blk_mean = blk_mean + wdev_sum * inv_n  # same correction as in the partial kernel
-        blk_m2 = tl.sum(pm2, axis=0) + tl.maximum(
-            tl.sum(cnt[:, None] * dev * dev, axis=0) - wdev_sum * wdev_sum * inv_n, 0.0
-        )
-
-        new_n = acc_n + blk_n
-        delta = blk_mean - acc_mean
-        frac = blk_n / tl.maximum(new_n, 1.0)
-        acc_mean = acc_mean + delta * frac
-        acc_m2 = acc_m2 + blk_m2 + delta * delta * acc_n * frac
-        acc_n = new_n
-
-    pivot_base = pid_g.to(tl.int64) * grp_imgs * stride_xn
-    pivot = tl.load(X_ptr + pivot_base + c_offs.to(tl.int64) * stride_xc, mask=c_mask, other=0.0).to(tl.float32)
-    tl.store(MEAN_ptr + pid_g * C + c_offs, pivot + acc_mean, mask=c_mask)
-    tl.store(VAR_ptr + pid_g * C + c_offs, acc_m2 / tl.maximum(acc_n, 1.0), mask=c_mask)
-
-
-@triton.jit
-def _bn_matching_loss_kernel(
-    MEAN_ptr,  # [G, C] fp32 batch mean of each group
-    VAR_ptr,  # [G, C] fp32 batch variance of each group
-    RM_ptr,  # [C] fp32 running mean
-    RV_ptr,  # [C] fp32 running variance
-    OUT_ptr,  # [G, 3] fp32 out: (loss, ||rm - mean||, ||rv - var||) of each group
-    C,
-    BLOCK_C: tl.constexpr,
-):
-    pid_g = tl.program_id(0)
-    MEAN_ptr += pid_g * C
-    VAR_ptr += pid_g * C
-    OUT_ptr += pid_g * 3
-    sq_m = tl.zeros([BLOCK_C], dtype=tl.float32)
-    sq_v = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        c_offs = c0 + tl.arange(0, BLOCK_C)
-        c_mask = c_offs < C
-        dm = tl.load(RM_ptr + c_offs, mask=c_mask, other=0.0) - tl.load(MEAN_ptr + c_offs, mask=c_mask, other=0.0)
-        dv = tl.load(RV_ptr + c_offs, mask=c_mask, other=0.0) - tl.load(VAR_ptr + c_offs, mask=c_mask, other=0.0)
-        sq_m += dm * dm
-        sq_v += dv * dv
-    norm_m = tl.sqrt(tl.sum(sq_m, axis=0))
-    norm_v = tl.sqrt(tl.sum(sq_v, axis=0))
-    tl.store(OUT_ptr, norm_v + norm_m)
-    tl.store(OUT_ptr + 1, norm_m)
-    tl.store(OUT_ptr + 2, norm_v)
+    # The last program of a (group, channel block) to finish merges its partials; the last merger of a
+    # group computes the group's loss. Tickets replace the merge and loss launches (the "last block"
+    # reduction): the barrier puts every thread's stores before the ticket, whose acq_rel atomic makes
+    # them visible to the program that draws the last ticket.
+    partials = grp_imgs * row_groups
+    tl.debug_barrier()
+    ticket = tl.atomic_add(CNT_ptr + grp * c_blocks + pid_c, 1, sem="acq_rel")
+    if ticket == partials - 1:
+        tot_n, tot_mean, tot_m2 = _merge_partials(
+            PMEAN_ptr + grp.to(tl.int64) * partials * C, PM2_ptr + grp.to(tl.int64) * partials * C,
+            c_offs, c_mask, C, partials, HW, row_groups, tiles_per_group * BLOCK_HW, BLOCK_T, BLOCK_C)
+        tl.store(MEAN_ptr + grp * C + c_offs, pivot + tot_mean, mask=c_mask)
+        tl.store(VAR_ptr + grp * C + c_offs, tot_m2 / tl.maximum(tot_n, 1.0), mask=c_mask)
+        tl.atomic_xchg(CNT_ptr + grp * c_blocks + pid_c, 0)  # ready for the next launch
+        tl.debug_barrier()
+        done = tl.atomic_add(CNT_ptr + n_groups * c_blocks + grp, 1, sem="acq_rel")
+        if done == c_blocks - 1:
+            norm_m, norm_v = _group_loss(MEAN_ptr + grp * C, VAR_ptr + grp * C, RM_ptr, RV_ptr, C, BLOCK_L)
+            tl.store(NORMS_ptr + grp * 2, norm_m)
+            tl.store(NORMS_ptr + grp * 2 + 1, norm_v)
+            tl.store(LOSS_ptr + grp, norm_v + norm_m)
+            tl.atomic_xchg(CNT_ptr + n_groups * c_blocks + grp, 0)
 
 
 @triton.jit
@@ -232,13 +259,13 @@ def _bn_matching_bwd_kernel(
     X_ptr,  # [N, HW, C] view of the input via (stride_n, stride_hw, stride_c)
     DX_ptr,  # [N, HW, C] out: dL/dx, same strides as X, x's dtype
     DY_ptr,  # [N, HW, C] upstream grad of the BN output, same strides (only read when HAS_DY)
-    SCALE_ptr,  # [C] fp32 weight * rsqrt(running_var + eps) (only read when HAS_DY)
+    W_ptr,  # [C] BN weight (only read when HAS_DY and HAS_W)
     MEAN_ptr,  # [G, C] fp32 batch mean of each group
     VAR_ptr,  # [G, C] fp32 batch variance of each group
     RM_ptr,  # [C] fp32 running mean
     RV_ptr,  # [C] fp32 running variance
-    NORMS_ptr,  # [G, 3] fp32 (loss, ||rm - mean||, ||rv - var||) from the forward
-    GLOSS_ptr,  # [G] fp32 upstream grad of each group's loss
+    NORMS_ptr,  # [G, 2] fp32 (||rm - mean||, ||rv - var||) from the forward
+    GLOSS_ptr,  # [G] upstream grad of each group's loss, element stride gloss_stride (0: broadcast)
     C,
     HW,
     stride_n,
@@ -247,9 +274,12 @@ def _bn_matching_bwd_kernel(
     hw_blocks,
     inv_count,  # 1 / (images per group * H*W)
     grp_imgs,  # view-images per batch group
+    gloss_stride,
+    eps,
     BLOCK_HW: tl.constexpr,
     BLOCK_C: tl.constexpr,
     HAS_DY: tl.constexpr,
+    HAS_W: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -258,8 +288,8 @@ def _bn_matching_bwd_kernel(
     grp = n // grp_imgs
     MEAN_ptr += grp * C
     VAR_ptr += grp * C
-    NORMS_ptr += grp * 3
-    GLOSS_ptr += grp
+    NORMS_ptr += grp * 2
+    GLOSS_ptr += grp * gloss_stride
 
     c_offs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offs < C
@@ -267,9 +297,9 @@ def _bn_matching_bwd_kernel(
     var = tl.load(VAR_ptr + c_offs, mask=c_mask, other=0.0)
     rm = tl.load(RM_ptr + c_offs, mask=c_mask, other=0.0)
     rv = tl.load(RV_ptr + c_offs, mask=c_mask, other=0.0)
-    norm_m = tl.load(NORMS_ptr + 1)
-    norm_v = tl.load(NORMS_ptr + 2)
-    g = tl.load(GLOSS_ptr)
+    norm_m = tl.load(NORMS_ptr)
+    norm_v = tl.load(NORMS_ptr + 1)
+    g = tl.load(GLOSS_ptr).to(tl.float32)
     # Subgradient 0 where a norm's argument is exactly zero, as torch.linalg.vector_norm gives.
     s_m = tl.where(norm_m > 0.0, g / tl.where(norm_m > 0.0, norm_m, 1.0), 0.0) * inv_count
     s_v = tl.where(norm_v > 0.0, g / tl.where(norm_v > 0.0, norm_v, 1.0), 0.0) * (2.0 * inv_count)
@@ -287,7 +317,9 @@ def _bn_matching_bwd_kernel(
     # (x - mean) rather than a*x + b: the latter cancels catastrophically for large-mean inputs.
     dx = coef_m[None, :] + coef_v[None, :] * (x - mean[None, :])
     if HAS_DY:
-        scale = tl.load(SCALE_ptr + c_offs, mask=c_mask, other=0.0)
+        scale = 1.0 / tl.sqrt(rv + eps)  # as in the forward kernel
+        if HAS_W:
+            scale = scale * tl.load(W_ptr + c_offs, mask=c_mask, other=0.0).to(tl.float32)
         dy = tl.load(DY_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dx += dy * scale[None, :]
     tl.store(DX_ptr + offs, dx.to(DX_ptr.dtype.element_ty), mask=mask)
@@ -356,16 +388,36 @@ def _num_warps(block_hw: int, block_c: int) -> int:
     return 8 if block_hw * block_c >= 4096 else 4
 
 
+_TICKETS: dict[tuple[str, int | None], Tensor] = {}
+
+
+def _tickets(device: torch.device, count: int) -> Tensor:
+    """Zeroed int32 ticket counters for the forward kernel on ``device`` (at least ``count``).
+
+    Kept per device, not per call: every launch leaves its tickets at zero again, so no launch has to
+    clear them (which would be a second launch per layer). Launches sharing them run in stream order,
+    as recover's do; two BN-matching forwards running concurrently on two streams of one device would
+    need buffers of their own.
+    """
+    key = (device.type, device.index)
+    buf = _TICKETS.get(key)
+    if buf is None or buf.numel() < count:
+        buf = torch.zeros(max(count, 4096), device=device, dtype=torch.int32)
+        _TICKETS[key] = buf
+    return buf
+
+
 def _stats_forward(
     x: Tensor,
     running_mean: Tensor,
     running_var: Tensor,
-    bn_affine: tuple[Tensor, Tensor] | None = None,
+    bn_affine: tuple[Tensor | None, Tensor | None, float] | None = None,
     n_groups: int = 1,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
-    """Launch the forward kernels. Returns (x_view_tensor, mean [G, C], var [G, C], norms [G, 3], y or None).
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """The forward: one kernel launch. Returns (x_view_tensor, mean [G, C], var [G, C], norms [G, 2],
+    loss ([G], or 0-d for one group), y or None).
 
-    ``bn_affine`` = (scale, bias) [C] fp32 also writes y = (x - running_mean) * scale + bias.
+    ``bn_affine`` = (weight, bias, eps) also writes the eval-mode BN output y.
     ``running_mean``/``running_var`` must already be fp32 contiguous [C] on x's device.
     """
     xv, n, hw, c, s_n, s_hw, s_c, grp_imgs = _rows_view(x, n_groups)
@@ -377,73 +429,58 @@ def _stats_forward(
     # Walk several tiles per program only when there are far more tiles than useful programs;
     # fewer partials means less merge work and a smaller [T, C] scratch buffer.
     tiles_per_group = max(1, min(hw_blocks, (n * hw_blocks * c_blocks) // max(target, 1)))
-    groups = triton.cdiv(hw_blocks, tiles_per_group)
-    t = n * groups
+    row_groups = triton.cdiv(hw_blocks, tiles_per_group)
+    t = n * row_groups
+    partials = t // n_groups
 
     pmean = torch.empty((t, c), device=dev, dtype=torch.float32)
     pm2 = torch.empty((t, c), device=dev, dtype=torch.float32)
     mean = torch.empty((n_groups, c), device=dev, dtype=torch.float32)
     var = torch.empty((n_groups, c), device=dev, dtype=torch.float32)
-    norms = torch.empty((n_groups, 3), device=dev, dtype=torch.float32)
+    norms = torch.empty((n_groups, 2), device=dev, dtype=torch.float32)
+    loss = torch.empty((n_groups,) if n_groups > 1 else (), device=dev, dtype=torch.float32)
+    tickets = _tickets(dev, n_groups * (c_blocks + 1))
 
+    weight = bias = None
+    eps = 0.0
+    y = None
     if bn_affine is not None:
+        weight, bias, eps = bn_affine
         y = torch.empty_like(xv)  # dense input: empty_like keeps its strides
-        scale, bias = bn_affine
-        rm_arg = running_mean
-    else:
-        y = None
-        scale = bias = rm_arg = mean  # placeholders; never dereferenced when WRITE_Y is False
-    _bn_stats_partial_kernel[(t, c_blocks)](
+    _bn_matching_fwd_kernel[(t, c_blocks)](
         xv,
         y if y is not None else xv,
-        rm_arg,
-        scale,
-        bias,
+        running_mean,
+        running_var,
+        weight if weight is not None else running_mean,  # placeholders are never dereferenced
+        bias if bias is not None else running_mean,
         pmean,
         pm2,
+        mean,
+        var,
+        norms,
+        loss,
+        tickets,
         c,
         hw,
         s_n,
         s_hw,
         s_c,
-        groups,
+        row_groups,
         tiles_per_group,
         grp_imgs,
+        n_groups,
+        float(eps),
         BLOCK_HW=block_hw,
         BLOCK_C=block_c,
+        BLOCK_T=max(min(_MERGE_BLOCK_T, _np2(partials), max(_TILE_ELEMS // block_c, 1)), 2),
+        BLOCK_L=max(min(_np2(c), 1024), 2),
         WRITE_Y=y is not None,
+        HAS_W=weight is not None,
+        HAS_B=bias is not None,
         num_warps=_num_warps(block_hw, block_c),
     )
-    merge_block_c = min(_np2(c), 64)
-    _bn_stats_merge_kernel[(triton.cdiv(c, merge_block_c), n_groups)](
-        xv,
-        pmean,
-        pm2,
-        mean,
-        var,
-        c,
-        t // n_groups,
-        hw,
-        s_n,
-        s_c,
-        groups,
-        tiles_per_group * block_hw,
-        grp_imgs,
-        BLOCK_T=_MERGE_BLOCK_T,
-        BLOCK_C=max(merge_block_c, 2),
-        num_warps=4,
-    )
-    _bn_matching_loss_kernel[(n_groups,)](
-        mean,
-        var,
-        running_mean,
-        running_var,
-        norms,
-        c,
-        BLOCK_C=max(min(_np2(c), 1024), 2),
-        num_warps=4,
-    )
-    return xv, mean, var, norms, y
+    return xv, mean, var, norms, loss, y
 
 
 def _matching_backward(
@@ -455,22 +492,27 @@ def _matching_backward(
     norms: Tensor,
     grad_loss: Tensor | None,
     grad_y: Tensor | None = None,
-    scale: Tensor | None = None,
+    bn_weight: tuple[Tensor | None, float] | None = None,
     n_groups: int = 1,
 ) -> Tensor:
-    """Launch the backward kernel; returns dL/dx with xv's strides and dtype."""
+    """The backward: one kernel launch; returns dL/dx with xv's strides and dtype.
+
+    ``bn_weight`` = (weight, eps) of the BN whose output gradient ``grad_y`` is added."""
     _, n, hw, c, s_n, s_hw, s_c, grp_imgs = _rows_view(xv, n_groups)
     dev = xv.device
     if grad_loss is None:
-        g = torch.zeros(n_groups, device=dev, dtype=torch.float32)
+        g, g_stride = torch.zeros(n_groups, device=dev, dtype=torch.float32), 1
     else:
-        g = grad_loss.detach().reshape(n_groups).to(device=dev, dtype=torch.float32).contiguous()
+        # Read in place: the expanded (stride-0) gradient of a sum is not copied.
+        g = grad_loss.detach().reshape(n_groups)
+        g_stride = g.stride(0)
     if grad_y is not None and grad_y.stride() != xv.stride():
         # e.g. the expanded (stride-0) grad of y.sum(), or another memory format.
         fmt = torch.contiguous_format if xv.is_contiguous() else torch.channels_last
         grad_y = grad_y.contiguous(memory_format=fmt)
         if grad_y.stride() != xv.stride():
             grad_y = torch.empty_like(xv).copy_(grad_y)
+    weight, eps = bn_weight if bn_weight is not None else (None, 0.0)
     dx = torch.empty_like(xv)
     block_hw, block_c = _tile_shape(hw, c, s_c)
     hw_blocks = triton.cdiv(hw, block_hw)
@@ -479,7 +521,7 @@ def _matching_backward(
         xv,
         dx,
         grad_y if grad_y is not None else xv,
-        scale if scale is not None else mean,
+        weight if weight is not None else mean,
         mean,
         var,
         running_mean,
@@ -494,9 +536,12 @@ def _matching_backward(
         hw_blocks,
         1.0 / float(grp_imgs * hw),
         grp_imgs,
+        g_stride,
+        float(eps),
         BLOCK_HW=block_hw,
         BLOCK_C=block_c,
         HAS_DY=grad_y is not None,
+        HAS_W=weight is not None,
         num_warps=_num_warps(block_hw, block_c),
     )
     return dx
@@ -529,13 +574,13 @@ class BNMatchingLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, running_mean: Tensor, running_var: Tensor, groups: int = 1):
         rm, rv = _prep_stats(x, running_mean, running_var)
-        xv, mean, var, norms, _ = _stats_forward(x, rm, rv, n_groups=groups)
+        xv, mean, var, norms, loss, _ = _stats_forward(x, rm, rv, n_groups=groups)
         ctx.save_for_backward(xv, mean, var, rm, rv, norms)
         ctx.groups = groups
         if groups == 1:
             mean, var = mean[0], var[0]
         ctx.mark_non_differentiable(mean, var)
-        return _group_losses(norms), mean, var
+        return loss, mean, var
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_mean, _grad_var):
@@ -544,36 +589,37 @@ class BNMatchingLossFunction(torch.autograd.Function):
         return dx, None, None, None
 
 
-def _group_losses(norms: Tensor) -> Tensor:
-    """The loss column of norms [G, 3]: 0-d for one group (the ungrouped API), else [G]."""
-    return norms[0, 0].clone() if norms.shape[0] == 1 else norms[:, 0].clone()
-
-
 class FusedBNMatchingFunction(torch.autograd.Function):
-    """(x, running_mean, running_var, scale, bias) -> (y, loss) from one read of x.
+    """(x, running_mean, running_var, weight, bias, eps) -> (y, loss) from one read of x, in one launch.
 
-    ``y = (x - running_mean) * scale + bias`` is eval-mode BatchNorm with
-    ``scale = weight * rsqrt(running_var + eps)``; ``loss`` is the BN-matching loss of x.
-    The backward writes ``dy * scale + dL/dx`` in one pass. BN parameters get no gradient.
+    ``y = (x - running_mean) * weight / sqrt(running_var + eps) + bias`` is eval-mode BatchNorm
+    (weight/bias None: 1/0); ``loss`` is the BN-matching loss of x. The backward writes
+    ``dy * weight / sqrt(running_var + eps) + dL/dx`` in one launch. BN parameters get no gradient.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, running_mean: Tensor, running_var: Tensor, scale: Tensor, bias: Tensor,
-                groups: int = 1):
+    def forward(ctx, x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None,
+                bias: Tensor | None, eps: float, groups: int = 1):
         rm, rv = _prep_stats(x, running_mean, running_var)
-        scale = scale.detach().to(device=x.device, dtype=torch.float32).contiguous()
-        bias = bias.detach().to(device=x.device, dtype=torch.float32).contiguous()
-        xv, mean, var, norms, y = _stats_forward(x, rm, rv, bn_affine=(scale, bias), n_groups=groups)
-        ctx.save_for_backward(xv, mean, var, rm, rv, norms, scale)
+        weight = _prep_affine(weight, x)
+        bias = _prep_affine(bias, x)
+        xv, mean, var, norms, loss, y = _stats_forward(x, rm, rv, bn_affine=(weight, bias, eps), n_groups=groups)
+        ctx.save_for_backward(xv, mean, var, rm, rv, norms, weight)
         ctx.groups = groups
-        return y, _group_losses(norms)
+        ctx.eps = eps
+        return y, loss
 
     @staticmethod
     def backward(ctx, grad_y, grad_loss):
-        xv, mean, var, rm, rv, norms, scale = ctx.saved_tensors
-        dx = _matching_backward(xv, mean, var, rm, rv, norms, grad_loss, grad_y=grad_y, scale=scale,
-                                n_groups=ctx.groups)
-        return dx, None, None, None, None, None
+        xv, mean, var, rm, rv, norms, weight = ctx.saved_tensors
+        dx = _matching_backward(xv, mean, var, rm, rv, norms, grad_loss, grad_y=grad_y,
+                                bn_weight=(weight, ctx.eps), n_groups=ctx.groups)
+        return dx, None, None, None, None, None, None
+
+
+def _prep_affine(param: Tensor | None, x: Tensor) -> Tensor | None:
+    """A BN weight or bias as the kernels read it: detached, contiguous, on x's device (no copy when it is)."""
+    return None if param is None else param.detach().to(device=x.device).contiguous()
 
 
 def bn_matching_triton(x: Tensor, running_mean: Tensor, running_var: Tensor,
@@ -596,11 +642,6 @@ def fused_bn_matching_triton(
     eps: float,
     groups: int = 1,
 ) -> tuple[Tensor, Tensor]:
-    """Eval-mode BatchNorm output and BN-matching loss of x from one Triton pass: (y, loss), the loss
-    [G] with groups > 1."""
-    with torch.no_grad():
-        scale = torch.rsqrt(running_var.detach().float() + eps)
-        if weight is not None:
-            scale = scale * weight.detach().float()
-        shift = bias.detach().float() if bias is not None else torch.zeros_like(scale)
-    return FusedBNMatchingFunction.apply(x, running_mean, running_var, scale, shift, groups)
+    """Eval-mode BatchNorm output and BN-matching loss of x: (y, loss), the loss [G] with groups > 1.
+    One kernel launch forward and one backward; nothing else runs on the device."""
+    return FusedBNMatchingFunction.apply(x, running_mean, running_var, weight, bias, float(eps), groups)
