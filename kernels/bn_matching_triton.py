@@ -58,6 +58,22 @@ __all__ = [
 
 
 @triton.jit
+def _chan_rows(acc_n, acc_mean, acc_m2):
+    """Multi-way Chan merge over axis 0 of per-slot (n, mean, M2) [R, BLOCK_C] -> (n, mean, M2) [BLOCK_C].
+
+    Deviations are taken from the merged mean and corrected by their own weighted sum (as in the
+    corrected two-pass formula), so nothing is squared at the magnitude of the data."""
+    tot_n = tl.sum(acc_n, axis=0)
+    inv_n = 1.0 / tl.maximum(tot_n, 1.0)
+    tot_mean = tl.sum(acc_n * acc_mean, axis=0) * inv_n
+    dev = tl.where(acc_n > 0.0, acc_mean - tot_mean[None, :], 0.0)
+    wdev_sum = tl.sum(acc_n * dev, axis=0)
+    tot_mean = tot_mean + wdev_sum * inv_n
+    tot_m2 = tl.sum(acc_m2, axis=0) + tl.maximum(tl.sum(acc_n * dev * dev, axis=0) - wdev_sum * wdev_sum * inv_n, 0.0)
+    return tot_n, tot_mean, tot_m2
+
+
+@triton.jit
 def _merge_partials(
     PMEAN_ptr,  # [P, C] fp32 partial means of x - pivot of one batch group (already offset to it)
     PM2_ptr,  # [P, C] fp32 partial sums of squared deviations
@@ -71,41 +87,32 @@ def _merge_partials(
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """(n, mean, M2) [BLOCK_C] of a batch group's channels from its P row-group partials."""
-    acc_n = tl.zeros([BLOCK_C], dtype=tl.float32)
-    acc_mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    acc_m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    """(n, mean, M2) [BLOCK_C] of a batch group's channels from its P row-group partials.
+
+    BLOCK_T slots per channel each fold every BLOCK_T-th partial in (pairwise Chan, elementwise: no
+    reduction inside the loop, which one program runs serially); one multi-way merge at the end."""
+    acc_n = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+    acc_mean = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+    acc_m2 = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
     for t0 in range(0, P, BLOCK_T):
         t_offs = t0 + tl.arange(0, BLOCK_T)
         t_mask = t_offs < P
         # Row count of a partial follows from its index, so it is not stored.
         rows_left = HW - (t_offs % row_groups) * group_hw
         cnt = tl.minimum(tl.maximum(rows_left, 0), group_hw).to(tl.float32)
-        cnt = tl.where(t_mask, cnt, 0.0)
+        cnt = tl.where(t_mask, cnt, 0.0)[:, None]
         mask = t_mask[:, None] & c_mask[None, :]
         p_offs = t_offs[:, None].to(tl.int64) * C + c_offs[None, :]
         # .cg: read from L2, where the other programs' partials are (they are never in this SM's L1).
         pmean = tl.load(PMEAN_ptr + p_offs, mask=mask, other=0.0, cache_modifier=".cg")
         pm2 = tl.load(PM2_ptr + p_offs, mask=mask, other=0.0, cache_modifier=".cg")
-
-        # Multi-way Chan inside the chunk: deviations are taken from the chunk mean.
-        blk_n = tl.sum(cnt, axis=0)
-        inv_n = 1.0 / tl.maximum(blk_n, 1.0)
-        blk_mean = tl.sum(cnt[:, None] * pmean, axis=0) * inv_n
-        dev = tl.where(mask, pmean - blk_mean[None, :], 0.0)
-        wdev_sum = tl.sum(cnt[:, None] * dev, axis=0)
-        blk_mean = blk_mean + wdev_sum * inv_n  # same correction as for a tile
-        blk_m2 = tl.sum(pm2, axis=0) + tl.maximum(
-            tl.sum(cnt[:, None] * dev * dev, axis=0) - wdev_sum * wdev_sum * inv_n, 0.0
-        )
-
-        new_n = acc_n + blk_n
-        delta = blk_mean - acc_mean
-        frac = blk_n / tl.maximum(new_n, 1.0)
+        new_n = acc_n + cnt
+        delta = pmean - acc_mean
+        frac = cnt / tl.maximum(new_n, 1.0)
         acc_mean = acc_mean + delta * frac
-        acc_m2 = acc_m2 + blk_m2 + delta * delta * acc_n * frac
+        acc_m2 = acc_m2 + pm2 + delta * delta * acc_n * frac
         acc_n = new_n
-    return acc_n, acc_mean, acc_m2
+    return _chan_rows(acc_n, acc_mean, acc_m2)
 
 
 @triton.jit
@@ -192,9 +199,11 @@ def _bn_matching_fwd_kernel(
     # near 0 keep full fp32 relative precision even when the channel mean is large (1e3 + 1e-2 noise).
     pivot_base = grp.to(tl.int64) * grp_imgs * stride_xn
     pivot = tl.load(X_ptr + pivot_base + c_offs.to(tl.int64) * stride_xc, mask=c_mask, other=0.0).to(tl.float32)
-    acc_n = tl.zeros([BLOCK_C], dtype=tl.float32)
-    acc_mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    acc_m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    # Welford per [row, channel] slot across this program's tiles (elementwise: no reduction inside
+    # the loop), then one multi-way Chan merge of the slots.
+    acc_n = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
+    acc_mean = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
+    acc_m2 = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
     hw_first = g * tiles_per_group * BLOCK_HW
     for i in range(0, tiles_per_group):
         hw_offs = hw_first + i * BLOCK_HW + tl.arange(0, BLOCK_HW)
@@ -203,29 +212,17 @@ def _bn_matching_fwd_kernel(
         offs = base + hw_offs[:, None].to(tl.int64) * stride_xhw + c_part
         # bf16/fp16 are only loaded in their dtype; every arithmetic op runs in fp32.
         x = tl.load(X_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        xs = tl.where(mask, x - pivot[None, :], 0.0)
-
-        cnt = tl.sum(hw_mask.to(tl.float32), axis=0)
-        inv_cnt = 1.0 / tl.maximum(cnt, 1.0)
-        tile_mean = tl.sum(xs, axis=0) * inv_cnt
-        # Corrected two-pass (Chan, Golub & LeVeque): the deviations' own sum removes the
-        # rounding error of the first-pass mean (whose sum ran at the magnitude of x * cnt).
-        dev = tl.where(mask, xs - tile_mean[None, :], 0.0)
-        dev_sum = tl.sum(dev, axis=0)
-        tile_mean = tile_mean + dev_sum * inv_cnt
-        tile_m2 = tl.maximum(tl.sum(dev * dev, axis=0) - dev_sum * dev_sum * inv_cnt, 0.0)
-
-        # Chan et al. pairwise merge of (acc_n, acc_mean, acc_m2) with (cnt, tile_mean, tile_m2).
-        new_n = acc_n + cnt
-        delta = tile_mean - acc_mean
-        frac = cnt / tl.maximum(new_n, 1.0)
-        acc_mean = acc_mean + delta * frac
-        acc_m2 = acc_m2 + tile_m2 + delta * delta * acc_n * frac
+        xs = x - pivot[None, :]
+        new_n = acc_n + mask.to(tl.float32)
+        delta = tl.where(mask, xs - acc_mean, 0.0)
+        acc_mean = acc_mean + delta / tl.maximum(new_n, 1.0)
+        acc_m2 = acc_m2 + delta * tl.where(mask, xs - acc_mean, 0.0)
         acc_n = new_n
 
         if WRITE_Y:
             y = (x - rm[None, :]) * scale[None, :] + bias[None, :]
             tl.store(Y_ptr + offs, y.to(Y_ptr.dtype.element_ty), mask=mask)
+    _, acc_mean, acc_m2 = _chan_rows(acc_n, acc_mean, acc_m2)
 
     tl.store(PMEAN_ptr + pid_t.to(tl.int64) * C + c_offs, acc_mean, mask=c_mask)
     tl.store(PM2_ptr + pid_t.to(tl.int64) * C + c_offs, acc_m2, mask=c_mask)
@@ -345,7 +342,7 @@ def _np2(v: int) -> int:
 def _target_programs(device_type: str, device_index: int | None) -> int:
     """Programs worth launching for the stats pass: a few waves on GPU, few under the interpreter."""
     if device_type == "cuda":
-        return 8 * torch.cuda.get_device_properties(device_index).multi_processor_count
+        return 4 * torch.cuda.get_device_properties(device_index).multi_processor_count
     return 4
 
 
