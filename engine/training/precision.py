@@ -95,13 +95,12 @@ def to_device_all(tensors: Sequence[torch.Tensor], device: torch.device) -> list
     host = [i for i, t in enumerate(tensors) if t.device.type == "cpu"]
     if device.type == "cpu" or not host:
         return [t.to(device) for t in tensors]
+    out = [t if t.device.type == "cpu" else t.to(device) for t in tensors]  # the latter: no copy, or not ours
     if len(host) == 1 and device.type == "cuda":  # pinning copies it anyway: no packing needed
-        out = [t.to(device) for t in tensors]
         out[host[0]] = tensors[host[0]].pin_memory().to(device, non_blocking=True)
         return out
     buffer, starts = pack_bytes([tensors[i] for i in host], pin=device.type == "cuda")
     moved = buffer.to(device, non_blocking=device.type == "cuda")
-    out = [t.to(device) for t in tensors]  # already there: no copy
     for i, part in zip(host, unpack_bytes(moved, starts, [tensors[i] for i in host])):
         out[i] = part
     return out
