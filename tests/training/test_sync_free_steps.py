@@ -17,18 +17,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torchvision.ops import roi_align
 
-from engine.data import DataConfig, build_data
-from engine.distributed import DistEnv
-from engine.evaluate import student as student_module
 from engine.evaluate.augment import apply_params, param_tensor, partner_of, sample_params, step_rng
-from engine.evaluate.student import StudentRecipe, build_optimizer
 from engine.models import build_model
+from engine.squeeze.ssl import METHODS, MoCoSettings
 from engine.squeeze import pretrain
 from engine.squeeze.augment import large_image_spec
-from engine.squeeze.ssl import METHODS, MoCoSettings
-from engine.training.batches import batches_of, epoch_order, load_batches
 from engine.training.precision import pack_bytes, to_device_all, unpack_bytes
-from realdata import write_cifar_batches
+from sync_steps import cifar_bundle, moco_step, student_step
 from teachers import SMALL_MODEL
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -89,67 +84,34 @@ def _copies_per_step(monkeypatch, step, steps: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def cifar(tmp_path_factory):
-    """Real RGB 32 px images (foolbox's CIFAR-10 samples) as a bundle with an in-memory training split."""
-    root = tmp_path_factory.mktemp("cifar")
-    write_cifar_batches(root)
-    return build_data(DataConfig(name="cifar10", root=str(root)))
+    return cifar_bundle(tmp_path_factory.mktemp("cifar"))
 
 
 RECIPES = {
-    "rrc-cutmix-kl": dict(loss="kl", crop="rrc", mix="cutmix", flip=True),
-    "pad-mixup-hard": dict(loss="hard", crop="pad", mix="mixup", flip=True),
+    "rrc-cutmix-kl": dict(loss="kl", crop="rrc", mix="cutmix"),
+    "pad-mixup-hard": dict(loss="hard", crop="pad", mix="mixup"),
 }
 
 
 @pytest.mark.parametrize("options", RECIPES.values(), ids=RECIPES.keys())
 def test_a_student_step_reads_nothing_back_and_copies_once(cifar, monkeypatch, options):
-    recipe = StudentRecipe(epochs=1, batch_size=8, lr=1e-3, weight_decay=0.01, temperature=4.0,
-                           crop_scale=(0.5, 1.0), cutmix_prob=1.0, cutmix_alpha=1.0, eval_every=1, **options)
-    torch.manual_seed(0)
-    student = build_model(SMALL_MODEL, 10, 3, 32).to(META)
-    teacher = build_model(SMALL_MODEL, 10, 3, 32).to(META).eval()
-    run = student_module._Run(
-        student=student, model=student, optimizer=build_optimizer(student, recipe, META), recipe=recipe,
-        normalize=cifar.normalize, device=META, seed=0, teacher=teacher, stored_labels=None, rank=0, world=1,
-        steps_per_epoch=2, image_size=32, forward=student,
-        fill=cifar.normalize(torch.zeros(1, 3, 1, 1, device=META)) if recipe.crop == "pad" else None)
-    batches = list(load_batches(cifar.train, batches_of(epoch_order(0, 0, len(cifar.train)), 8)))[:2]
-    calls = iter(range(100))
+    step = student_step(cifar, META, SMALL_MODEL, **options)
 
-    def step():
-        index = next(calls)
-        images, labels = batches[index % len(batches)]
-        params = recipe.sample(step_rng(0, 0, index), len(labels), 32)
-        loss = student_module._train_step(run, images, labels, params, None, index)
+    def checked():
+        loss = step()
         assert loss.device == META and loss.shape == ()
 
-    assert _copies_per_step(monkeypatch, step, 3) == [1, 1, 1]
-
-
-def _moco(cifar, tmp_path, steps: int = 2):
-    settings = MoCoSettings(epochs=1, batch_size=8, lr=0.06, queue_size=16, shuffle_groups=2)
-    torch.manual_seed(0)
-    generator = torch.Generator().manual_seed(5)
-    method = METHODS["mocov2"].build(build_model(SMALL_MODEL, 10, 3, 32), settings, generator)
-    schedule = pretrain.Schedule(1, settings.batch_size, settings.lr, settings.momentum, settings.weight_decay)
-    return pretrain._setup(method, cifar.train, schedule=schedule, spec=large_image_spec(32),
-                           normalize=cifar.normalize, device=META, generator=generator,
-                           state_path=tmp_path / "state.pt", fingerprint={}, workers=0, progress=False, desc="moco",
-                           trainer="single", dist=DistEnv(device=META), deepspeed=None, loader=None)
+    assert _copies_per_step(monkeypatch, checked, 3) == [1, 1, 1]
 
 
 def test_a_moco_step_reads_nothing_back_and_copies_twice(cifar, monkeypatch, tmp_path):
-    run = _moco(cifar, tmp_path)
-    batches = list(pretrain._epoch_batches(run, 0))
-    calls = iter(range(100))
+    step = moco_step(cifar, META, SMALL_MODEL, tmp_path / "state.pt")
 
-    def step():
-        images, labels = batches[next(calls) % len(batches)]
-        loss, _ = pretrain._train_step(run, images, labels)
+    def checked():
+        loss = step()
         assert loss.device == META and loss.shape == ()
 
-    # blur, jitter with hue and grayscale all drawn: large_image_spec on RGB
-    assert _copies_per_step(monkeypatch, step, 3) == [2, 2, 2]
+    assert _copies_per_step(monkeypatch, checked, 3) == [2, 2, 2]
 
 
 def test_loader_views_come_in_one_copy(cifar, monkeypatch):
