@@ -19,7 +19,9 @@ FFCV/DALI decode steps 1-2 themselves (``LoaderSpec.from_augment``); ``augment_c
 applies steps 3-5 to their [0, 1] views.
 
 All randomness comes from an explicit ``torch.Generator`` on the CPU, so a resumed run replays
-the same views.
+the same views. A view's choices are drawn first (``draw_view_params``, one float32 [N, P] tensor) and
+applied on the device after (``apply_view_params``), so a training step moves them with its batch in one
+copy and never waits for the GPU.
 """
 from __future__ import annotations
 
