@@ -175,3 +175,25 @@ def test_moco_queue_pointer_on_the_device_fills_the_queue_as_before():
         queue[(torch.arange(5) + ptr) % 12] = keys  # the host-pointer rule it replaces
         ptr = (ptr + 5) % 12
         assert torch.equal(method.queue, queue) and int(method.queue_ptr) == ptr
+
+
+@pytest.mark.parametrize("channels, draws", [(3, 13), (1, 12)])  # RGB adds the grayscale choice
+def test_ssl_views_draw_todays_stream(cifar, channels, draws):
+    """Per view, in this order: crop area, ratio, x, y, flip; jitter on/off, brightness, contrast, saturation,
+    hue; grayscale (RGB); blur on/off, sigma: one torch.rand(n) each, so a generator replays today's views."""
+    from engine.squeeze.augment import augment_batch, draw_view_params
+
+    images = cifar.train.images[:6, :channels]
+    spec = large_image_spec(32)
+    drawn, replayed = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    for _ in range(2):
+        augment_batch(images, spec, drawn)
+        for _ in range(draws):
+            torch.rand(6, generator=replayed)
+        assert torch.equal(drawn.get_state(), replayed.get_state())
+    params = draw_view_params(6, channels, 32, spec, torch.Generator().manual_seed(4))
+    uniforms = torch.rand(draws, 6, generator=torch.Generator().manual_seed(4))
+    flip = torch.where(uniforms[4] < 0.5, -1.0, 1.0)
+    assert torch.equal(params[:, 0] * flip > 0, torch.ones(6, dtype=torch.bool))  # width * sign: the sign is the flip
+    kernels = params[:, -3:]  # 32 px: a 3-tap Gaussian (side taps > 0 even at sigma 0.1), or the identity
+    assert torch.equal(kernels[:, 0] == 0, uniforms[-2] >= spec.blur_prob)
