@@ -11,13 +11,17 @@ pass excluded; the TensorBoard metric ``train/images_per_s``), median over the e
 
 ``--pretrain`` also times MoCo v2 pretraining (ssl=mocov2's defaults, batch 128, on ``--pretrain-ipc`` images
 per class) through ``engine.squeeze.pretrain.train`` in fp32 and bf16 (its ``epoch/images_per_s``).
+
+``--profile`` then trains each variant (and each pretraining precision) once more under torch.profiler (CPU, and
+CUDA kernels on CUDA) and prints the operators of ``--profile-steps`` optimizer steps, after two warm-up steps,
+by self CUDA time (self CPU time on the CPU): where a step's time goes, and whether the host or the GPU waits.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
-import time
 
 import torch
 
@@ -25,7 +29,7 @@ from engine.data import DataConfig, build_data
 from engine.evaluate.stage import random_real_subset
 from engine.evaluate.student import StudentRecipe, train_student
 from engine.models import ModelConfig, build_model
-from engine.training.tb_logger import MetricsLogger
+from engine.training.tb_logger import NULL_LOGGER, MetricsLogger
 
 VARIANTS = {
     "fp32": {"precision": "fp32", "channels_last": False},
@@ -59,6 +63,9 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=28,
                         help="MNIST-5k images resized (bilinear) to this size, 3 channels when > 28 (GPU shapes)")
     parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--profile", action="store_true",
+                        help="after the timed epochs, print a torch.profiler table of a few steps per variant")
+    parser.add_argument("--profile-steps", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -77,27 +84,61 @@ def main() -> None:
           f"{args.epochs} epochs per variant")
     print(f"{'variant':<22}{'steps/s':>10}{'images/s':>11}{'vs fp32':>9}{'first epoch s':>15}")
     base = None
-    for variant in args.variants.split(","):
-        options = VARIANTS[variant]
-        recipe = StudentRecipe(epochs=args.epochs, batch_size=batch, lr=1e-2, weight_decay=0.01, temperature=4.0,
+    variants = args.variants.split(",")
+
+    def train_variant(variant: str, epochs: int, logger: MetricsLogger) -> None:
+        recipe = StudentRecipe(epochs=epochs, batch_size=batch, lr=1e-2, weight_decay=0.01, temperature=4.0,
                                loss="kl", crop_scale=(0.5, 1.0), flip=False, cutmix_prob=1.0, cutmix_alpha=1.0,
-                               eval_every=args.epochs, **options)
+                               eval_every=epochs, **VARIANTS[variant])
         torch.manual_seed(0)
         student = build_model(model_cfg, bundle.num_classes, bundle.channels, bundle.image_size)
-        rates = EpochRates()
-        started = time.perf_counter()
         train_student(student, train_set, test_set, bundle.normalize, recipe, device, 0, teacher=teacher,
-                      progress=False, logger=rates)
-        del started
+                      progress=False, logger=logger)
+
+    for variant in variants:
+        rates = EpochRates()
+        train_variant(variant, args.epochs, rates)
         steady = statistics.median(rates.rates[1:]) if len(rates.rates) > 1 else rates.rates[0]
         first_epoch = len(train_set) / rates.rates[0]
         base = base or steady
         print(f"{variant:<22}{steady / batch:>10.2f}{steady:>11.0f}{steady / base:>8.2f}x{first_epoch:>15.2f}")
+    if args.profile:
+        epochs = math.ceil((PROFILE_WARMUP + args.profile_steps) / math.ceil(len(train_set) / batch))
+        for variant in variants:
+            profile_steps(f"student {variant}", lambda: train_variant(variant, epochs, NULL_LOGGER), device,
+                          args.profile_steps)
     if args.pretrain:
         pretrain_set = random_real_subset(build_data(DataConfig(name="mnist5k")), args.pretrain_ipc, seed=0).dataset
         if args.image_size != 28:
             pretrain_set = resized(bundle, pretrain_set, args.image_size)[1]
-        pretrain_rates(bundle, model_cfg, device, pretrain_set)
+        pretrain_rates(bundle, model_cfg, device, pretrain_set, args.profile_steps if args.profile else 0)
+
+
+PROFILE_WARMUP = 2
+"""Optimizer steps run before the profiled ones (first-step costs: optimizer state, cuDNN's choices)."""
+
+
+def profile_steps(label: str, training, device: torch.device, steps: int) -> None:
+    """Print where ``steps`` optimizer steps of ``training()`` (after PROFILE_WARMUP) spend their time: one
+    table of operators by self CUDA time on CUDA (self CPU time on the CPU). Steps are counted by a global
+    optimizer step hook, so the loops run unchanged."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    # self_device_time_total: self CUDA time (self_cuda_time_total is its deprecated name)
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    tables: list[str] = []  # the profiler drops a cycle's events once it ends: read them when it does
+    with profile(activities=activities, schedule=schedule(wait=0, warmup=PROFILE_WARMUP, active=steps, repeat=1),
+                 on_trace_ready=lambda p: tables.append(p.key_averages().table(sort_by=sort, row_limit=25))) as prof:
+        hook = register_optimizer_step_post_hook(lambda *_: prof.step())
+        try:
+            training()
+        finally:
+            hook.remove()
+    print(f"\nprofile: {label}, {steps} optimizer steps after {PROFILE_WARMUP} warm-up steps")
+    print(tables[0] if tables else "(fewer steps ran than warm-up + profiled)")
 
 
 class _Images:
@@ -131,7 +172,8 @@ def resized(bundle, train_set, size: int):
     return big, convert(train_set), convert(bundle.test, 500)
 
 
-def pretrain_rates(bundle, model_cfg: ModelConfig, device: torch.device, train_set) -> None:
+def pretrain_rates(bundle, model_cfg: ModelConfig, device: torch.device, train_set, profile: int = 0) -> None:
+    """Images/s of MoCo v2 pretraining in fp32 and bf16; ``profile`` > 0: then that many steps of each profiled."""
     import tempfile
     from pathlib import Path
 
@@ -140,19 +182,27 @@ def pretrain_rates(bundle, model_cfg: ModelConfig, device: torch.device, train_s
     from engine.squeeze.ssl import METHODS, MoCoSettings, fit_to_data
 
     settings = fit_to_data(MoCoSettings(), len(train_set))
-    print(f"MoCo v2 pretraining: {len(train_set)} images, batch {settings.batch_size}, 2 epochs per precision")
-    for precision in ("fp32", "bf16"):
+
+    def pretrain(precision: str, epochs: int) -> list[dict]:
         torch.manual_seed(0)
         generator = torch.Generator().manual_seed(0)
         model = build_model(model_cfg, bundle.num_classes, bundle.channels, bundle.image_size)
         method = METHODS["mocov2"].build(model, settings, generator)
         with tempfile.TemporaryDirectory() as folder:
-            history = train(method, train_set, schedule=Schedule(2, settings.batch_size, settings.lr,
-                                                                 settings.momentum, settings.weight_decay),
-                            spec=spec_for("strong", bundle.image_size, bundle.channels == 3), normalize=bundle.normalize,
-                            device=device, generator=generator, state_path=Path(folder) / "state.pt",
-                            fingerprint={}, resume=False, progress=False, precision=precision)
+            return train(method, train_set, schedule=Schedule(epochs, settings.batch_size, settings.lr,
+                                                              settings.momentum, settings.weight_decay),
+                         spec=spec_for("strong", bundle.image_size, bundle.channels == 3), normalize=bundle.normalize,
+                         device=device, generator=generator, state_path=Path(folder) / "state.pt",
+                         fingerprint={}, resume=False, progress=False, precision=precision)
+
+    print(f"MoCo v2 pretraining: {len(train_set)} images, batch {settings.batch_size}, 2 epochs per precision")
+    for precision in ("fp32", "bf16"):
+        history = pretrain(precision, 2)
         print(f"  {precision}: {history[-1]['images_per_s']:.0f} images/s (second epoch)")
+    if profile:
+        epochs = math.ceil((PROFILE_WARMUP + profile) / (len(train_set) // settings.batch_size))
+        for precision in ("fp32", "bf16"):
+            profile_steps(f"MoCo v2 {precision}", lambda: pretrain(precision, epochs), device, profile)
 
 
 if __name__ == "__main__":

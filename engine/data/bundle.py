@@ -1,6 +1,7 @@
 """What every data entry provides: datasets of (image, label) plus their description."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -105,9 +106,9 @@ class DataBundle:
 
     def _stats(self, like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """mean, std as [1,C,1,1] tensors on ``like``'s device and dtype (CPU float32 without it)."""
-        kwargs = {} if like is None else {"device": like.device, "dtype": like.dtype}
-        return (torch.tensor(self.mean, **kwargs).view(1, -1, 1, 1),
-                torch.tensor(self.std, **kwargs).view(1, -1, 1, 1))
+        if like is None:
+            return torch.tensor(self.mean).view(1, -1, 1, 1), torch.tensor(self.std).view(1, -1, 1, 1)
+        return _device_stats(tuple(self.mean), tuple(self.std), like.device, like.dtype)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """Map a batch [N,C,H,W] in [0,1] to the normalized space models see."""
@@ -126,3 +127,12 @@ class DataBundle:
     def labels(self, split: str = "train") -> list[int]:
         dataset = self.train if split == "train" else self.test
         return list(dataset.labels)  # every entry's datasets expose .labels
+
+
+@functools.lru_cache(maxsize=None)
+def _device_stats(mean: tuple, std: tuple, device: torch.device, dtype: torch.dtype):
+    """mean, std as [1,C,1,1] on ``device``, made once: a host->device copy per batch would make the host
+    wait for the GPU every training step. Plain tensors even when first made under inference_mode."""
+    with torch.inference_mode(False), torch.no_grad():
+        return (torch.tensor(mean, device=device, dtype=dtype).view(1, -1, 1, 1),
+                torch.tensor(std, device=device, dtype=dtype).view(1, -1, 1, 1))

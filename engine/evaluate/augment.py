@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 
 from engine.training.crops import CROP_UNIFORMS, crop_boxes
+from engine.training.precision import to_device
 
 
 @dataclass
@@ -83,40 +84,57 @@ def sample_params(rng: np.random.Generator, batch: int, size: int, crop_scale: t
     return params
 
 
-def apply_params(x: torch.Tensor, params: AugParams, fill: Optional[torch.Tensor] = None) -> torch.Tensor:
+def param_tensor(params: AugParams) -> torch.Tensor:
+    """``params``' per-image values as one int64 [B, P] host tensor, moved to the device in one copy: crop box
+    (top, left, height, width), flip, then the CutMix partner and the MixUp partner where drawn."""
+    columns = [params.boxes.astype(np.int64), params.flips.astype(np.int64)[:, None]]
+    columns += [p.astype(np.int64)[:, None] for p in (params.cutmix_partner, params.mixup_partner) if p is not None]
+    return torch.from_numpy(np.concatenate(columns, axis=1))
+
+
+def partner_of(params: AugParams, moved: torch.Tensor) -> Optional[torch.Tensor]:
+    """The mixing partner of each image (``params.partner``) from ``param_tensor(params)`` on the device."""
+    if params.partner is None:
+        return None
+    return moved[:, 5] if params.cutmix_partner is not None else moved[:, -1]
+
+
+def apply_params(x: torch.Tensor, params: AugParams, fill: Optional[torch.Tensor] = None,
+                 moved: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Crop every image to the input size (resized bilinearly, or a window of the padded image), flip,
     then paste the CutMix box or blend the MixUp partner.
 
     ``fill``: [1, C, 1, 1] value of a black pixel in x's space (x is normalized: normalize(0)) for the
-    pad-and-crop border, as torchvision pads before normalizing; None pads with 0."""
+    pad-and-crop border, as torchvision pads before normalizing; None pads with 0. ``moved``:
+    ``param_tensor(params)`` already on x's device (a step that moves it with its batch); None moves it here."""
     n, _, height, width = x.shape
+    if moved is None:
+        moved = to_device(param_tensor(params), x.device)
     if params.pad:
-        out = _pad_crop(x, params.boxes, params.pad, fill)
+        out = _pad_crop(x, moved[:, :2], params.pad, fill)
     else:
-        boxes = torch.from_numpy(params.boxes.astype(np.float32)).to(x.device)
+        boxes = moved[:, :4].float()  # int16 pixel counts: exact in float32
         rois = torch.stack([torch.arange(n, dtype=torch.float32, device=x.device), boxes[:, 1], boxes[:, 0],
                             boxes[:, 1] + boxes[:, 3], boxes[:, 0] + boxes[:, 2]], dim=1)
         out = roi_align(x, rois, output_size=(height, width), spatial_scale=1.0, sampling_ratio=1, aligned=True)
-    flips = torch.from_numpy(params.flips).to(x.device).view(-1, 1, 1, 1)
+    flips = (moved[:, 4] != 0).view(-1, 1, 1, 1)
     out = torch.where(flips, out.flip(-1), out)
     if params.cutmix_partner is not None:
         top, bottom, left, right = params.cutmix_box
-        partner = torch.from_numpy(params.cutmix_partner).to(x.device)
-        out[:, :, top:bottom, left:right] = out[partner, :, top:bottom, left:right]
+        out[:, :, top:bottom, left:right] = out[moved[:, 5], :, top:bottom, left:right]
     if params.mixup_partner is not None:
-        partner = torch.from_numpy(params.mixup_partner).to(x.device)
-        out = params.mixup_lam * out + (1.0 - params.mixup_lam) * out[partner]
+        out = params.mixup_lam * out + (1.0 - params.mixup_lam) * out[moved[:, -1]]
     return out
 
 
-def _pad_crop(x: torch.Tensor, boxes: np.ndarray, pad: int, fill: Optional[torch.Tensor]) -> torch.Tensor:
-    """Each image's [top:top+h, left:left+w] window of x padded by ``pad`` per side (one gather)."""
+def _pad_crop(x: torch.Tensor, corner: torch.Tensor, pad: int, fill: Optional[torch.Tensor]) -> torch.Tensor:
+    """Each image's [top:top+h, left:left+w] window of x padded by ``pad`` per side (one gather); ``corner``:
+    int64 [n, 2] (top, left) on x's device."""
     n, channels, height, width = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))
     if fill is not None:
         border = F.pad(torch.zeros(1, 1, height, width, dtype=torch.bool, device=x.device), (pad,) * 4, value=True)
         padded = torch.where(border, fill.to(x).reshape(1, channels, 1, 1), padded)
-    corner = torch.from_numpy(boxes[:, :2].astype(np.int64)).to(x.device)
     rows = (corner[:, 0, None] + torch.arange(height, device=x.device)).view(n, 1, height, 1)
     cols = (corner[:, 1, None] + torch.arange(width, device=x.device)).view(n, 1, 1, width)
     flat = padded.flatten(2)  # [n, C, (H + 2p) * (W + 2p)]

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from engine.data.views import at_epoch, crops_in_data
-from engine.evaluate.augment import AugParams, apply_params, sample_params, step_rng
+from engine.evaluate.augment import AugParams, apply_params, param_tensor, partner_of, sample_params, step_rng
 from engine.evaluate.losses import mixed_cross_entropy, soft_label_kl
 from engine import preemption
 from engine.evaluate.relabel import load_epoch_labels, reconstruct_logits
@@ -28,7 +28,8 @@ from engine.distributed import DistEnv, average_buffers
 from engine.artifacts import student as student_artifacts
 from engine.training.batches import batches_of, epoch_order, load_batches, to_unit_float
 from engine.training.metrics import evaluate_accuracy
-from engine.training.precision import autocast, layout, optimizer_options, to_device, use_channels_last
+from engine.training.precision import (autocast, layout, optimizer_options, to_device, to_device_all,
+                                      use_channels_last)
 from engine.training.schedule import set_lr
 from engine.training.tb_logger import NULL_LOGGER, MetricsLogger
 from engine.training.trainers import wrap_ddp
@@ -274,14 +275,16 @@ def _train_step(run: _Run, images: torch.Tensor, labels: torch.Tensor, params: A
     """One optimizer step on this rank's share of the batch; returns its loss, a 0-d tensor left on the
     device (None: empty share)."""
     rank, world = run.rank, run.world
-    # uint8 crosses to the device (a quarter of fp32's bytes) and becomes float there
-    x = apply_params(run.normalize(to_unit_float(to_device(images, run.device))), params, run.fill)
+    # One copy carries the batch, its labels and its crop/flip/mix parameters: each separate copy from
+    # pageable memory would make the host wait for the GPU. uint8 crosses (a quarter of fp32's bytes) and
+    # becomes float there.
+    images, labels, moved = to_device_all([images, labels, param_tensor(params)], run.device)
+    x = apply_params(run.normalize(to_unit_float(images)), params, run.fill, moved)
     if run.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    labels = to_device(labels, run.device)
     partner = None
     if params.partner is not None:  # CutMix or MixUp
-        partner = labels[torch.from_numpy(params.partner).to(run.device)]
+        partner = labels[partner_of(params, moved)]
     full = len(labels)
     if world > 1:  # this rank's share of the batch (partners were looked up in the whole batch)
         x, labels = x[rank::world], labels[rank::world]
@@ -296,7 +299,7 @@ def _train_step(run: _Run, images: torch.Tensor, labels: torch.Tensor, params: A
                 else F.cross_entropy(logits, labels))
     else:
         if stored is not None:
-            target = reconstruct_logits(stored, step, logits.shape[1])[rank::world].to(run.device)
+            target = to_device(reconstruct_logits(stored, step, logits.shape[1])[rank::world], run.device)
         else:
             with torch.no_grad(), autocast(run.recipe.precision, run.device):
                 target = run.teacher(x)

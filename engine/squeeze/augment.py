@@ -19,10 +19,13 @@ FFCV/DALI decode steps 1-2 themselves (``LoaderSpec.from_augment``); ``augment_c
 applies steps 3-5 to their [0, 1] views.
 
 All randomness comes from an explicit ``torch.Generator`` on the CPU, so a resumed run replays
-the same views.
+the same views. A view's choices are drawn first (``draw_view_params``, one float32 [N, P] tensor) and
+applied on the device after (``apply_view_params``), so a training step moves them with its batch in one
+copy and never waits for the GPU.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -31,6 +34,7 @@ import torch.nn.functional as F
 
 from engine.errors import ConfigError
 from engine.training.crops import crop_sides
+from engine.training.precision import to_device
 
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -136,22 +140,102 @@ def _crop_flip_grid(n: int, spec: AugmentSpec, generator: torch.Generator) -> to
     return theta
 
 
+@functools.lru_cache(maxsize=None)
+def _constants(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(luma weights [1, 3, 1, 1], RGB->YIQ, YIQ->RGB) on ``device``: made once, not copied from the host (and
+    inverted, a host read on CUDA) every step. The inverse is taken on ``device`` as before, so values match."""
+    # plain tensors even when first made under inference_mode: later steps may record autograd through them
+    with torch.inference_mode(False), torch.no_grad():
+        luma = torch.tensor(_LUMA, dtype=dtype, device=device).view(1, 3, 1, 1)
+        to_yiq = torch.tensor(_TO_YIQ, dtype=dtype, device=device)
+        return luma, to_yiq, torch.linalg.inv(to_yiq)
+
+
+_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+
+
 def _luma(x: torch.Tensor) -> torch.Tensor:
-    weights = torch.tensor(_LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x * weights).sum(dim=1, keepdim=True)
+    return (x * _constants(x.device, x.dtype)[0]).sum(dim=1, keepdim=True)
 
 
-def _color_jitter(x: torch.Tensor, spec: AugmentSpec, generator: torch.Generator) -> torch.Tensor:
+def _blur_size(height: int) -> int:
+    return max(3, int(round(0.1 * height)) // 2 * 2 + 1)
+
+
+def _columns(spec: AugmentSpec, channels: int, height: int, crop: bool) -> list[tuple[str, int]]:
+    """(name, width) of each block of a view's drawn parameters, in drawing order."""
+    columns = [("theta", 6)] if crop else []
+    if spec.jitter_strength > 0 and spec.jitter_prob > 0:
+        columns.append(("jitter", 4))  # brightness, contrast, saturation factors, hue shift
+    if channels == 3 and spec.grayscale_prob > 0:
+        columns.append(("gray", 1))
+    if spec.blur_prob > 0:
+        columns.append(("blur", _blur_size(height)))  # each image's normalized 1-d kernel
+    return columns
+
+
+def draw_view_params(n: int, channels: int, height: int, spec: AugmentSpec, generator: torch.Generator,
+                     crop: bool = True) -> torch.Tensor:
+    """Every random choice of one view of ``n`` images, drawn on the CPU: float32 [n, P].
+
+    ``height``: the side the photometric steps see (``spec.image_size`` after a crop, else the views').
+    ``crop``: include the crop/flip grid (``augment_batch``) or not (``augment_color``). The draws are those
+    the steps made one by one before, in the same order, so a generator gives the same views; gathering
+    them lets a step move them to the device in one copy (engine.training.precision.to_device_all)."""
+    parts = []
+    for name, _ in _columns(spec, channels, height, crop):
+        if name == "theta":
+            parts.append(_crop_flip_grid(n, spec, generator).view(n, 6))
+        elif name == "jitter":
+            parts.append(_jitter_params(n, spec, generator))
+        elif name == "gray":
+            parts.append(_bernoulli(n, spec.grayscale_prob, generator).float().view(n, 1))
+        else:
+            parts.append(_blur_kernels(n, height, spec, generator))
+    return torch.cat(parts, dim=1) if parts else torch.zeros(n, 0)
+
+
+def apply_view_params(x: torch.Tensor, params: torch.Tensor, spec: AugmentSpec, crop: bool = True) -> torch.Tensor:
+    """One view of ``x`` ([N, C, H, W] uint8 or float in [0, 1]) made with ``draw_view_params``' ``params``
+    (already on x's device). Returns float [N, C, S, S] in [0, 1]."""
+    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
     n, channels = x.shape[:2]
+    height = spec.image_size if crop else x.shape[2]
+    blocks, at = {}, 0
+    for name, width in _columns(spec, channels, height, crop):
+        blocks[name], at = params[:, at:at + width], at + width
+    if "theta" in blocks:
+        theta = blocks["theta"].contiguous().view(n, 2, 3)
+        grid = F.affine_grid(theta, [n, channels, spec.image_size, spec.image_size], align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if "jitter" in blocks:
+        x = _color_jitter(x, blocks["jitter"])
+    if "gray" in blocks:
+        x = torch.where(blocks["gray"].view(-1, 1, 1, 1) > 0.5, _luma(x).expand_as(x), x)
+    if "blur" in blocks:
+        x = _blur(x, blocks["blur"])
+    return x
+
+
+def _jitter_params(n: int, spec: AugmentSpec, generator: torch.Generator) -> torch.Tensor:
+    """[n, 4]: brightness, contrast, saturation factors and hue shift (1, 1, 1, 0 where not jittered)."""
     s = spec.jitter_strength
     apply = _bernoulli(n, spec.jitter_prob, generator)
 
     def factor(spread: float) -> torch.Tensor:
         f = _uniform(n, max(0.0, 1 - spread), 1 + spread, generator)
-        return torch.where(apply, f, torch.ones(n)).to(x).view(n, 1, 1, 1)
+        return torch.where(apply, f, torch.ones(n))
 
     brightness, contrast, saturation = factor(0.8 * s), factor(0.8 * s), factor(0.8 * s)
-    hue = torch.where(apply, _uniform(n, -0.2 * s, 0.2 * s, generator), torch.zeros(n)).to(x)
+    hue = torch.where(apply, _uniform(n, -0.2 * s, 0.2 * s, generator), torch.zeros(n))
+    return torch.stack([brightness, contrast, saturation, hue], dim=1)
+
+
+def _color_jitter(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    n, channels = x.shape[:2]
+    params = params.to(x.dtype)
+    brightness, contrast, saturation = (params[:, i].view(n, 1, 1, 1) for i in range(3))
+    hue = params[:, 3]
     x = (x * brightness).clamp_(0, 1)
     gray = _luma(x) if channels == 3 else x
     mean = gray.mean(dim=(1, 2, 3), keepdim=True)
@@ -159,9 +243,7 @@ def _color_jitter(x: torch.Tensor, spec: AugmentSpec, generator: torch.Generator
     if channels == 3:
         x = (_luma(x) + saturation * (x - _luma(x))).clamp_(0, 1)
         # Hue: rotate the (I, Q) chroma plane of YIQ by 2*pi*hue.
-        to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-                              dtype=x.dtype, device=x.device)
-        to_rgb = torch.linalg.inv(to_yiq)
+        _, to_yiq, to_rgb = _constants(x.device, x.dtype)
         angle = 2 * math.pi * hue
         cos, sin = angle.cos(), angle.sin()
         rot = torch.zeros(n, 3, 3, dtype=x.dtype, device=x.device)
@@ -173,21 +255,21 @@ def _color_jitter(x: torch.Tensor, spec: AugmentSpec, generator: torch.Generator
     return x
 
 
-def _grayscale(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
-    chosen = _bernoulli(x.shape[0], p, generator).to(x.device).view(-1, 1, 1, 1)
-    return torch.where(chosen, _luma(x).expand_as(x), x)
-
-
-def _blur(x: torch.Tensor, spec: AugmentSpec, generator: torch.Generator) -> torch.Tensor:
-    n, channels, height, width = x.shape
-    size = max(3, int(round(0.1 * height)) // 2 * 2 + 1)
+def _blur_kernels(n: int, height: int, spec: AugmentSpec, generator: torch.Generator) -> torch.Tensor:
+    """[n, size]: each image's normalized Gaussian kernel, or the identity where it is not blurred."""
+    size = _blur_size(height)
     apply = _bernoulli(n, spec.blur_prob, generator)
     sigma = _uniform(n, *spec.blur_sigma, generator)
     offsets = torch.arange(size, dtype=torch.float32) - size // 2
     kernel = torch.exp(-offsets.view(1, -1) ** 2 / (2 * sigma.view(-1, 1) ** 2))
     identity = (offsets == 0).float().expand(n, -1)
-    kernel = torch.where(apply.view(-1, 1), kernel / kernel.sum(dim=1, keepdim=True), identity)
-    kernel = kernel.to(x).repeat_interleave(channels, dim=0)  # [n*C, size]
+    return torch.where(apply.view(-1, 1), kernel / kernel.sum(dim=1, keepdim=True), identity)
+
+
+def _blur(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    n, channels, height, width = x.shape
+    size = kernel.shape[1]
+    kernel = kernel.to(x.dtype).repeat_interleave(channels, dim=0)  # [n*C, size]
     flat = x.reshape(1, n * channels, height, width)
     pad = size // 2
     flat = F.conv2d(F.pad(flat, (pad, pad, 0, 0), mode="reflect"), kernel.view(-1, 1, 1, size),
@@ -206,12 +288,8 @@ def augment_batch(images: torch.Tensor, spec: AugmentSpec, generator: torch.Gene
         generator: CPU generator that drives every random choice.
     Returns: float [N, C, spec.image_size, spec.image_size] in [0, 1] on the images' device.
     """
-    x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
-    n, channels = x.shape[:2]
-    theta = _crop_flip_grid(n, spec, generator).to(x.device)
-    grid = F.affine_grid(theta, [n, channels, spec.image_size, spec.image_size], align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return augment_color(x, spec, generator)
+    params = draw_view_params(images.shape[0], images.shape[1], spec.image_size, spec, generator)
+    return apply_view_params(images, to_device(params, images.device), spec)
 
 
 def augment_color(views: torch.Tensor, spec: AugmentSpec, generator: torch.Generator) -> torch.Tensor:
@@ -224,11 +302,6 @@ def augment_color(views: torch.Tensor, spec: AugmentSpec, generator: torch.Gener
         views: [N, C, H, W] float in [0, 1] (uint8 is scaled), on any device.
     Returns: float [N, C, H, W] in [0, 1] on the views' device.
     """
-    x = views.float().div_(255.0) if views.dtype == torch.uint8 else views.float()
-    if spec.jitter_strength > 0 and spec.jitter_prob > 0:
-        x = _color_jitter(x, spec, generator)
-    if x.shape[1] == 3 and spec.grayscale_prob > 0:
-        x = _grayscale(x, spec.grayscale_prob, generator)
-    if spec.blur_prob > 0:
-        x = _blur(x, spec, generator)
-    return x
+    n, channels, height = views.shape[:3]
+    params = draw_view_params(n, channels, height, spec, generator, crop=False)
+    return apply_view_params(views, to_device(params, views.device), spec, crop=False)

@@ -18,9 +18,9 @@ from engine.distributed import DistEnv, all_reduce_sum
 from engine.errors import ConfigError
 from engine import preemption
 from engine.io import save_torch
-from engine.squeeze.augment import AugmentSpec, augment_batch, augment_color
+from engine.squeeze.augment import AugmentSpec, apply_view_params, draw_view_params
 from engine.training.batches import batches_of, load_batches
-from engine.training.precision import optimizer_options, to_device
+from engine.training.precision import optimizer_options, to_device, to_device_all
 from engine.training.schedule import cosine_lr, set_lr
 from engine.training.tb_logger import NULL_LOGGER, MetricsLogger
 from engine.training.trainers import DeepSpeedSettings, Trainer, build_trainer
@@ -238,12 +238,8 @@ def _run_epoch(run: _Run, epoch: int) -> dict:
     for images, labels in bar:
         lr = cosine_lr(step, run.total_steps, run.schedule.lr, run.warmup_steps)
         set_lr(run.wrapped.optimizer, lr)
-        t0 = time.perf_counter()
-        batch = _step_views(run, images)
-        aug_seconds += time.perf_counter() - t0
-        loss = run.wrapped.loss(batch, to_device(labels, run.device), run.view_generator)
-        run.wrapped.backward(loss)
-        run.wrapped.step()
+        loss, seconds = _train_step(run, images, labels)
+        aug_seconds += seconds
         seen += len(labels)
         step += 1
         losses.append((step, lr, len(labels), loss.detach().float()))
@@ -266,15 +262,39 @@ def _run_epoch(run: _Run, epoch: int) -> dict:
             "images_per_s": seen / seconds, "augment_fraction": aug_seconds / seconds}
 
 
+def _train_step(run: _Run, images, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """One optimizer step at the lr already set: (its loss, left on the device; seconds spent on the views).
+    Nothing in it reads the device back, so the host runs ahead of a GPU."""
+    started = time.perf_counter()
+    batch = _step_views(run, images)
+    seconds = time.perf_counter() - started
+    loss = run.wrapped.loss(batch, _step_labels(run, labels), run.view_generator)
+    run.wrapped.backward(loss)
+    run.wrapped.step()
+    return loss, seconds
+
+
+def _step_labels(run: _Run, labels: torch.Tensor) -> torch.Tensor:
+    """The labels as the method gets them: on the device, except for a label-free method (MoCo, SimCLR) in
+    one process, which never reads them (a copy less per step; DDP and DeepSpeed move their inputs)."""
+    if not getattr(run.method, "uses_labels", True) and run.wrapped.name == "single":
+        return labels
+    return to_device(labels, run.device)
+
+
 def _step_views(run: _Run, images) -> list[torch.Tensor]:
-    """The method's ``views`` augmented, normalized views of one batch, in the trainer's input dtype."""
+    """The method's ``views`` augmented, normalized views of one batch, in the trainer's input dtype: the
+    batch and every view's random parameters reach the device in one copy."""
     if run.crops is not None:
         return [v.to(run.wrapped.input_dtype)
                 for v in batch_views(images, run.views, run.spec, run.view_generator, run.normalize, run.device)]
     if run.loader is None:
-        images = to_device(images, run.device)
-        return [_view(images, run.spec, run.view_generator, run.normalize).to(run.wrapped.input_dtype)
-                for _ in range(run.views)]
+        drawn = [] if run.spec is None else [
+            draw_view_params(images.shape[0], images.shape[1], run.spec.image_size, run.spec, run.view_generator)
+            for _ in range(run.views)]
+        images, *drawn = to_device_all([images, *drawn], run.device)
+        return [_view(images, run.spec, params, run.normalize).to(run.wrapped.input_dtype)
+                for params in (drawn or [None] * run.views)]
     return [v.to(run.wrapped.input_dtype)
             for v in _loader_views(images, run.views, run.spec, run.view_generator, run.normalize, run.device)]
 
@@ -301,10 +321,11 @@ def batch_views(images: torch.Tensor, views: int, spec: AugmentSpec, generator: 
     return _loader_views(crops, views, spec, generator, normalize, device)
 
 
-def _view(images: torch.Tensor, spec: AugmentSpec | None, generator: torch.Generator,
+def _view(images: torch.Tensor, spec: AugmentSpec | None, params: torch.Tensor | None,
           normalize: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """One normalized channels_last view of ``images`` made with ``draw_view_params``' ``params``."""
     if spec is not None:
-        x = augment_batch(images, spec, generator)
+        x = apply_view_params(images, params, spec)
     else:
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
     return normalize(x).contiguous(memory_format=torch.channels_last)
@@ -313,13 +334,20 @@ def _view(images: torch.Tensor, spec: AugmentSpec | None, generator: torch.Gener
 def _loader_views(images, views: int, spec: AugmentSpec | None, generator: torch.Generator,
                   normalize: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     """A loader batch ([v1, .., vk] cropped+flipped in [0, 1], or one eval batch when ``spec`` is
-    None) -> ``views`` normalized channels_last views with the photometric steps applied."""
-    if not isinstance(images, (list, tuple)):
-        images = [images] * views  # no augmentation: identical views, as _view gives
+    None) -> ``views`` normalized channels_last views with the photometric steps applied. The crops and
+    every view's drawn parameters reach the device in one copy."""
+    many = isinstance(images, (list, tuple))
+    sources = list(images) if many else [images]
+    picks = range(len(sources)) if many else [0] * views  # one batch: identical views, as _view gives
+    drawn = [] if spec is None else [
+        draw_view_params(sources[i].shape[0], sources[i].shape[1], sources[i].shape[2], spec, generator, crop=False)
+        for i in picks]
+    moved = to_device_all([*sources, *drawn], device)
+    sources, drawn = moved[:len(sources)], moved[len(sources):]
     out = []
-    for v in images:
-        v = to_device(v, device)
-        x = augment_color(v, spec, generator) if spec is not None else (
+    for k, i in enumerate(picks):
+        v = sources[i]
+        x = apply_view_params(v, drawn[k], spec, crop=False) if spec is not None else (
             v.float() / 255.0 if v.dtype == torch.uint8 else v.float())
         out.append(normalize(x).contiguous(memory_format=torch.channels_last))
     return out

@@ -6,6 +6,7 @@ state. ``loss(views, labels, generator)`` returns the batch loss; views are norm
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.errors import ConfigError
-from engine.training.precision import check_precision
+from engine.training.precision import check_precision, to_device
 from engine.models import ClassifierNet
 from engine.squeeze.losses import infonce_moco, momentum_update, nt_xent
 
@@ -154,7 +155,9 @@ class SupervisedSettings(TrainSettings):
 def fp32_loss(loss: Callable[..., torch.Tensor], *tensors: torch.Tensor, **options) -> torch.Tensor:
     """``loss`` of fp32 copies of ``tensors`` with autocast off: under bf16 autocast the similarity matmuls
     and the softmax would otherwise run in bf16 (no-op casts in fp32)."""
-    with torch.autocast(tensors[0].device.type, enabled=False):
+    kind = tensors[0].device.type
+    # a device without autocast (meta, where tests run steps shape-only) has none to turn off
+    with torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else contextlib.nullcontext():
         return loss(*[t.float() if t.is_floating_point() else t for t in tensors], **options)
 
 
@@ -197,7 +200,7 @@ class MoCo(nn.Module):
     def _keys(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         # One device has no cross-GPU shuffle; forwarding shuffled sub-batches gives each its own
         # BN statistics, so a query cannot find its key through shared batch statistics.
-        order = torch.randperm(x.shape[0], generator=generator).to(x.device)
+        order = to_device(torch.randperm(x.shape[0], generator=generator), x.device)
         chunks = [self.key_head(self.key_backbone(part)) for part in x[order].chunk(self.shuffle_groups)]
         keys = torch.empty_like(torch.cat(chunks))
         keys[order] = torch.cat(chunks)
@@ -206,11 +209,11 @@ class MoCo(nn.Module):
     @torch.no_grad()
     def _enqueue(self, keys: torch.Tensor) -> None:
         size = self.queue.shape[0]
-        ptr = int(self.queue_ptr)
-        index = (torch.arange(keys.shape[0], device=keys.device) + ptr) % size
+        # the pointer stays on the device: reading it (int(queue_ptr)) would wait for the GPU every step
+        index = (torch.arange(keys.shape[0], device=keys.device) + self.queue_ptr) % size
         keys = keys.to(self.queue.dtype)  # bf16 keys under autocast; the queue stays fp32
         self.queue[index] = keys[-size:] if keys.shape[0] > size else keys
-        self.queue_ptr.fill_((ptr + keys.shape[0]) % size)
+        self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % size)
 
     def loss(self, views: list[torch.Tensor], labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         x_q, x_k = views

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -72,10 +72,57 @@ def optimizer_options(device: torch.device) -> dict:
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host batch onto ``device``: through pinned memory without blocking on CUDA, as is elsewhere."""
+    return to_device_all([tensor], device)[0]
+
+
+_ALIGN = 16
+"""Byte alignment of each tensor in a packed transfer: any dtype's view of its slice starts aligned."""
+
+
+def to_device_all(tensors: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """``tensors`` on ``device``, the host ones moved in ONE copy: every host->device transfer of a training
+    step goes through here.
+
+    A copy from pageable host memory makes the host wait for the stream (CUDA's rule for pageable
+    transfers), so a step with several small copies (crop boxes, flips, jitter factors) can never run
+    ahead of the GPU and becomes launch-bound. On CUDA the host tensors' bytes are gathered into one
+    pinned buffer and copied without blocking (the caching host allocator keeps the buffer alive until
+    the copy has run); on other non-CPU devices into one ordinary buffer, so tests on the meta device
+    see the same single copy. On the CPU the tensors come back unchanged (no copy, bit-equal results).
+    Values and shapes are kept; a packed tensor arrives contiguous."""
     device = torch.device(device)
-    if device.type != "cuda" or tensor.device.type != "cpu":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
+    tensors = list(tensors)
+    host = [i for i, t in enumerate(tensors) if t.device.type == "cpu"]
+    if device.type == "cpu" or not host:
+        return [t.to(device) for t in tensors]
+    out = [t if t.device.type == "cpu" else t.to(device) for t in tensors]  # the latter: no copy, or not ours
+    if len(host) == 1 and device.type == "cuda":  # pinning copies it anyway: no packing needed
+        out[host[0]] = tensors[host[0]].pin_memory().to(device, non_blocking=True)
+        return out
+    buffer, starts = pack_bytes([tensors[i] for i in host], pin=device.type == "cuda")
+    moved = buffer.to(device, non_blocking=device.type == "cuda")
+    for i, part in zip(host, unpack_bytes(moved, starts, [tensors[i] for i in host])):
+        out[i] = part
+    return out
+
+
+def pack_bytes(tensors: Sequence[torch.Tensor], pin: bool = False) -> tuple[torch.Tensor, list[int]]:
+    """(one uint8 host buffer holding every tensor's bytes, each one's start), each start aligned."""
+    starts, total = [], 0
+    for t in tensors:
+        starts.append(total)
+        total += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+    buffer = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
+    for t, part in zip(tensors, unpack_bytes(buffer, starts, tensors)):
+        part.copy_(t)
+    return buffer, starts
+
+
+def unpack_bytes(buffer: torch.Tensor, starts: Sequence[int], like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``pack_bytes``' inverse on ``buffer`` (or its copy on a device): views of its bytes as contiguous
+    tensors of ``like``'s dtypes and shapes."""
+    return [buffer[start:start + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+            for start, t in zip(starts, like)]
 
 
 def layout(module: nn.Module, channels_last: bool) -> nn.Module:
