@@ -41,12 +41,17 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     z = F.normalize(torch.cat([z1, z2], dim=0), dim=1)  # [2N, D]
     sim = z @ z.t() / temperature
     sim.fill_diagonal_(float("-inf"))
-    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    # Built on the device: a host tensor moved each step would be a pageable copy, which waits for the stream.
+    target = torch.arange(2 * n, device=z.device).roll(n)
     return F.cross_entropy(sim, target)
 
 
 @torch.no_grad()
 def momentum_update(key_params, query_params, momentum: float) -> None:
-    """key <- m * key + (1 - m) * query, parameter by parameter (MoCo's slow encoder)."""
-    for key, query in zip(key_params, query_params, strict=True):
-        key.mul_(momentum).add_(query.detach(), alpha=1.0 - momentum)
+    """key <- m * key + (1 - m) * query (MoCo's slow encoder), as two foreach launches for all parameters
+    rather than two per parameter (ResNet-18: 124 launches a step otherwise)."""
+    keys, queries = list(key_params), [q.detach() for q in query_params]
+    if len(keys) != len(queries):
+        raise ValueError(f"momentum_update: {len(keys)} key parameters, {len(queries)} query parameters")
+    torch._foreach_mul_(keys, momentum)
+    torch._foreach_add_(keys, queries, alpha=1.0 - momentum)
