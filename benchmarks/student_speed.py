@@ -38,6 +38,7 @@ VARIANTS = {
     "bf16+channels_last": {"precision": "bf16", "channels_last": True},
     "fp32+compile": {"precision": "fp32", "channels_last": False, "compile": True},
     "bf16+compile": {"precision": "bf16", "channels_last": False, "compile": True},
+    "bf16+channels_last+compile": {"precision": "bf16", "channels_last": True, "compile": True},
 }
 
 
