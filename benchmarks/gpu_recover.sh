@@ -22,6 +22,8 @@
 #                        backend (triton, torch) against the unfused path, G = 1 and 4, every
 #                        BN-input shape of ResNet-18/50 at 224 px and CIFAR ResNet-18 at 32 px + .json
 #   05_pytest_gpu.log    pytest -m gpu on the recover/kernel/augment files of tests/gpu
+#   06_bn_layers.log     per BN layer inside the real recover loop (ResNet-18, 224 px, batch 100, fp32,
+#                        G=1, eager): its launches and device time, forward and backward      + .json
 #   summary.txt          each step's exit code and seconds
 # ONLY=<step name part> runs just the matching steps (a rerun of one that failed).
 set -u
@@ -67,5 +69,8 @@ GPU_TESTS=$(ls tests/gpu/test_augment*_cuda.py tests/gpu/test_kernels*_cuda.py t
   tests/gpu/test_group*_cuda.py tests/gpu/test_recover*_cuda.py tests/gpu/test_graph*_cuda.py \
   tests/gpu/test_precision*_cuda.py 2>/dev/null)
 step 05_pytest_gpu 120 $PY -m pytest -m gpu -x -q -p no:cacheprovider $GPU_TESTS
+
+step 06_bn_layers 60 $PY -m engine.bench.bn_layers --model resnet18 --image-size 224 --batch 100 --groups 1 \
+  --precision fp32 --steps 5 --json "$OUT/06_bn_layers.json"
 
 echo "done in $SECONDS s; logs in $OUT" | tee -a "$OUT/summary.txt"
