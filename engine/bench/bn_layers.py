@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import bisect
 import json
-import os
 import re
 from contextlib import contextmanager
 from typing import Iterator
@@ -24,10 +23,10 @@ from typing import Iterator
 import torch
 from torch import nn
 from torch.autograd import DeviceType
-from torch.profiler import ProfilerActivity, profile, record_function
+from torch.profiler import record_function
 
-from engine.bench.device_stats import device_name, sync
-from engine.bench.measure import _objective
+from engine.bench.device_stats import device_name, resolve_device
+from engine.bench.measure import _objective, profiled
 from engine.bench.recover_cli import recipe
 from engine.models import ModelConfig, build_model
 from engine.recover import synthesize
@@ -144,8 +143,6 @@ def profile_layers(model: nn.Module, *, batch: int, groups: int, image_size: int
     labels = (torch.arange(batch, device=device) % num_classes).repeat(groups)
     bounds = (torch.full((1, channels, 1, 1), -2.5), torch.full((1, channels, 1, 1), 2.5))
     objective = Objective(r_bn=0.01, first_bn_multiplier=10.0, iterations=steps, lr=0.25)
-    os.environ.setdefault("KINETO_LOG_LEVEL", "5")
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
 
     def run(iterations: int) -> None:
         generators = [torch.Generator().manual_seed(g) for g in range(groups)]
@@ -154,11 +151,7 @@ def profile_layers(model: nn.Module, *, batch: int, groups: int, image_size: int
                                      channels_last=channels_last, precision=precision)
 
     with fused_bn_matching(net, backend=backend) as modules, _layer_labels(modules) as shapes:
-        run(2)
-        sync(device)
-        with profile(activities=activities) as prof:
-            run(steps)
-            sync(device)
+        prof = profiled(run, warmup=2, steps=steps, device=device)
     model.to(memory_format=torch.contiguous_format)
     result = layer_costs(prof.events(), len(modules), steps, on_device=device.type == "cuda")
     for row, shape in zip(result["layers"], shapes):
@@ -197,8 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     num_classes = args.num_classes or (1000 if args.image_size >= 224 else 100)
     model = build_model(ModelConfig(name=args.model), num_classes, 3, args.image_size)
     result = profile_layers(model, batch=args.batch, groups=args.groups, image_size=args.image_size,

@@ -6,6 +6,13 @@ import resource
 import torch
 
 
+def resolve_device(text: str) -> torch.device:
+    """A bench CLI's ``--device``: ``auto`` is CUDA when available, else the CPU; anything else as given."""
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(text)
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (cuda)"

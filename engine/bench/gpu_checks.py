@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.bench.device_stats import device_name
+from engine.bench.device_stats import device_name, resolve_device
 from engine.bench.recover_cli import recipe
 from engine.bench.recover_variants import Variant, engine_runner
 from engine.models import ModelConfig, build_model
@@ -74,8 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     teacher = calibrated_teacher(args.model, args.num_classes, args.image_size, device)
     common = dict(batch=args.batch, image_size=args.image_size, num_classes=args.num_classes, steps=args.steps,
                   every=args.every, device=device, r_bn=args.r_bn)

@@ -158,20 +158,13 @@ def recover_breakdown(model: nn.Module, *, num_classes: int, batch: int, aug: St
     """
     model, init, labels, bounds = _recover_setup(model, aug, batch, num_classes, device)
     net = model.to(memory_format=torch.channels_last) if channels_last else model
-    # Kineto logs a device-count error on CPU-only machines; it is noise for this report.
-    os.environ.setdefault("KINETO_LOG_LEVEL", "5")
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
 
     def run(iterations: int) -> None:
         synthesize_batch(net, modules, init, labels, _objective(objective, iterations), aug, bounds,
                          torch.Generator().manual_seed(0), channels_last=channels_last)
 
     with fused_bn_matching(net, backend=backend) as modules, _labelled(modules, BN_RANGE):
-        run(1)
-        sync(device)
-        with profile(activities=activities) as prof:
-            run(steps)
-            sync(device)
+        prof = profiled(run, warmup=1, steps=steps, device=device)
     model.to(memory_format=torch.contiguous_format)
     result = phase_times(prof.events(), on_device=device.type == "cuda")
     result.update(steps=steps, batch=batch, step_ms=result.pop("step_us") / steps / 1000.0,
@@ -180,6 +173,20 @@ def recover_breakdown(model: nn.Module, *, num_classes: int, batch: int, aug: St
         prof.export_chrome_trace(str(trace_path))
         result["trace"] = str(trace_path)
     return result
+
+
+def profiled(run: Callable[[int], None], *, warmup: int, steps: int, device: torch.device) -> profile:
+    """``run(warmup)`` unprofiled, then ``run(steps)`` under torch.profiler (CPU, plus CUDA on a GPU), each
+    ended by a device sync; returns the profiler (its ``events()``)."""
+    # Kineto logs a device-count error on CPU-only machines; it is noise for these reports.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    run(warmup)
+    sync(device)
+    with profile(activities=activities) as prof:
+        run(steps)
+        sync(device)
+    return prof
 
 
 @contextmanager

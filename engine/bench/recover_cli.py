@@ -19,7 +19,7 @@ import json
 
 import torch
 
-from engine.bench.device_stats import device_name
+from engine.bench.device_stats import device_name, resolve_device
 from engine.bench.recover_variants import PRECISIONS, Row, best_engine, measure_variants, render_rows
 from engine.models import ModelConfig, build_model
 from engine.recover.settings import StepAugment
@@ -72,8 +72,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     cuda = device.type == "cuda"
     groups = args.groups or ([1, 2, 4, 8] if cuda else [1, 2])
     precisions = args.precisions or (["fp32", "bf16"] if cuda else ["fp32"])
