@@ -7,7 +7,9 @@ The tree is built once from MNIST-5k (real digits, 28 px gray, written as PNGs):
 train split (4,000) and test split (1,000) are each written ``--copies`` times, every copy shifted by
 its own (dy, dx) of at most 2 px, so the tree holds 5,000 x copies distinct files (60,000 for 12):
 ``train/<digit>/...png`` and ``val/<digit>/...png`` (data=imagefolder's layout). Then it runs
-``python -m engine.cli data=imagefolder data.root=TREE "ipc=[10,50]"`` (plus any OVERRIDES) and
+``python -m engine.cli data=imagefolder data.root=TREE data.eval_crop_ratio=1.0 "ipc=[10,50]"`` (plus any
+OVERRIDES; the tree is stored at its working size, so it is evaluated with a plain resize and held in
+memory, see README "Image trees at their own resolution") and
 prints the wall time of each stage (report.json's ``seconds``) and of the whole command.
 """
 from __future__ import annotations
@@ -73,7 +75,8 @@ def main() -> None:
     if args.build_only:
         return
     run_dir = args.run_dir or args.tree.parent / f"{args.tree.name}_run"
-    command = [sys.executable, "-m", "engine.cli", "data=imagefolder", f"data.root={args.tree}", "ipc=[10,50]",
+    command = [sys.executable, "-m", "engine.cli", "data=imagefolder", f"data.root={args.tree}",
+               "data.eval_crop_ratio=1.0", "ipc=[10,50]",
                "progress=false", f"hydra.run.dir={run_dir}", *args.overrides]
     print(" ".join(command), flush=True)
     start = time.perf_counter()

@@ -125,6 +125,25 @@ class DecodeCache:
         flat = self._map[offset:offset + h * w * self.channels]
         return np.array(flat.reshape((h, w) if self.channels == 1 else (h, w, self.channels)))
 
+    def uniform_images(self, max_size: int) -> Optional[np.ndarray]:
+        """Every image of this view as one uint8 array [N, C, S, S] when each file is one S x S size with
+        S <= ``max_size``, stored pixel for pixel (a tree kept at or below its working size, like MNIST or
+        CIFAR written as PNGs); None otherwise."""
+        rows = self.table if self.indices is None else self.table[self.indices]
+        if len(rows) == 0:
+            return None
+        side = int(rows[0, 1])
+        if side > max_size or not (rows[:, 1:5] == side).all():
+            return None
+        if self._map is None:
+            self._map = np.memmap(self.folder / IMAGES_FILE, dtype=np.uint8, mode="r")
+        per_image = side * side * self.channels
+        if self.indices is None and (rows[:, 0] == np.arange(len(rows)) * per_image).all():
+            flat = np.asarray(self._map[:len(rows) * per_image])
+        else:
+            flat = np.concatenate([self._map[o:o + per_image] for o in rows[:, 0].tolist()])
+        return np.ascontiguousarray(flat.reshape(len(rows), side, side, self.channels).transpose(0, 3, 1, 2))
+
     def get(self, index: int) -> tuple[Image.Image, tuple[int, int], float]:
         row = self.table[index if self.indices is None else self.indices[index]]
         array = self.array(index)

@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 
 from engine.data.bundle import DataBundle, DataConfig
 from engine.data.decode_cache import DecodeCache, header_size, open_or_build
+from engine.data.tensor_dataset import TensorImageDataset, resize_uint8
 from engine.data.views import CropSpec, CropViews, FileSource, eval_crop, open_image, to_chw
 from engine.errors import ConfigError
 
@@ -84,6 +85,39 @@ class ImageFolderDataset(Dataset):
 
     def crop_views(self, spec: CropSpec) -> CropViews:
         return CropViews(self.source(), self.labels, spec)
+
+
+class InMemoryTree(TensorImageDataset):
+    """A split of an image-folder tree held as one uint8 tensor at the working size: training crops are cut
+    on the device from it, exactly as for the built-in sets, instead of one file crop per image in loader
+    workers. ``files`` stays for the FFCV/DALI converters, which read the files themselves."""
+
+    def __init__(self, images: torch.Tensor, labels: Sequence[int], files: list[Path]) -> None:
+        super().__init__(images, torch.as_tensor(list(labels)))
+        self.files = files
+
+
+def _in_memory_splits(train: ImageFolderDataset, val: ImageFolderDataset, image_size: int, crop_ratio: float,
+                      budget_bytes: int) -> Optional[tuple[InMemoryTree, InMemoryTree]]:
+    """Both splits as InMemoryTree when both are cached, the eval transform is a plain resize
+    (data.eval_crop_ratio 1.0, the setting for data stored at its working size) and every file of both
+    splits is one square size S <= image_size; None otherwise (the tree streams file crops).
+
+    Files smaller than image_size are upscaled once, as the built-in sets are: a crop of the upscaled
+    image shows what a crop of the file upscaled would. A larger file would lose pixels in memory, and a
+    center-crop eval transform would show the test split zoomed against every unaugmented train read
+    (the feature probe, real starts, random real rows), which the streaming path zooms too."""
+    if train.cache is None or val.cache is None or crop_ratio != 1.0:
+        return None
+    train_pixels = train.cache.uniform_images(image_size)
+    test_pixels = val.cache.uniform_images(image_size)
+    if train_pixels is None or test_pixels is None:
+        return None
+    if (len(train_pixels) + len(test_pixels)) * train.channels * image_size ** 2 > budget_bytes:
+        return None
+    return tuple(InMemoryTree(resize_uint8(torch.from_numpy(pixels), image_size, split.channels), split.labels,
+                              split.files)
+                 for split, pixels in ((train, train_pixels), (val, test_pixels)))
 
 
 def _verify(files: list[Path], mode: str) -> None:
@@ -174,6 +208,12 @@ def load_imagefolder(cfg: DataConfig, cache_dirs: Optional[dict[str, Path]] = No
         mean, std = list(cfg.mean), list(cfg.std)
     else:
         mean, std = _stats_from_sample(train, cfg.stats_samples, cfg.split_seed)
+    in_memory = _in_memory_splits(train, val, image_size, cfg.eval_crop_ratio, cfg.cache_mb << 20)
+    if in_memory is not None:
+        train, val = in_memory
+        print(f"decode cache: every image of {root} has one square size, at most the working size {image_size}: "
+              f"both splits held in memory at {image_size} px ({len(train)} + {len(val)} images), training "
+              f"crops taken on the device as for the built-in sets")
     return DataBundle(name="imagefolder", train=train, test=val, num_classes=len(class_names),
                       image_size=image_size, channels=channels, mean=mean, std=std,
                       class_names=class_names)
