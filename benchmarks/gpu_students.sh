@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Issue 15 on one GPU (H100 / H200), in about 7 minutes (every step has its own timeout; 9.5 min at most).
+#
+# Run from the repository root, e.g. through the device tool:
+#     bash benchmarks/gpu_students.sh
+# The GPU box has torch, triton and torchvision; hydra, omegaconf, antlr4, mlxtend (MNIST-5k), tqdm and
+# foolbox (real CIFAR images for the sync test; copy the package folder, it is read, not imported) go into
+# .gpu/pydeps. Every step writes $OUT/<step>.log; a failed or timed-out step is recorded in
+# $OUT/summary.txt and the next runs.
+#
+#   00_device.log     GPU name, memory, driver; torch/triton versions; which Python deps import
+#   01_students.log   student images/s, ResNet-18 student and online teacher, 224 px, batch 64:
+#                     fp32, bf16+channels_last, bf16+channels_last+compile
+#   02_moco.log       MoCo v2 ResNet-18 pretraining images/s fp32/bf16, with torch.profiler tables
+#   03_sync.log       pytest -m gpu tests/gpu/test_sync_free_steps_cuda.py (steps under sync debug "error")
+#   04_tree.log       the whole pipeline on the 60,000-PNG tree (benchmarks/tree_pipeline.py), stage times
+# ONLY=<step name part> runs just the matching steps.
+set -u
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD:$PWD/.gpu/pydeps
+export TRITON_INTERPRET=0
+PY=${PY:-python3}
+ONLY=${ONLY:-}
+
+step() {  # step NAME TIMEOUT_S COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    if [ -n "$ONLY" ] && [[ "$name" != *"$ONLY"* ]]; then return 0; fi
+    local start=$SECONDS
+    echo "== $name (timeout ${limit}s): $*" | tee -a "$OUT/summary.txt"
+    timeout --signal=TERM --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "   rc=$rc ($((SECONDS - start)) s)" | tee -a "$OUT/summary.txt"
+    tail -n 12 "$OUT/$name.log"
+}
+
+step 00_device 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; \
+  $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'; \
+  for m in numpy PIL tqdm torchvision pytest hydra omegaconf mlxtend; do \
+    $PY -c \"import \$m\" 2>/dev/null && echo \"import \$m: ok\" || echo \"import \$m: MISSING\"; done; \
+  $PY -c 'import importlib.util as u; print(\"foolbox:\", \"ok\" if u.find_spec(\"foolbox\") else \"MISSING\")'"
+
+step 01_students 120 $PY benchmarks/student_speed.py --device cuda --model resnet18 --image-size 224 --batch 64 \
+  --ipc 50 --epochs 4 --variants fp32,bf16+channels_last,bf16+channels_last+compile
+
+step 02_moco 70 $PY benchmarks/student_speed.py --device cuda --model resnet18 --image-size 224 --batch 64 \
+  --ipc 2 --epochs 2 --variants bf16+channels_last --pretrain --pretrain-ipc 100 --profile --profile-steps 4
+
+step 03_sync 90 $PY -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_sync_free_steps_cuda.py
+
+step 04_tree 240 $PY benchmarks/tree_pipeline.py --tree /tmp/tree60k --copies 12 --workers 12 \
+  --run-dir /tmp/tree60k_run
+
+echo "done in $SECONDS s; logs in $OUT" | tee -a "$OUT/summary.txt"
