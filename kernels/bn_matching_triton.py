@@ -331,7 +331,7 @@ def _bn_matching_bwd_kernel(
 _TILE_ELEMS = 4096  # elements per [BLOCK_HW, BLOCK_C] tile
 _MAX_BLOCK_HW = 1024  # NCHW: rows (contiguous H*W) per tile
 _MAX_BLOCK_C = 128  # channels_last: channels (contiguous) per tile
-_MERGE_BLOCK_T = 64  # row-group partials merged per step
+_MERGE_BLOCK_T = 64  # slots of the last program's merge: row-group partials folded in per loop step
 
 
 def _np2(v: int) -> int:
@@ -340,7 +340,8 @@ def _np2(v: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _target_programs(device_type: str, device_index: int | None) -> int:
-    """Programs worth launching for the stats pass: a few waves on GPU, few under the interpreter."""
+    """Programs worth launching for the stats pass: 4 per SM on a GPU (more programs mean more partials for the
+    last program of a channel block to merge alone), few under the interpreter."""
     if device_type == "cuda":
         return 4 * torch.cuda.get_device_properties(device_index).multi_processor_count
     return 4
