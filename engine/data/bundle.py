@@ -1,7 +1,6 @@
 """What every data entry provides: datasets of (image, label) plus their description."""
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -9,6 +8,7 @@ import torch
 from torch.utils.data import Dataset
 
 from engine.config import MISSING
+from engine.training.precision import cached_on_device
 
 
 @dataclass
@@ -129,10 +129,8 @@ class DataBundle:
         return list(dataset.labels)  # every entry's datasets expose .labels
 
 
-@functools.lru_cache(maxsize=None)
+@cached_on_device
 def _device_stats(mean: tuple, std: tuple, device: torch.device, dtype: torch.dtype):
-    """mean, std as [1,C,1,1] on ``device``, made once: a host->device copy per batch would make the host
-    wait for the GPU every training step. Plain tensors even when first made under inference_mode."""
-    with torch.inference_mode(False), torch.no_grad():
-        return (torch.tensor(mean, device=device, dtype=dtype).view(1, -1, 1, 1),
-                torch.tensor(std, device=device, dtype=dtype).view(1, -1, 1, 1))
+    """mean, std as [1,C,1,1] on ``device``, made once rather than copied from the host every batch."""
+    return (torch.tensor(mean, device=device, dtype=dtype).view(1, -1, 1, 1),
+            torch.tensor(std, device=device, dtype=dtype).view(1, -1, 1, 1))

@@ -25,7 +25,6 @@ copy and never waits for the GPU.
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -34,7 +33,7 @@ import torch.nn.functional as F
 
 from engine.errors import ConfigError
 from engine.training.crops import crop_sides
-from engine.training.precision import to_device
+from engine.training.precision import cached_on_device, to_device
 
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -140,15 +139,13 @@ def _crop_flip_grid(n: int, spec: AugmentSpec, generator: torch.Generator) -> to
     return theta
 
 
-@functools.lru_cache(maxsize=None)
+@cached_on_device
 def _constants(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(luma weights [1, 3, 1, 1], RGB->YIQ, YIQ->RGB) on ``device``: made once, not copied from the host (and
     inverted, a host read on CUDA) every step. The inverse is taken on ``device`` as before, so values match."""
-    # plain tensors even when first made under inference_mode: later steps may record autograd through them
-    with torch.inference_mode(False), torch.no_grad():
-        luma = torch.tensor(_LUMA, dtype=dtype, device=device).view(1, 3, 1, 1)
-        to_yiq = torch.tensor(_TO_YIQ, dtype=dtype, device=device)
-        return luma, to_yiq, torch.linalg.inv(to_yiq)
+    luma = torch.tensor(_LUMA, dtype=dtype, device=device).view(1, 3, 1, 1)
+    to_yiq = torch.tensor(_TO_YIQ, dtype=dtype, device=device)
+    return luma, to_yiq, torch.linalg.inv(to_yiq)
 
 
 _TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))

@@ -75,6 +75,21 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return to_device_all([tensor], device)[0]
 
 
+def cached_on_device(make):
+    """Decorator: ``make(*args)`` (tensors built on a device from hashable arguments such as the device and
+    dtype) runs once per arguments and is kept. For constants a training step would otherwise copy from the
+    host every step (a pageable copy makes the host wait for the GPU). They are made outside inference mode
+    and without autograd: plain tensors that later steps may use while recording gradients."""
+
+    @functools.lru_cache(maxsize=None)
+    @functools.wraps(make)
+    def cached(*args):
+        with torch.inference_mode(False), torch.no_grad():
+            return make(*args)
+
+    return cached
+
+
 _ALIGN = 16
 """Byte alignment of each tensor in a packed transfer: any dtype's view of its slice starts aligned."""
 
