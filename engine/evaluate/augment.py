@@ -119,11 +119,12 @@ def apply_params(x: torch.Tensor, params: AugParams, fill: Optional[torch.Tensor
         out = roi_align(x, rois, output_size=(height, width), spatial_scale=1.0, sampling_ratio=1, aligned=True)
     flips = (moved[:, 4] != 0).view(-1, 1, 1, 1)
     out = torch.where(flips, out.flip(-1), out)
+    partner = partner_of(params, moved)
     if params.cutmix_partner is not None:
         top, bottom, left, right = params.cutmix_box
-        out[:, :, top:bottom, left:right] = out[moved[:, 5], :, top:bottom, left:right]
+        out[:, :, top:bottom, left:right] = out[partner, :, top:bottom, left:right]
     if params.mixup_partner is not None:
-        out = params.mixup_lam * out + (1.0 - params.mixup_lam) * out[moved[:, -1]]
+        out = params.mixup_lam * out + (1.0 - params.mixup_lam) * out[partner]
     return out
 
 
