@@ -26,30 +26,9 @@
 #                        G=1, eager): its launches and device time, forward and backward      + .json
 #   summary.txt          each step's exit code and seconds
 # ONLY=<step name part> runs just the matching steps (a rerun of one that failed).
-set -u
-OUT=${OUT:-$PWD/gpu_out}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD:$PWD/.gpu/pydeps
-export TRITON_INTERPRET=0
-PY=${PY:-python3}
-ONLY=${ONLY:-}  # e.g. ONLY=02_recover_r50 reruns one step
+source "$(dirname "$0")/gpu_common.sh"  # OUT, PY, ONLY, step, device_step
 
-step() {  # step NAME TIMEOUT_S COMMAND...
-    local name=$1 limit=$2
-    shift 2
-    if [ -n "$ONLY" ] && [[ "$name" != *"$ONLY"* ]]; then return 0; fi
-    local start=$SECONDS
-    echo "== $name (timeout ${limit}s): $*" | tee -a "$OUT/summary.txt"
-    timeout --signal=TERM --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
-    local rc=$?
-    echo "   rc=$rc ($((SECONDS - start)) s)" | tee -a "$OUT/summary.txt"
-    tail -n 40 "$OUT/$name.log"
-}
-
-step 00_device 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; \
-  $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'; \
-  for m in numpy PIL tqdm torchvision pytest hydra omegaconf; do \
-    $PY -c \"import \$m\" 2>/dev/null && echo \"import \$m: ok\" || echo \"import \$m: MISSING\"; done"
+device_step numpy PIL tqdm torchvision pytest hydra omegaconf
 
 step 01_recover_r18 130 $PY -m engine.bench.recover_cli --model resnet18 --image-size 224 --batch 100 \
   --groups 1,2,4,8 --precisions fp32,bf16 --graphs off,on --steps 5 --warmup 2 --repeats 1 \

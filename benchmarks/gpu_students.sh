@@ -15,31 +15,11 @@
 #   03_sync.log       pytest -m gpu tests/gpu/test_sync_free_steps_cuda.py (steps under sync debug "error")
 #   04_tree.log       the whole pipeline on the 60,000-PNG tree (benchmarks/tree_pipeline.py), stage times
 # ONLY=<step name part> runs just the matching steps.
-set -u
-OUT=${OUT:-$PWD/gpu_out}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD:$PWD/.gpu/pydeps
-export TRITON_INTERPRET=0
-PY=${PY:-python3}
-ONLY=${ONLY:-}
+STEP_TAIL=${STEP_TAIL:-12}
+source "$(dirname "$0")/gpu_common.sh"  # OUT, PY, ONLY, step, device_step
 
-step() {  # step NAME TIMEOUT_S COMMAND...
-    local name=$1 limit=$2
-    shift 2
-    if [ -n "$ONLY" ] && [[ "$name" != *"$ONLY"* ]]; then return 0; fi
-    local start=$SECONDS
-    echo "== $name (timeout ${limit}s): $*" | tee -a "$OUT/summary.txt"
-    timeout --signal=TERM --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
-    local rc=$?
-    echo "   rc=$rc ($((SECONDS - start)) s)" | tee -a "$OUT/summary.txt"
-    tail -n 12 "$OUT/$name.log"
-}
-
-step 00_device 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; \
-  $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'; \
-  for m in numpy PIL tqdm torchvision pytest hydra omegaconf mlxtend; do \
-    $PY -c \"import \$m\" 2>/dev/null && echo \"import \$m: ok\" || echo \"import \$m: MISSING\"; done; \
-  $PY -c 'import importlib.util as u; print(\"foolbox:\", \"ok\" if u.find_spec(\"foolbox\") else \"MISSING\")'"
+device_step numpy PIL tqdm torchvision pytest hydra omegaconf mlxtend
+step 00_foolbox 10 $PY -c 'import importlib.util as u; print("foolbox:", "ok" if u.find_spec("foolbox") else "MISSING")'
 
 step 01_students 120 $PY benchmarks/student_speed.py --device cuda --model resnet18 --image-size 224 --batch 64 \
   --ipc 50 --epochs 4 --variants fp32,bf16+channels_last,bf16+channels_last+compile
