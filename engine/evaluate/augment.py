@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 
 from engine.training.crops import CROP_UNIFORMS, crop_boxes
-from engine.training.precision import to_device
+from engine.training.precision import to_device_all
 
 
 @dataclass
@@ -84,47 +84,72 @@ def sample_params(rng: np.random.Generator, batch: int, size: int, crop_scale: t
     return params
 
 
-def param_tensor(params: AugParams) -> torch.Tensor:
-    """``params``' per-image values as one int64 [B, P] host tensor, moved to the device in one copy: crop box
-    (top, left, height, width), flip, then the CutMix partner and the MixUp partner where drawn."""
-    columns = [params.boxes.astype(np.int64), params.flips.astype(np.int64)[:, None]]
-    columns += [p.astype(np.int64)[:, None] for p in (params.cutmix_partner, params.mixup_partner) if p is not None]
-    return torch.from_numpy(np.concatenate(columns, axis=1))
+MIX_KINDS = ("cutmix", "mixup", "none")
 
 
-def partner_of(params: AugParams, moved: torch.Tensor) -> Optional[torch.Tensor]:
-    """The mixing partner of each image (``params.partner``) from ``param_tensor(params)`` on the device."""
-    if params.partner is None:
-        return None
-    return moved[:, 5] if params.cutmix_partner is not None else moved[:, -1]
+def mix_kind(params: AugParams) -> str:
+    """Which mixing ``params`` drew: cutmix | mixup | none."""
+    return "cutmix" if params.cutmix_partner is not None else "mixup" if params.mixup_partner is not None else "none"
+
+
+PARTNER = 5
+"""Column of the mixing partner in ``param_tensors``' int64 tensor."""
+
+
+def param_tensors(params: AugParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """``params`` as two host tensors of fixed shapes, moved to the device with the batch in one copy:
+    int64 [B, 6] (crop box top, left, height, width; flip; mixing partner) and float32 [6] (the CutMix
+    region top, bottom, left, right; lam; 1 - lam, both rounded once from float64).
+
+    An unmixed batch has every image as its own partner, an empty region and lam 1, so the same device
+    operations apply it exactly (a copy of itself pasted nowhere, 1 x + 0 x): a step's operations never
+    depend on what was drawn, which is what lets a CUDA graph replay one captured step for every batch."""
+    batch = len(params.boxes)
+    partner = params.partner if params.partner is not None else np.arange(batch)
+    ints = np.concatenate([params.boxes.astype(np.int64), params.flips.astype(np.int64)[:, None],
+                           partner.astype(np.int64)[:, None]], axis=1)
+    region = params.cutmix_box if params.cutmix_partner is not None else (0, 0, 0, 0)
+    floats = np.array([*region, params.lam, 1.0 - params.lam], dtype=np.float64).astype(np.float32)
+    return torch.from_numpy(ints), torch.from_numpy(floats)
 
 
 def apply_params(x: torch.Tensor, params: AugParams, fill: Optional[torch.Tensor] = None,
-                 moved: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 moved: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """Crop every image to the input size (resized bilinearly, or a window of the padded image), flip,
     then paste the CutMix box or blend the MixUp partner.
 
     ``fill``: [1, C, 1, 1] value of a black pixel in x's space (x is normalized: normalize(0)) for the
     pad-and-crop border, as torchvision pads before normalizing; None pads with 0. ``moved``:
-    ``param_tensor(params)`` already on x's device (a step that moves it with its batch); None moves it here."""
-    n, _, height, width = x.shape
+    ``param_tensors(params)`` already on x's device (a step that moves it with its batch); None moves it here."""
     if moved is None:
-        moved = to_device(param_tensor(params), x.device)
-    if params.pad:
-        out = _pad_crop(x, moved[:, :2], params.pad, fill)
+        moved = tuple(to_device_all(param_tensors(params), x.device))
+    return apply_moved(x, moved, mix_kind(params), params.pad, fill)
+
+
+def apply_moved(x: torch.Tensor, moved: tuple[torch.Tensor, torch.Tensor], mix: str, pad: int,
+                fill: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``apply_params`` from ``param_tensors`` on x's device, with the mixing kind (``MIX_KINDS``) and the
+    padding given: no host value of the batch's draw decides any operation."""
+    ints, floats = moved
+    n, _, height, width = x.shape
+    if pad:
+        out = _pad_crop(x, ints[:, :2], pad, fill)
     else:
-        boxes = moved[:, :4].float()  # int16 pixel counts: exact in float32
+        boxes = ints[:, :4].float()  # int16 pixel counts: exact in float32
         rois = torch.stack([torch.arange(n, dtype=torch.float32, device=x.device), boxes[:, 1], boxes[:, 0],
                             boxes[:, 1] + boxes[:, 3], boxes[:, 0] + boxes[:, 2]], dim=1)
         out = roi_align(x, rois, output_size=(height, width), spatial_scale=1.0, sampling_ratio=1, aligned=True)
-    flips = (moved[:, 4] != 0).view(-1, 1, 1, 1)
+    flips = (ints[:, 4] != 0).view(-1, 1, 1, 1)
     out = torch.where(flips, out.flip(-1), out)
-    partner = partner_of(params, moved)
-    if params.cutmix_partner is not None:
-        top, bottom, left, right = params.cutmix_box
-        out[:, :, top:bottom, left:right] = out[partner, :, top:bottom, left:right]
-    if params.mixup_partner is not None:
-        out = params.mixup_lam * out + (1.0 - params.mixup_lam) * out[partner]
+    partner = ints[:, PARTNER]
+    if mix == "cutmix":
+        rows = torch.arange(height, device=x.device)
+        cols = torch.arange(width, device=x.device)
+        inside = (((rows >= floats[0]) & (rows < floats[1])).view(height, 1)
+                  & ((cols >= floats[2]) & (cols < floats[3])).view(1, width))
+        out = torch.where(inside, out[partner], out)
+    elif mix == "mixup":
+        out = floats[4] * out + floats[5] * out[partner]
     return out
 
 

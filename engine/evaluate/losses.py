@@ -18,6 +18,9 @@ def soft_label_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
 
 
 def mixed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, partner_labels: torch.Tensor,
-                        lam: float) -> torch.Tensor:
-    """CutMix hard-label loss: lam * CE(y) + (1 - lam) * CE(y of the pasted image)."""
-    return lam * F.cross_entropy(logits, labels) + (1 - lam) * F.cross_entropy(logits, partner_labels)
+                        lam, rest=None) -> torch.Tensor:
+    """CutMix/MixUp hard-label loss: lam * CE(y) + (1 - lam) * CE(y of the mixed-in image). ``lam`` a float or
+    a 0-d tensor on the device; ``rest``: 1 - lam as given (``param_tensors`` rounds both from float64), else
+    computed. With lam 1 and the image itself as partner it is exactly CE(y)."""
+    rest = 1 - lam if rest is None else rest
+    return lam * F.cross_entropy(logits, labels) + rest * F.cross_entropy(logits, partner_labels)

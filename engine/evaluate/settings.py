@@ -112,6 +112,11 @@ class EvaluateConfig:
     """torch.compile the student's forward/backward (fixed shapes). Each student pays the compilation once:
     CPU, default ConvNet at batch 100, about 25-55 s for 1.3x fp32 steps (2 shared cores; bf16+channels_last
     without compiling was faster still, 2.3x), so on the CPU it pays off only for runs of many minutes."""
+    cuda_graphs: bool = False
+    """CUDA, one process: every full batch replays one CUDA graph of the whole student step (augmentation,
+    student and teacher forwards, loss, backward, AdamW/SGD), captured after 3 eager steps; the same
+    arithmetic as the eager step, without its launch cost (small distilled-set batches are launch-bound).
+    Refused on the CPU, with DDP ranks and with evaluate.compile. Not part of a row's fingerprint."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.full_data_epochs < 1:
@@ -154,6 +159,9 @@ class EvaluateConfig:
                                                 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1):
             raise ConfigError(f"evaluate.crop_scale={self.crop_scale} must be [low, high] in (0, 1]")
         check_precision(self.precision, "evaluate.precision")
+        if self.cuda_graphs and self.compile:
+            raise ConfigError("evaluate.cuda_graphs=true and evaluate.compile=true are both set; pick one "
+                              "(cuda_graphs replays the whole step, compile fuses the forward)")
         self._check_students()
         if self.external_sets is not None and not isinstance(self.external_sets, dict):
             raise ConfigError(f"evaluate.external_sets={self.external_sets!r} must map names to folders: "

@@ -37,7 +37,7 @@ from engine.evaluate.relabel import precompute_soft_labels
 from engine.evaluate.report import write_report
 from engine.evaluate.settings import EvaluateConfig
 from engine.io import save_json
-from engine.evaluate.student import StudentRecipe, train_student
+from engine.evaluate.student import check_cuda_graphs, StudentRecipe, train_student
 from engine.training.tb_logger import open_logger, parse_logger
 from engine.loaders.settings import LoaderConfig, parse_loader
 from engine.models import ModelConfig, build_model
@@ -306,7 +306,7 @@ class Evaluator:
                                teacher=self.teacher if stored is None else None, stored_labels=stored,
                                checkpoint=state_file, progress=ctx.run.progress and not self.quiet,
                                desc=f"{label} ipc={ipc}" if ipc else label, dist=ctx.dist, test_loader=test_loader,
-                               fingerprint=fingerprint, logger=logger)
+                               fingerprint=fingerprint, logger=logger, cuda_graphs=self.cfg.cuda_graphs)
         logger.close()
         row = {"top1": result.top1, "best_top1": result.best_top1, "top5": result.top5,
                "images": len(train.dataset), "epochs": recipe.epochs, "seconds": result.seconds,
@@ -513,6 +513,8 @@ def validate(ctx: RunContext, *, teachers_from_squeeze: Optional[Sequence[str]] 
     bundle = ctx.data
     parse_loader(ctx.sections, ctx.data_cfg, bundle)
     ctx.require_ipc_fits(max(ctx.run.ipc), "the random-real baseline")
+    if cfg.cuda_graphs:
+        check_cuda_graphs(ctx.dist.device, ctx.dist.world_size)
     for student in student_lineup(cfg, ctx.model_cfg):
         build_model(student.model, bundle.num_classes, bundle.channels, bundle.image_size)
     if cfg.loss == "kl":

@@ -20,16 +20,18 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from engine.data.views import at_epoch, crops_in_data
-from engine.evaluate.augment import AugParams, apply_params, param_tensor, partner_of, sample_params, step_rng
+from engine.evaluate.augment import PARTNER, AugParams, apply_moved, param_tensors, sample_params, step_rng
 from engine.evaluate.losses import mixed_cross_entropy, soft_label_kl
 from engine import preemption
 from engine.evaluate.relabel import load_epoch_labels, reconstruct_logits
 from engine.distributed import DistEnv, average_buffers
+from engine.errors import ConfigError
 from engine.artifacts import student as student_artifacts
 from engine.training.batches import batches_of, epoch_order, load_batches, to_unit_float
 from engine.training.metrics import evaluate_accuracy
-from engine.training.precision import (autocast, layout, optimizer_options, to_device, to_device_all,
+from engine.training.precision import (autocast, layout, optimizer_options, to_device_all,
                                       use_channels_last)
+from engine.training.graphs import CapturedStep, require_cuda_graphs
 from engine.training.schedule import set_lr
 from engine.training.tb_logger import NULL_LOGGER, MetricsLogger
 from engine.training.trainers import wrap_ddp
@@ -72,12 +74,16 @@ class StudentRecipe:
                              crop=self.crop, pad=self.crop_padding, mix=self.mix, mixup_alpha=self.mixup_alpha)
 
 
-def build_optimizer(student: nn.Module, recipe: StudentRecipe, device: Optional[torch.device] = None
-                    ) -> torch.optim.Optimizer:
+def build_optimizer(student: nn.Module, recipe: StudentRecipe, device: Optional[torch.device] = None,
+                    capturable: bool = False) -> torch.optim.Optimizer:
     """AdamW or SGD; without ``decay_norm_and_bias`` only weights of 2+ dimensions (conv, linear) decay,
     as the ImageNet script's param groups: BatchNorm scales/shifts and biases get weight decay 0.
-    With ``device``: fused (CUDA) or foreach (CPU) kernels, the same update as the default loop."""
+    With ``device``: fused (CUDA) or foreach (CPU) kernels, the same update as the default loop.
+    ``capturable`` (a CUDA-graph step): AdamW keeps its step count on the device (train_student then makes
+    the groups' lr one device tensor, which the step writes)."""
     options = optimizer_options(device) if device is not None else {}
+    if capturable and recipe.optimizer == "adamw":
+        options["capturable"] = True
     params = [p for p in student.parameters() if p.requires_grad]
     if recipe.decay_norm_and_bias:
         groups = [{"params": params}]
@@ -144,6 +150,11 @@ class _Run:
     logger: MetricsLogger = NULL_LOGGER
     step_index: int = 0
     """Optimizer steps so far (the TensorBoard x axis)."""
+    num_classes: int = 0
+    lr: Optional[torch.Tensor] = None
+    """The optimizer groups' shared device lr of a CUDA-graph run (the step writes it); None: a float per step."""
+    captured: Optional[CapturedStep] = None
+    """The CUDA-graph step (cuda_graphs=True): full batches replay it."""
 
 
 def train_student(student: nn.Module, train_set: Dataset, test_set: Dataset, normalize: Callable,
@@ -151,7 +162,8 @@ def train_student(student: nn.Module, train_set: Dataset, test_set: Dataset, nor
                   teacher: Optional[nn.Module] = None, stored_labels: Optional[Path] = None,
                   checkpoint: Optional[Path] = None, progress: bool = True,
                   desc: str = "student", dist: Optional[DistEnv] = None, test_loader=None,
-                  fingerprint: Optional[dict] = None, logger: MetricsLogger = NULL_LOGGER) -> StudentResult:
+                  fingerprint: Optional[dict] = None, logger: MetricsLogger = NULL_LOGGER,
+                  cuda_graphs: bool = False) -> StudentResult:
     """AdamW or SGD + cosine lr (``student_lr``); soft labels online from ``teacher`` or from ``stored_labels``.
 
     With world size W > 1 (``dist``) every rank loads and augments the same full batch, keeps its
@@ -166,23 +178,30 @@ def train_student(student: nn.Module, train_set: Dataset, test_set: Dataset, nor
     (weights, AdamW/SGD state and BN running statistics stay fp32; the loss is taken from fp32 logits);
     ``channels_last`` puts the student, the teacher and each batch in NHWC; ``compile`` wraps the
     student's forward (and so its backward) in torch.compile, whose first steps pay the compilation.
+    ``cuda_graphs`` (CUDA, one process, no ``compile``): every full batch replays one CUDA graph of the
+    whole step (augmentation, student and teacher forwards, loss, backward, optimizer), captured after a
+    few eager steps (engine.training.graphs); the step's arithmetic is the eager one's.
     ``logger`` receives per-step loss/lr and per-epoch throughput and test accuracy (engine.training.tb_logger).
     """
     if recipe.loss == "kl" and teacher is None and stored_labels is None:
         raise ValueError("soft-label training needs a teacher (online) or stored labels")
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    if cuda_graphs:
+        check_cuda_graphs(device, world)
+        if recipe.compile:
+            raise ConfigError("cuda_graphs and recipe.compile are both set; pick one")
     torch.manual_seed(seed)
     channels_last = use_channels_last(recipe.channels_last, device, recipe.precision)
     student = layout(student.to(device), channels_last)
     if teacher is not None:
         teacher = layout(teacher.to(device).eval(), channels_last)
     run = _Run(student=student, model=wrap_ddp(student, dist) if world > 1 else student,
-               optimizer=build_optimizer(student, recipe, device),
+               optimizer=build_optimizer(student, recipe, device, capturable=cuda_graphs),
                recipe=recipe, normalize=normalize, device=device, seed=seed,
                teacher=teacher, stored_labels=stored_labels,
                rank=rank, world=world, steps_per_epoch=math.ceil(len(train_set) / recipe.batch_size),
                image_size=train_set[0][0].shape[-1], channels_last=channels_last,
-               logger=logger if rank == 0 else NULL_LOGGER)
+               logger=logger if rank == 0 else NULL_LOGGER, num_classes=student.fc.out_features)
     # dynamic=False: a last smaller batch recompiles once instead of tracing symbolic shapes
     run.forward = torch.compile(run.model, dynamic=False) if recipe.compile else run.model
     if recipe.crop == "pad":
@@ -194,6 +213,12 @@ def train_student(student: nn.Module, train_set: Dataset, test_set: Dataset, nor
         student.load_state_dict(state["student"])
         run.optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"], state["history"]
+    if cuda_graphs:  # after loading a state, whose lr would replace the groups' tensor
+        run.lr = torch.tensor(float(recipe.lr), dtype=torch.float32, device=device)
+        for group in run.optimizer.param_groups:
+            group["lr"] = run.lr
+        run.captured = CapturedStep(lambda inputs: _device_step(run, inputs), device,
+                                    before_capture=lambda: run.optimizer.zero_grad(set_to_none=True))
     run.step_index = start_epoch * run.steps_per_epoch
     checkpoint_every = max(1, recipe.epochs // 10)
     start = time.time()
@@ -221,7 +246,7 @@ def train_student(student: nn.Module, train_set: Dataset, test_set: Dataset, nor
         if (checkpoint is not None and rank == 0 and ((epoch + 1) % checkpoint_every == 0 or stop)
                 and epoch + 1 < recipe.epochs):
             student_artifacts.save_state(checkpoint, {"student": student.state_dict(),
-                                                      "optimizer": run.optimizer.state_dict(),
+                                                      "optimizer": plain_lr(run.optimizer.state_dict()),
                                                       "epoch": epoch + 1, "history": history}, fingerprint)
         if stop:  # preempted: the epoch in flight is finished and its checkpoint written
             preemption.check(f"epoch {epoch + 1} of {recipe.epochs} of {desc} (checkpoint {checkpoint})")
@@ -234,6 +259,23 @@ def train_student(student: nn.Module, train_set: Dataset, test_set: Dataset, nor
     return StudentResult(top1=final["top1"], top5=final["top5"], best_top1=student_artifacts.best_top1(history),
                          history=history, seconds=seconds,
                          images_per_s=seen / seconds if seconds > 0 else 0.0)
+
+
+def check_cuda_graphs(device: torch.device, world: int) -> None:
+    """One line refusing evaluate.cuda_graphs where it cannot run (with compile: EvaluateConfig refuses)."""
+    require_cuda_graphs(device, "evaluate.cuda_graphs")
+    if world > 1:
+        raise ConfigError(f"evaluate.cuda_graphs=true captures one process's step; this run has {world} ranks "
+                          f"(DDP): set evaluate.cuda_graphs=false or run one process")
+
+
+def plain_lr(state: dict) -> dict:
+    """An optimizer state dict with a device lr tensor (a CUDA-graph run's) as the float it holds: checkpoints
+    hold plain numbers, loadable by any run."""
+    for group in state["param_groups"]:
+        if isinstance(group.get("lr"), torch.Tensor):
+            group["lr"] = float(group["lr"])
+    return state
 
 
 def _train_epoch(run: _Run, train_set: Dataset, epoch: int) -> tuple[dict, int]:
@@ -252,12 +294,13 @@ def _train_epoch(run: _Run, train_set: Dataset, epoch: int) -> tuple[dict, int]:
     batches = load_batches(at_epoch(train_set, epoch), batches_of(order, run.recipe.batch_size), run.recipe.workers)
     for step, (images, labels) in enumerate(batches):
         lr = student_lr(run.recipe, epoch, step, run.steps_per_epoch)
-        set_lr(run.optimizer, lr)
+        if run.lr is None:  # a CUDA-graph step writes its lr tensor itself
+            set_lr(run.optimizer, lr)
         params = step_params[step] if step_params is not None else run.recipe.sample(
             step_rng(run.seed, epoch, step), len(labels), run.image_size)
-        if cropped:  # the whole (already cropped) image; flips and mixing stay as drawn
-            params.boxes[:] = (0, 0, run.image_size, run.image_size)
-        loss = _train_step(run, images, labels, params, stored, step)
+        if cropped:  # the whole (already cropped) image (the centre window of a padded one); flips, mixing as drawn
+            params.boxes[:] = (params.pad, params.pad, run.image_size, run.image_size)
+        loss = _train_step(run, images, labels, params, stored, step, lr)
         run.step_index += 1
         if loss is not None:
             losses.append((run.step_index, lr, loss))
@@ -271,42 +314,59 @@ def _train_epoch(run: _Run, train_set: Dataset, epoch: int) -> tuple[dict, int]:
 
 
 def _train_step(run: _Run, images: torch.Tensor, labels: torch.Tensor, params: AugParams,
-                stored: Optional[dict], step: int) -> Optional[torch.Tensor]:
+                stored: Optional[dict], step: int, lr: Optional[float] = None) -> Optional[torch.Tensor]:
     """One optimizer step on this rank's share of the batch; returns its loss, a 0-d tensor left on the
-    device (None: empty share)."""
-    rank, world = run.rank, run.world
-    # One copy carries the batch, its labels and its crop/flip/mix parameters: each separate copy from
-    # pageable memory would make the host wait for the GPU. uint8 crosses (a quarter of fp32's bytes) and
-    # becomes float there.
-    images, labels, moved = to_device_all([images, labels, param_tensor(params)], run.device)
-    x = apply_params(run.normalize(to_unit_float(images)), params, run.fill, moved)
+    device (None: empty share). ``lr``: this step's learning rate, written into the optimizer's lr tensor
+    by the step itself (a CUDA-graph run, ``run.lr``); the eager loop sets it beforehand instead."""
+    # One copy carries the batch, its labels and its crop/flip/mix parameters (and, when captured, the lr;
+    # with stored labels, the targets): each separate copy from pageable memory would make the host wait
+    # for the GPU. uint8 crosses (a quarter of fp32's bytes) and becomes float there.
+    host = [images, labels, *param_tensors(params)]
+    if run.lr is not None:
+        host.append(torch.tensor([run.recipe.lr if lr is None else lr], dtype=torch.float32))
+    if stored is not None and run.recipe.loss == "kl":
+        host.append(reconstruct_logits(stored, step, run.num_classes)[run.rank::run.world])
+    if run.captured is not None:
+        return run.captured(host)
+    return _device_step(run, to_device_all(host, run.device))
+
+
+def _device_step(run: _Run, inputs: list[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The step on ``_train_step``'s tensors, on the device. Which operations run depends only on the recipe
+    and the shapes, never on the batch's draw, so a CUDA graph captured on one batch serves every batch."""
+    images, labels, ints, floats, *rest = inputs
+    rank, world, recipe = run.rank, run.world, run.recipe
+    if run.lr is not None:
+        run.lr.copy_(rest.pop(0).view(()))
+    mix = recipe.mix if len(labels) > 1 else "none"  # one image is never mixed
+    x = apply_moved(run.normalize(to_unit_float(images)), (ints, floats), mix, recipe.crop_padding
+                    if recipe.crop == "pad" else 0, run.fill)
     if run.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    partner = None
-    if params.partner is not None:  # CutMix or MixUp
-        partner = labels[partner_of(params, moved)]
+    partner = labels[ints[:, PARTNER]] if mix != "none" else None
     full = len(labels)
     if world > 1:  # this rank's share of the batch (partners were looked up in the whole batch)
         x, labels = x[rank::world], labels[rank::world]
         partner = partner[rank::world] if partner is not None else None
-    with autocast(run.recipe.precision, run.device):
+    with autocast(recipe.precision, run.device):
         logits = run.forward(x)
     logits = logits.float()  # the loss in fp32 whatever the forward ran in
     if len(labels) == 0:  # a last batch smaller than the world leaves some ranks nothing
         loss = logits.sum() * 0.0
-    elif run.recipe.loss == "hard":
-        loss = (mixed_cross_entropy(logits, labels, partner, params.lam) if partner is not None
+    elif recipe.loss == "hard":
+        # an unmixed batch of a mixing recipe has itself as partner and lam 1: exactly CE(y)
+        loss = (mixed_cross_entropy(logits, labels, partner, floats[4], floats[5]) if partner is not None
                 else F.cross_entropy(logits, labels))
     else:
-        if stored is not None:
-            target = to_device(reconstruct_logits(stored, step, logits.shape[1])[rank::world], run.device)
+        if rest:  # stored labels, reconstructed on the host and moved with the batch
+            target = rest[0]
         else:
-            with torch.no_grad(), autocast(run.recipe.precision, run.device):
+            with torch.no_grad(), autocast(recipe.precision, run.device):
                 target = run.teacher(x)
             target = target.float()
-        loss = soft_label_kl(logits, target, run.recipe.temperature)
-        if run.recipe.temperature_squared:
-            loss = loss * run.recipe.temperature ** 2
+        loss = soft_label_kl(logits, target, recipe.temperature)
+        if recipe.temperature_squared:
+            loss = loss * recipe.temperature ** 2
     run.optimizer.zero_grad(set_to_none=True)
     # DDP averages over ranks; weighting by the share makes it the full batch's mean
     (loss * (len(labels) * world / full) if world > 1 else loss).backward()

@@ -26,6 +26,7 @@ from engine.errors import ConfigError
 from engine.recover import augment as augment_ops
 from engine.recover.augment import augment_batch
 from engine.recover.settings import StepAugment
+from engine.training.precision import autocast
 from engine.training.schedule import cosine_lr, set_lr
 from kernels import set_groups
 
@@ -91,15 +92,6 @@ def require_cuda_graphs_possible(device: torch.device) -> None:
                           f"set recover.cuda_graphs=false")
 
 
-def _autocast(device: torch.device, precision: str):
-    """bf16: the teacher under autocast; pixels, Adam and the BN statistics/losses stay fp32 (the
-    kernels accumulate in fp32 whatever the activation dtype). No weight-cast cache: a cache lives
-    for one context anyway, and CUDA graph capture must not keep one."""
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
-
-
 class _GroupStep:
     """One optimization step of G stacked groups, written so it can be captured by a CUDA graph:
     no host reads, the lr a device tensor when captured, the clip in place."""
@@ -117,7 +109,7 @@ class _GroupStep:
         g, obj = self.groups, self.objective
         if self.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
-        with _label(FORWARD_RANGE), _autocast(self.x.device, self.precision):
+        with _label(FORWARD_RANGE), autocast(self.precision, self.x.device):
             logits = self.teacher(inputs)
         logits = logits.float()
         ce = F.cross_entropy(logits, self.targets, reduction="none").view(g, -1).mean(1)

@@ -45,10 +45,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def autocast(precision: str, device: torch.device):
-    """The forward's context: torch.autocast(bfloat16) for bf16, nothing for fp32."""
+    """The forward's context: torch.autocast(bfloat16) for bf16, nothing for fp32. Without the weight-cast
+    cache: a forward casts each weight once anyway, and a CUDA graph capture must not keep a cache."""
     if resolve_precision(precision, device) != "bf16":
         return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, cache_enabled=False)
 
 
 def use_channels_last(choice: Optional[bool], device: torch.device, precision: str = "fp32") -> bool:

@@ -1,0 +1,93 @@
+"""evaluate.cuda_graphs on CUDA: a student trained with its full batches replaying one captured graph of the
+whole step ends where the eager training ends (same weights and losses, cuDNN deterministic), for online and
+stored soft labels, hard labels with MixUp and SGD, fp32 and bf16, and an epoch's last smaller batch eager.
+The CPU tier checks the step's graph readiness (tests/evaluate/test_student_graph_step.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.data import DataConfig, build_data
+from engine.evaluate.relabel import precompute_soft_labels
+from engine.evaluate.stage import random_real_subset
+from engine.evaluate.student import StudentRecipe, train_student
+from engine.models import ModelConfig, build_model
+from teachers import SMALL_MODEL
+
+pytestmark = pytest.mark.gpu
+
+CUDA = torch.device("cuda")
+MODELS = {"convnet": SMALL_MODEL, "resnet18": ModelConfig(name="resnet18")}
+BATCH, IPC, EPOCHS = 32, 20, 2  # 200 images: 6 full batches and one of 8 per epoch
+
+
+@pytest.fixture(scope="module")
+def digits():
+    bundle = build_data(DataConfig(name="digits", image_size=32, channels=3))
+    return bundle, random_real_subset(bundle, IPC, seed=0).dataset
+
+
+@pytest.fixture
+def deterministic_cudnn():
+    before = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    yield
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before
+
+
+def _train(digits, model, recipe, graphs, monkeypatch, stored=None):
+    bundle, train = digits
+    replays = []
+    replay = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda self: (replays.append(1), replay(self))[1])
+    torch.manual_seed(1)
+    teacher = build_model(model, bundle.num_classes, 3, 32).eval()
+    torch.manual_seed(2)
+    student = build_model(model, bundle.num_classes, 3, 32)
+    if stored is not None and not stored.exists():
+        precompute_soft_labels(teacher, train, bundle.normalize, recipe, CUDA, 0, stored, topk=10, progress=False)
+    result = train_student(student, train, bundle.test, bundle.normalize, recipe, CUDA, seed=0,
+                           teacher=None if stored is not None else teacher, stored_labels=stored,
+                           progress=False, cuda_graphs=graphs)
+    monkeypatch.undo()
+    return student.state_dict(), [row["loss"] for row in result.history], len(replays)
+
+
+def _recipe(**options) -> StudentRecipe:
+    return StudentRecipe(**{**dict(epochs=EPOCHS, batch_size=BATCH, lr=1e-3, weight_decay=0.01, temperature=4.0,
+                                   loss="kl", crop_scale=(0.5, 1.0), flip=True, cutmix_prob=0.5, cutmix_alpha=1.0,
+                                   eval_every=EPOCHS), **options})
+
+
+def _same_training(eager, graphed, tolerance):
+    (weights_a, losses_a, replays_a), (weights_b, losses_b, replays_b) = eager, graphed
+    full = EPOCHS * (IPC * 10 // BATCH)
+    assert replays_a == 0 and replays_b == full - 3  # 3 eager warm-up steps, then every full batch replays
+    assert losses_b == pytest.approx(losses_a, rel=tolerance, abs=tolerance)
+    for key, value in weights_a.items():
+        if value.is_floating_point():
+            assert torch.allclose(weights_b[key], value, rtol=tolerance, atol=tolerance), key
+
+
+@pytest.mark.usefixtures("deterministic_cudnn")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("model", MODELS.values(), ids=MODELS.keys())
+def test_graphed_student_ends_where_the_eager_one_ends(digits, model, precision, monkeypatch):
+    recipe = _recipe(precision=precision)
+    _same_training(_train(digits, model, recipe, False, monkeypatch), _train(digits, model, recipe, True, monkeypatch),
+                   1e-5 if precision == "fp32" else 1e-3)
+
+
+@pytest.mark.usefixtures("deterministic_cudnn")
+def test_graphed_hard_label_mixup_with_sgd(digits, monkeypatch):
+    recipe = _recipe(loss="hard", crop="pad", mix="mixup", optimizer="sgd", lr=0.05)
+    _same_training(_train(digits, SMALL_MODEL, recipe, False, monkeypatch),
+                   _train(digits, SMALL_MODEL, recipe, True, monkeypatch), 1e-5)
+
+
+@pytest.mark.usefixtures("deterministic_cudnn")
+def test_graphed_student_on_stored_labels(digits, monkeypatch, tmp_path):
+    recipe = _recipe()
+    stored = tmp_path / "labels"
+    _same_training(_train(digits, SMALL_MODEL, recipe, False, monkeypatch, stored),
+                   _train(digits, SMALL_MODEL, recipe, True, monkeypatch, stored), 1e-5)
