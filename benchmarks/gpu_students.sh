@@ -13,7 +13,8 @@
 #                     fp32, bf16+channels_last, fp32+graphs, bf16+channels_last+graphs (evaluate.cuda_graphs)
 #   02_moco.log       MoCo v2 ResNet-18 pretraining images/s fp32/bf16, with torch.profiler tables
 #   03_sync.log       pytest -m gpu tests/gpu/test_sync_free_steps_cuda.py (steps under sync debug "error") and
-#                     tests/gpu/test_student_graphs_cuda.py (graphed students end where eager ones end)
+#                     tests/gpu/test_student_graphs_cuda.py, test_pretrain_graphs_cuda.py (graphed students
+#                     and pretraining end where eager ones end)
 #   04_tree.log       the whole pipeline on the 60,000-PNG tree (benchmarks/tree_pipeline.py), stage times
 # ONLY=<step name part> runs just the matching steps.
 STEP_TAIL=${STEP_TAIL:-12}
@@ -29,7 +30,7 @@ step 02_moco 70 $PY benchmarks/student_speed.py --device cuda --model resnet18 -
   --ipc 2 --epochs 2 --variants bf16+channels_last --pretrain --pretrain-ipc 100 --profile --profile-steps 4
 
 step 03_sync 120 $PY -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_sync_free_steps_cuda.py \
-  tests/gpu/test_student_graphs_cuda.py
+  tests/gpu/test_student_graphs_cuda.py tests/gpu/test_pretrain_graphs_cuda.py
 
 step 04_tree 240 $PY benchmarks/tree_pipeline.py --tree /tmp/tree60k --copies 12 --workers 12 \
   --run-dir /tmp/tree60k_run

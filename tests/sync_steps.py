@@ -75,6 +75,6 @@ def moco_step(bundle: DataBundle, device: torch.device, model: ModelConfig, stat
 
     def step() -> torch.Tensor:
         images, labels = batches[next(calls) % len(batches)]
-        return pretrain._train_step(run, images, labels)[0].detach()
+        return pretrain._train_step(run, images, labels, settings.lr)[0].detach()
 
     return step

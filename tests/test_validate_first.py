@@ -46,6 +46,7 @@ def _fails_before_any_stage(run_scdd, run_dir, *overrides) -> str:
     (["data.mean=[0.5]"], "data.mean is given but data.std is not"),
     (["evaluate.cuda_graphs=true"], "evaluate.cuda_graphs=true needs a CUDA device (this run is on cpu)"),
     (["evaluate.cuda_graphs=true", "evaluate.compile=true"], "evaluate.cuda_graphs=true and evaluate.compile=true"),
+    (["squeeze.cuda_graphs=true"], "squeeze.cuda_graphs=true needs a CUDA device (this run is on cpu)"),
 ])
 def test_pipeline_refuses_a_bad_setting_before_squeeze(run_scdd, tmp_path, overrides, message):
     assert message in _fails_before_any_stage(run_scdd, tmp_path / "run", *PIPELINE, *overrides)

@@ -34,6 +34,7 @@ from engine.squeeze.augment import AugmentSpec
 from engine.squeeze.augment import augment_batch as ssl_augment
 from engine.squeeze.ssl import TrainSettings, method_spec
 from engine.bench.device_stats import device_name, peak_memory, reset_peak, sync
+from engine.training.precision import to_device_all
 from kernels import fused_bn_matching
 
 Normalize = Callable[[torch.Tensor], torch.Tensor]
@@ -321,7 +322,8 @@ def time_pretrain(model: nn.Module, settings: TrainSettings, images: torch.Tenso
         return normalize(x).contiguous(memory_format=torch.channels_last)
 
     def step(_i: int) -> None:
-        loss = method.loss([view() for _ in range(method.num_views)], labels, generator)
+        views = [view() for _ in range(method.num_views)]
+        loss = method.loss(views, labels, to_device_all(method.draw(len(labels), generator), device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -228,6 +228,17 @@ class Evaluator:
                 "train_set": train.digest, "label_teacher": self.teacher_digest if recipe.loss == "kl" else None,
                 "relabel": self.cfg.relabel if recipe.loss == "kl" else None, "stored": stored}
 
+    def labels_folder(self, ipc: Optional[int], key: str, student: Student) -> Path:
+        """Where a row's stored soft labels live. Every model of the lineup sees the same crops labelled by the
+        same teacher on a row (one recipe, seed and set), so a process that trains all of a row's models
+        labels once, in the headline's folder, and the others replay those files (their fingerprint is the
+        same). A job-array task or a row process, which may train some of a row's models beside another
+        process training the rest, keeps each model's own folder."""
+        layout = RunLayout(self.ctx.run_dir)
+        if student.folder is None or self.share.is_array or self.assigned is not None:
+            return layout.evaluate_row(ipc, key, student.folder) / "labels"
+        return layout.evaluate_row(ipc, key) / "labels"
+
     def run_row(self, key: str, ipc: Optional[int], train: TrainingSet, epochs: Optional[int] = None,
                 seed_offset: int = 0) -> Optional[dict]:
         """The row's student of each lineup model, one position each; the headline's result, with every
@@ -286,7 +297,7 @@ class Evaluator:
         barrier()
         stored = storage = None
         if recipe.loss == "kl" and self.cfg.relabel == "stored":
-            stored = folder / "labels"
+            stored = self.labels_folder(ipc, key + (f"_s{seed_offset}" if seed_offset else ""), student)
             for turn in ("main", "others"):  # rank 0 writes the labels; the others then find them done
                 if ctx.dist.is_main == (turn == "main"):
                     storage = precompute_soft_labels(

@@ -31,7 +31,7 @@ from engine.training.batches import batches_of, epoch_order, load_batches, to_un
 from engine.training.metrics import evaluate_accuracy
 from engine.training.precision import (autocast, layout, optimizer_options, to_device_all,
                                       use_channels_last)
-from engine.training.graphs import CapturedStep, require_cuda_graphs
+from engine.training.graphs import CapturedStep, plain_lr, require_cuda_graphs
 from engine.training.schedule import set_lr
 from engine.training.tb_logger import NULL_LOGGER, MetricsLogger
 from engine.training.trainers import wrap_ddp
@@ -201,7 +201,7 @@ def train_student(student: nn.Module, train_set: Dataset, test_set: Dataset, nor
                teacher=teacher, stored_labels=stored_labels,
                rank=rank, world=world, steps_per_epoch=math.ceil(len(train_set) / recipe.batch_size),
                image_size=train_set[0][0].shape[-1], channels_last=channels_last,
-               logger=logger if rank == 0 else NULL_LOGGER, num_classes=student.fc.out_features)
+               logger=logger if rank == 0 else NULL_LOGGER, num_classes=_output_classes(student))
     # dynamic=False: a last smaller batch recompiles once instead of tracing symbolic shapes
     run.forward = torch.compile(run.model, dynamic=False) if recipe.compile else run.model
     if recipe.crop == "pad":
@@ -269,13 +269,11 @@ def check_cuda_graphs(device: torch.device, world: int) -> None:
                           f"(DDP): set evaluate.cuda_graphs=false or run one process")
 
 
-def plain_lr(state: dict) -> dict:
-    """An optimizer state dict with a device lr tensor (a CUDA-graph run's) as the float it holds: checkpoints
-    hold plain numbers, loadable by any run."""
-    for group in state["param_groups"]:
-        if isinstance(group.get("lr"), torch.Tensor):
-            group["lr"] = float(group["lr"])
-    return state
+def _output_classes(student: nn.Module) -> int:
+    """The class count of the student's logits: its last linear layer's outputs (a ClassifierNet's ``fc``); 0
+    without one (then only online labels, whose shape the teacher gives)."""
+    linear = [m for m in student.modules() if isinstance(m, nn.Linear)]
+    return linear[-1].out_features if linear else 0
 
 
 def _train_epoch(run: _Run, train_set: Dataset, epoch: int) -> tuple[dict, int]:

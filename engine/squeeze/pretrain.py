@@ -20,6 +20,7 @@ from engine import preemption
 from engine.io import save_torch
 from engine.squeeze.augment import AugmentSpec, apply_view_params, draw_view_params
 from engine.training.batches import batches_of, load_batches
+from engine.training.graphs import CapturedStep, plain_lr, require_cuda_graphs
 from engine.training.precision import optimizer_options, to_device, to_device_all
 from engine.training.schedule import cosine_lr, set_lr
 from engine.training.tb_logger import NULL_LOGGER, MetricsLogger
@@ -60,7 +61,7 @@ def train(method: nn.Module, dataset: Dataset, *, schedule: Schedule, spec: Augm
           desc: str = "pretrain", on_epoch: Callable[[dict], None] | None = None,
           trainer: str = "single", dist: DistEnv | None = None,
           deepspeed: DeepSpeedSettings | None = None, loader=None, precision: str = "fp32",
-          logger: MetricsLogger = NULL_LOGGER) -> list[dict]:
+          logger: MetricsLogger = NULL_LOGGER, cuda_graphs: bool = False) -> list[dict]:
     """Train ``method`` for ``schedule.epochs``; returns one metrics row per epoch.
 
     After every epoch the whole state (method incl. queue and momentum encoder, optimizer,
@@ -88,6 +89,10 @@ def train(method: nn.Module, dataset: Dataset, *, schedule: Schedule, spec: Augm
     ``precision`` (auto | fp32 | bf16, ssl.precision): bf16 runs the method's loss under autocast (see
     engine.training.trainers.build_trainer); the optimizer is SGD with fused (CUDA) or foreach (CPU)
     kernels. ``logger`` gets per-step loss and lr and per-epoch loss and images/s (rank 0's).
+
+    ``cuda_graphs`` (squeeze.cuda_graphs; CUDA, trainer single, data in memory): after a few eager steps the
+    whole step (views, the method's forwards and loss, MoCo's key update and queue, backward, SGD) is
+    captured as one CUDA graph and replayed for every batch (engine.training.graphs).
     """
     run = _setup(method, dataset, schedule=schedule, spec=spec, normalize=normalize, device=device,
                  generator=generator, state_path=state_path, fingerprint=fingerprint, workers=workers,
@@ -95,6 +100,8 @@ def train(method: nn.Module, dataset: Dataset, *, schedule: Schedule, spec: Augm
                  deepspeed=deepspeed, loader=loader, precision=precision)
     run.logger = logger if run.dist.is_main else NULL_LOGGER
     history, start_epoch = _restore(run) if resume else ([], 0)
+    if cuda_graphs:  # after the restore, whose optimizer state would replace the groups' lr tensor
+        _capture_steps(run)
     for epoch in range(start_epoch, schedule.epochs):
         row = _run_epoch(run, epoch)
         run.logger.scalars({"epoch/loss": row["loss"], "epoch/images_per_s": row["images_per_s"],
@@ -143,6 +150,36 @@ class _Run:
     progress: bool
     desc: str
     logger: MetricsLogger = NULL_LOGGER
+    lr: torch.Tensor | None = None
+    """The SGD groups' shared device lr of a CUDA-graph run (the step writes it); None: a float per step."""
+    captured: CapturedStep | None = None
+    draw_count: int = 0
+    """How many tensors the method's ``draw`` returns (the step's input layout)."""
+
+
+def check_cuda_graphs(device: torch.device, trainer: str, streams: str | None = None) -> None:
+    """One line refusing squeeze.cuda_graphs where it cannot run: off CUDA, with a trainer other than one
+    process's, or on data that streams (``streams``: how, e.g. "loader=ffcv")."""
+    require_cuda_graphs(device, "squeeze.cuda_graphs")
+    if trainer != "single":
+        raise ConfigError(f"squeeze.cuda_graphs=true captures one process's step; this run trains with "
+                          f"trainer={trainer}: set squeeze.cuda_graphs=false or run one process")
+    if streams is not None:
+        raise ConfigError(f"squeeze.cuda_graphs=true needs the training images in memory (built-in sets, or trees "
+                          f"stored at their working size with data.eval_crop_ratio=1.0); this data streams "
+                          f"({streams}): set squeeze.cuda_graphs=false")
+
+
+def _capture_steps(run: _Run) -> None:
+    """Make every later step of ``run`` a replay of one captured CUDA graph (after its eager warm-up)."""
+    check_cuda_graphs(run.device, run.wrapped.name, f"loader={getattr(run.loader, 'name', 'external')}"
+                      if run.loader is not None else "crops decoded from files" if run.crops is not None else None)
+    optimizer = run.wrapped.optimizer
+    run.lr = torch.tensor(float(optimizer.param_groups[0]["lr"]), dtype=torch.float32, device=run.device)
+    for group in optimizer.param_groups:
+        group["lr"] = run.lr
+    run.captured = CapturedStep(lambda inputs: _memory_step(run, inputs), run.device,
+                                before_capture=lambda: optimizer.zero_grad(set_to_none=True))
 
 
 def _setup(method: nn.Module, dataset: Dataset, *, schedule: Schedule, spec: AugmentSpec | None,
@@ -202,7 +239,9 @@ def _restore(run: _Run) -> tuple[list[dict], int]:
 
 def _save(run: _Run, epochs_done: int, history: list[dict]) -> None:
     """The whole state after ``epochs_done`` epochs, atomically to this rank's state file."""
-    state = {"epoch": epochs_done, "method": run.method.state_dict(), "optimizer": run.wrapped.optimizer_state(),
+    optimizer = run.wrapped.optimizer_state()
+    state = {"epoch": epochs_done, "method": run.method.state_dict(),
+             "optimizer": plain_lr(optimizer) if run.lr is not None else optimizer,  # ZeRO's own layout: as it is
              "generator": run.generator.get_state(), "history": history, "fingerprint": run.fingerprint}
     if run.dist.world_size > 1:
         state["view_generator"] = run.view_generator.get_state()
@@ -237,8 +276,9 @@ def _run_epoch(run: _Run, epoch: int) -> dict:
                disable=not run.progress or not run.dist.is_main, leave=False)
     for images, labels in bar:
         lr = cosine_lr(step, run.total_steps, run.schedule.lr, run.warmup_steps)
-        set_lr(run.wrapped.optimizer, lr)
-        loss, seconds = _train_step(run, images, labels)
+        if run.lr is None:  # a CUDA-graph step writes its lr tensor itself
+            set_lr(run.wrapped.optimizer, lr)
+        loss, seconds = _train_step(run, images, labels, lr)
         aug_seconds += seconds
         seen += len(labels)
         step += 1
@@ -262,39 +302,83 @@ def _run_epoch(run: _Run, epoch: int) -> dict:
             "images_per_s": seen / seconds, "augment_fraction": aug_seconds / seconds}
 
 
-def _train_step(run: _Run, images, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """One optimizer step at the lr already set: (its loss, left on the device; seconds spent on the views).
-    Nothing in it reads the device back, so the host runs ahead of a GPU."""
+def _train_step(run: _Run, images, labels: torch.Tensor, lr: float) -> tuple[torch.Tensor, float]:
+    """One optimizer step at ``lr`` (already set, unless the step writes it): (its loss, left on the device;
+    seconds spent drawing and making the views). Nothing in it reads the device back, so the host runs
+    ahead of a GPU."""
     started = time.perf_counter()
+    if run.crops is None and run.loader is None:  # in memory: one copy carries the batch and every draw
+        host = _memory_inputs(run, images, labels, lr)
+        seconds = time.perf_counter() - started
+        if run.captured is not None:
+            return run.captured(host), seconds
+        return _memory_step(run, to_device_all(host, run.device)), seconds
     batch = _step_views(run, images)
+    draws = to_device_all(_method_draws(run, batch[0].shape[0]), run.device)
     seconds = time.perf_counter() - started
-    loss = run.wrapped.loss(batch, _step_labels(run, labels), run.view_generator)
+    loss = run.wrapped.loss(batch, _step_labels(run, labels), draws)
     run.wrapped.backward(loss)
     run.wrapped.step()
     return loss, seconds
 
 
+def _labels_moved(run: _Run) -> bool:
+    """Whether the method gets its labels on the device: all but a label-free method (MoCo, SimCLR) in one
+    process, which never reads them (a copy less per step; DDP and DeepSpeed move their inputs)."""
+    return getattr(run.method, "uses_labels", True) or run.wrapped.name != "single"
+
+
 def _step_labels(run: _Run, labels: torch.Tensor) -> torch.Tensor:
-    """The labels as the method gets them: on the device, except for a label-free method (MoCo, SimCLR) in
-    one process, which never reads them (a copy less per step; DDP and DeepSpeed move their inputs)."""
-    if not getattr(run.method, "uses_labels", True) and run.wrapped.name == "single":
-        return labels
-    return to_device(labels, run.device)
+    """The labels as the method gets them (``_labels_moved``)."""
+    return to_device(labels, run.device) if _labels_moved(run) else labels
+
+
+def _method_draws(run: _Run, batch: int) -> list[torch.Tensor]:
+    """The method's host-side draws for a step of ``batch`` images (none for a method without ``draw``)."""
+    draw = getattr(run.method, "draw", None)
+    return draw(batch, run.view_generator) if draw is not None else []
+
+
+def _memory_inputs(run: _Run, images: torch.Tensor, labels: torch.Tensor, lr: float) -> list[torch.Tensor]:
+    """An in-memory batch's host tensors for ``_memory_step``: the images, every view's drawn parameters, the
+    method's draws, the labels where moved, and the lr of a CUDA-graph run (``run.lr``)."""
+    batch = images.shape[0]
+    drawn = [] if run.spec is None else [
+        draw_view_params(batch, images.shape[1], run.spec.image_size, run.spec, run.view_generator)
+        for _ in range(run.views)]
+    draws = _method_draws(run, batch)
+    run.draw_count = len(draws)
+    host = [images, *drawn, *draws]
+    if _labels_moved(run):
+        host.append(labels)
+    if run.lr is not None:
+        host.append(torch.tensor([lr], dtype=torch.float32))
+    return host
+
+
+def _memory_step(run: _Run, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """The step on ``_memory_inputs``' tensors on the device: views, loss, backward, optimizer step; returns the
+    loss (detached). Its operations depend on the shapes alone, so a CUDA graph of one step serves all."""
+    images, rest = inputs[0], list(inputs[1:])
+    params = [rest.pop(0) for _ in range(run.views)] if run.spec is not None else [None] * run.views
+    draws = [rest.pop(0) for _ in range(run.draw_count)]
+    labels = rest.pop(0) if _labels_moved(run) else None
+    if run.lr is not None:
+        run.lr.copy_(rest.pop(0).view(()))
+    views = [_view(images, run.spec, p, run.normalize).to(run.wrapped.input_dtype) for p in params]
+    loss = run.wrapped.loss(views, labels, draws)
+    run.wrapped.backward(loss)
+    run.wrapped.step()
+    return loss.detach()
 
 
 def _step_views(run: _Run, images) -> list[torch.Tensor]:
-    """The method's ``views`` augmented, normalized views of one batch, in the trainer's input dtype: the
-    batch and every view's random parameters reach the device in one copy."""
+    """The method's ``views`` augmented, normalized views of one streamed batch (crops decoded from files, or a
+    loader's), in the trainer's input dtype: the batch and every view's random parameters reach the device in
+    one copy."""
     if run.crops is not None:
         return [v.to(run.wrapped.input_dtype)
                 for v in batch_views(images, run.views, run.spec, run.view_generator, run.normalize, run.device)]
-    if run.loader is None:
-        drawn = [] if run.spec is None else [
-            draw_view_params(images.shape[0], images.shape[1], run.spec.image_size, run.spec, run.view_generator)
-            for _ in range(run.views)]
-        images, *drawn = to_device_all([images, *drawn], run.device)
-        return [_view(images, run.spec, params, run.normalize).to(run.wrapped.input_dtype)
-                for params in (drawn or [None] * run.views)]
     return [v.to(run.wrapped.input_dtype)
             for v in _loader_views(images, run.views, run.spec, run.view_generator, run.normalize, run.device)]
 

@@ -2,7 +2,9 @@
 
 Each method wraps the ClassifierNet that becomes the teacher and owns whatever else training
 needs (projection head, momentum encoder, queue), so one ``state_dict()`` captures a resumable
-state. ``loss(views, labels, generator)`` returns the batch loss; views are normalized batches.
+state. ``draw(batch, generator)`` makes the host-side random draws of a step (MoCo: the shuffle-BN order),
+which reach the device with the batch in one copy; ``loss(views, labels, draws)`` returns the batch loss from
+the normalized views and those draws on the device.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.errors import ConfigError
-from engine.training.precision import check_precision, to_device
+from engine.training.precision import check_precision
 from engine.models import ClassifierNet
 from engine.squeeze.losses import infonce_moco, momentum_update, nt_xent
 
@@ -196,11 +198,14 @@ class MoCo(nn.Module):
     def _key_params(self):
         return [*self.key_backbone.parameters(), *self.key_head.parameters()]
 
+    def draw(self, batch: int, generator: torch.Generator) -> list[torch.Tensor]:
+        """The step's shuffle-BN order of the keys' batch (host)."""
+        return [torch.randperm(batch, generator=generator)]
+
     @torch.no_grad()
-    def _keys(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def _keys(self, x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
         # One device has no cross-GPU shuffle; forwarding shuffled sub-batches gives each its own
         # BN statistics, so a query cannot find its key through shared batch statistics.
-        order = to_device(torch.randperm(x.shape[0], generator=generator), x.device)
         chunks = [self.key_head(self.key_backbone(part)) for part in x[order].chunk(self.shuffle_groups)]
         keys = torch.empty_like(torch.cat(chunks))
         keys[order] = torch.cat(chunks)
@@ -215,11 +220,11 @@ class MoCo(nn.Module):
         self.queue[index] = keys[-size:] if keys.shape[0] > size else keys
         self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % size)
 
-    def loss(self, views: list[torch.Tensor], labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def loss(self, views: list[torch.Tensor], labels: torch.Tensor, draws: list[torch.Tensor]) -> torch.Tensor:
         x_q, x_k = views
         q = self.head(self.model.backbone(x_q))
         momentum_update(self._key_params(), self._query_params(), self.key_momentum)
-        k = self._keys(x_k, generator)
+        k = self._keys(x_k, draws[0])
         loss = fp32_loss(infonce_moco, q, k, self.queue.clone(), temperature=self.temperature)
         self._enqueue(k)
         return loss
@@ -240,7 +245,10 @@ class SimCLR(nn.Module):
     def trainable(self) -> list[nn.Parameter]:
         return [*self.model.backbone.parameters(), *self.head.parameters()]
 
-    def loss(self, views: list[torch.Tensor], labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def draw(self, batch: int, generator: torch.Generator) -> list[torch.Tensor]:
+        return []
+
+    def loss(self, views: list[torch.Tensor], labels: torch.Tensor, draws: list[torch.Tensor]) -> torch.Tensor:
         z = self.head(self.model.backbone(torch.cat(views)))
         z1, z2 = z.chunk(2)
         return fp32_loss(nt_xent, z1, z2, temperature=self.temperature)
@@ -260,7 +268,10 @@ class Supervised(nn.Module):
     def trainable(self) -> list[nn.Parameter]:
         return list(self.model.parameters())
 
-    def loss(self, views: list[torch.Tensor], labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def draw(self, batch: int, generator: torch.Generator) -> list[torch.Tensor]:
+        return []
+
+    def loss(self, views: list[torch.Tensor], labels: torch.Tensor, draws: list[torch.Tensor]) -> torch.Tensor:
         return fp32_loss(F.cross_entropy, self.model(views[0]), labels, label_smoothing=self.label_smoothing)
 
 

@@ -39,7 +39,7 @@ from engine.models import ClassifierNet, build_model
 from engine.squeeze.augment import probe_image_spec, spec_for
 from engine.squeeze.bn_stats import bn_variance_summary, plot_bn_variance
 from engine.distributed import average_buffers, barrier
-from engine.squeeze.pretrain import Interrupted, Schedule, rank_state_path, train
+from engine.squeeze.pretrain import Interrupted, Schedule, check_cuda_graphs, rank_state_path, train
 from engine.squeeze.probe import evaluate_top1, linear_probe
 from engine.squeeze.ssl import SupervisedSettings, TrainSettings, check_queue, fit_to_data, method_spec
 from engine.training.tb_logger import open_logger, parse_logger
@@ -122,6 +122,11 @@ class SqueezeConfig:
     """Stop each pretraining after this many epochs, as if killed (resume=true continues)."""
     bn_hist_bins: int = 20
     """Bins of the BN running-variance histogram whose entropy bn_stats.json reports."""
+    cuda_graphs: bool = False
+    """CUDA, trainer single, training images in memory (built-in sets; trees held in memory): after 3 eager
+    steps every pretraining step (views, forwards, MoCo's key update and queue, loss, backward, SGD) replays
+    one captured CUDA graph, the eager step's arithmetic without its launch cost. Refused elsewhere, in one
+    line. Not part of the teachers' fingerprints."""
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     supervised: SupervisedSettings = field(default_factory=SupervisedSettings)
     """The supervised teacher's hyper-parameters (defaults: ``ssl=supervised``'s)."""
@@ -169,9 +174,11 @@ def validate(ctx: RunContext) -> None:
     deepspeed= and loader= sections (deepspeed.path read, ffcv files present), each teacher's batch against
     the training split and the process count, and, for squeeze.probe_only, the teacher it will probe."""
     cfg, ssl_settings = parse_config(ctx.sections.get("squeeze", {}), ctx.sections.get("ssl", {}))
-    parse_trainer(ctx.sections)
-    parse_loader(ctx.sections, ctx.data_cfg, ctx.data)
+    trainer, _ = parse_trainer(ctx.sections, ctx.dist.world_size)
+    loader = parse_loader(ctx.sections, ctx.data_cfg, ctx.data)
     bundle, world = ctx.data, ctx.dist.world_size
+    if cfg.cuda_graphs and not cfg.probe_only:
+        check_cuda_graphs(ctx.dist.device, trainer, f"loader={loader.name}" if loader.external else None)
     if cfg.probe_only:
         if world > 1:
             raise ConfigError("squeeze.probe_only=true runs in one process; launch it without torchrun/srun")
@@ -383,7 +390,8 @@ def _train_teacher(ctx: RunContext, cfg: SqueezeConfig, kind: str, settings: Tra
                     fingerprint=fingerprint, resume=ctx.run.resume, stop_after_epochs=cfg.stop_after_epochs,
                     workers=cfg.workers, progress=ctx.run.progress, desc=f"{kind}:{settings.name}",
                     on_epoch=write_progress, trainer=trainer, dist=ctx.dist, deepspeed=ds_settings,
-                    loader=view_loader, precision=settings.precision, logger=pretrain_logger)
+                    loader=view_loader, precision=settings.precision, logger=pretrain_logger,
+                    cuda_graphs=cfg.cuda_graphs)
     pretrain_logger.close()
     state_file = rank_state_path(RunLayout(ctx.run_dir).squeeze_state(kind), ctx.dist.rank, ctx.dist.world_size)
     # BN running statistics followed each rank's shard; the teacher gets their mean.

@@ -29,6 +29,15 @@ def require_cuda_graphs(device: torch.device, key: str) -> None:
                           f"set {key}=false")
 
 
+def plain_lr(state: dict) -> dict:
+    """An optimizer state dict with a device lr tensor (a CUDA-graph run's) as the float it holds: checkpoints
+    hold plain numbers, loadable by any run."""
+    for group in state.get("param_groups", []):
+        if isinstance(group.get("lr"), torch.Tensor):
+            group["lr"] = float(group["lr"])
+    return state
+
+
 def _signature(host: Sequence[torch.Tensor]) -> tuple:
     return tuple((tuple(t.shape), t.dtype) for t in host)
 

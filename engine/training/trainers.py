@@ -163,8 +163,8 @@ class _LossModule(nn.Module):
         super().__init__()
         self.method = method
 
-    def forward(self, views: list[torch.Tensor], labels: torch.Tensor, generator: torch.Generator):
-        return self.method.loss(views, labels, generator)
+    def forward(self, views: list[torch.Tensor], labels: torch.Tensor, draws: list[torch.Tensor]):
+        return self.method.loss(views, labels, draws)
 
 
 @dataclass
@@ -174,7 +174,8 @@ class Trainer:
     name: str
     optimizer: Any
     """Exposes ``param_groups`` (the lr is set there each step)."""
-    loss: Callable[[list[torch.Tensor], torch.Tensor, torch.Generator], torch.Tensor]
+    loss: Callable[[list[torch.Tensor], torch.Tensor, list[torch.Tensor]], torch.Tensor]
+    """(views, labels, the method's draws on the device) -> the batch loss."""
     backward: Callable[[torch.Tensor], None]
     step: Callable[[], None]
     optimizer_state: Callable[[], dict]
@@ -202,9 +203,9 @@ def _autocast_loss(loss: Callable, precision: str, device: torch.device) -> Call
     if resolve_precision(precision, device) != "bf16":
         return loss
 
-    def autocast_loss(views, labels, generator):
+    def autocast_loss(views, labels, draws):
         with autocast("bf16", device):
-            return loss(views, labels, generator)
+            return loss(views, labels, draws)
 
     return autocast_loss
 

@@ -217,7 +217,7 @@ def test_pretraining_views_are_full_resolution_crops_and_replay_on_resume(bundle
         def trainable(self):
             return list(self.parameters())
 
-        def loss(self, views, labels, generator):
+        def loss(self, views, labels, draws):
             self.seen.append([v.detach().clone() for v in views])
             return sum(self.lin(v.mean(dim=(2, 3))).pow(2).mean() for v in views)
 

@@ -114,6 +114,23 @@ def test_without_students_the_rows_are_todays(run_scdd, recovered, tmp_path, mon
     run_scdd(*EVAL, f"teacher={teacher}", "evaluate.students=null", "resume=true", run_dir=run_dir)
 
 
+def test_one_process_labels_each_row_once_for_every_model(run_scdd, recovered, tmp_path, monkeypatch):
+    """relabel=stored: the row's models replay the headline's label files (same crops, teacher and recipe)."""
+    from engine.artifacts import soft_labels
+
+    teacher, run_dir = _copy(recovered, tmp_path)
+    saved = []
+    save_epoch = soft_labels.save_epoch
+    monkeypatch.setattr(soft_labels, "save_epoch", lambda folder, epoch, payload: (
+        saved.append(folder.parent.name), save_epoch(folder, epoch, payload)))
+    run_scdd(*EVAL, f"teacher={teacher}", STUDENTS, "evaluate.relabel=stored", run_dir=run_dir)
+    rows = ["sre2l", "random_real", "random_real_s1"]
+    assert sorted(saved) == sorted(rows * 2)  # 2 epochs of each row, none for the second model
+    labels = {str(p.parent.relative_to(run_dir / "evaluate")) for p in (run_dir / "evaluate").rglob("labels")}
+    assert labels == {f"ipc1/{row}" for row in rows}
+    assert _rows(run_dir) == {f"ipc1/{row}{at}" for row in rows for at in ("", f"@{SECOND}")}
+
+
 @pytest.mark.parametrize("override, said", [
     ("evaluate.students=[convnet,resnet_9000]", "evaluate.students: unknown model resnet_9000; choose from ["),
     ("evaluate.students=[convnet,resnet18]", "model=resnet18 needs images of at least 32px but data gives 8px"),

@@ -13,35 +13,21 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from engine.errors import ConfigError
 from engine.evaluate.augment import apply_moved, apply_params, mix_kind, param_tensors, sample_params, step_rng
 from engine.evaluate.losses import mixed_cross_entropy
 from engine.evaluate.settings import EvaluateConfig
-from engine.evaluate.student import StudentRecipe, check_cuda_graphs, plain_lr, train_student
+from engine.evaluate.student import StudentRecipe, check_cuda_graphs, train_student
+from engine.training.graphs import plain_lr
 from engine.models import build_model
+from op_trace import OpTrace
 from sync_steps import BATCH, cifar_bundle, student_step
 from teachers import SMALL_MODEL
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CPU = torch.device("cpu")
-
-
-class OpTrace(TorchDispatchMode):
-    """Every aten operation with the shapes and dtypes of what it returns."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[tuple] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        shapes = tuple((tuple(t.shape), t.dtype) for t in tree_leaves(out) if isinstance(t, torch.Tensor))
-        self.ops.append((str(func), shapes))
-        return out
 
 
 @pytest.fixture(scope="module")

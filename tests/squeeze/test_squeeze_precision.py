@@ -79,7 +79,8 @@ def test_moco_key_encoder_ema_stays_fp32_under_autocast(digits):
     keys = [p.detach().clone() for p in method._key_params()]
     queries = [p.detach().clone() for p in method._query_params()]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = method.loss([x, x.flip(3)], torch.zeros(32, dtype=torch.long), torch.Generator().manual_seed(2))
+        loss = method.loss([x, x.flip(3)], torch.zeros(32, dtype=torch.long),
+                           method.draw(32, torch.Generator().manual_seed(2)))
     assert loss.dtype == torch.float32  # InfoNCE taken in fp32
     expected = [k.clone() for k in keys]
     momentum_update(expected, queries, method.key_momentum)  # the fp32 EMA, outside autocast
@@ -112,20 +113,20 @@ def test_a_non_finite_loss_stops_pretraining_before_its_epoch_is_saved(digits, t
     raised before that epoch's checkpoint, so resume=true restarts from the last finite epoch."""
     from engine.squeeze import pretrain
 
-    real_views = pretrain._step_views
+    real_view = pretrain._view
     calls = {"n": 0}
 
     first_of_epoch_2 = len(digits[1]) // _settings("mocov2").batch_size + 1  # full batches only
 
-    def poisoned(run, images):  # the second epoch's first step sees a NaN pixel
-        views = real_views(run, images)
+    def poisoned(*args):  # the second epoch's first step sees a NaN pixel in its first view (2 views a step)
+        view = real_view(*args)
         calls["n"] += 1
-        if calls["n"] == first_of_epoch_2:
-            views[0] = views[0].clone()
-            views[0].view(-1)[0] = float("nan")
-        return views
+        if calls["n"] == 2 * (first_of_epoch_2 - 1) + 1:
+            view = view.clone()
+            view.view(-1)[0] = float("nan")
+        return view
 
-    monkeypatch.setattr(pretrain, "_step_views", poisoned)
+    monkeypatch.setattr(pretrain, "_view", poisoned)
     with pytest.raises(FloatingPointError, match=r"loss became nan in epoch 2; lower ssl.lr"):
         _pretrain(digits, "mocov2", "fp32", tmp_path)
     saved = torch.load(tmp_path / "fp32.pt", weights_only=False)
