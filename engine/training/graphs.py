@@ -96,7 +96,8 @@ class CapturedStep:
         if self.before_capture is not None:
             self.before_capture()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: loader worker threads (pinning, decoding) may call CUDA while this thread captures
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.output = self.step(inputs)
         self.graph = graph
         graph.replay()
