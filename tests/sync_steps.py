@@ -53,7 +53,7 @@ def student_step(bundle: DataBundle, device: torch.device, model: ModelConfig, *
         index = next(calls)
         images, labels = batches[index % len(batches)]
         params = recipe.sample(step_rng(0, 0, index), len(labels), size)
-        return student_module._train_step(run, images, labels, params, None, index)
+        return student_module._train_step([run], images, labels, params, None, index)[0]
 
     return step
 

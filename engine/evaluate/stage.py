@@ -37,7 +37,7 @@ from engine.evaluate.relabel import precompute_soft_labels
 from engine.evaluate.report import write_report
 from engine.evaluate.settings import EvaluateConfig
 from engine.io import save_json
-from engine.evaluate.student import check_cuda_graphs, StudentRecipe, train_student
+from engine.evaluate.student import StudentJob, StudentRecipe, StudentResult, check_cuda_graphs, train_students
 from engine.training.tb_logger import open_logger, parse_logger
 from engine.loaders.settings import LoaderConfig, parse_loader
 from engine.models import ModelConfig, build_model
@@ -242,9 +242,20 @@ class Evaluator:
     def run_row(self, key: str, ipc: Optional[int], train: TrainingSet, epochs: Optional[int] = None,
                 seed_offset: int = 0) -> Optional[dict]:
         """The row's student of each lineup model, one position each; the headline's result, with every
-        model's under "students" when evaluate.students is set. None while any is another task's or process's."""
-        rows = [self.run_student(key, ipc, train, student, epochs, seed_offset)
-                for student in student_lineup(self.cfg, self.ctx.model_cfg)]
+        model's under "students" when evaluate.students is set. None while any is another task's or process's.
+
+        The models this process trains on the row (one process: all of them) train in lockstep on one batch
+        stream, so each batch is augmented and labelled by the teacher once (``train_students``); with DDP
+        ranks, one after another."""
+        lineup = student_lineup(self.cfg, self.ctx.model_cfg)
+        if self.ctx.dist.world_size > 1:
+            rows = [self.run_student(key, ipc, train, student, epochs, seed_offset) for student in lineup]
+        else:
+            prepared = [self._prepare(key, ipc, train, student, epochs, seed_offset) for student in lineup]
+            pending = [p for p in prepared if isinstance(p, _Pending)]
+            if pending:
+                self._train(pending, train)
+            rows = [p.row if isinstance(p, _Pending) else p for p in prepared]
         if any(row is None for row in rows):
             return None
         if self.cfg.students is None:
@@ -253,6 +264,17 @@ class Evaluator:
 
     def run_student(self, key: str, ipc: Optional[int], train: TrainingSet, student: Student,
                     epochs: Optional[int] = None, seed_offset: int = 0) -> Optional[dict]:
+        """One (row, model) student: its result, trained here unless done or another task's or process's."""
+        prepared = self._prepare(key, ipc, train, student, epochs, seed_offset)
+        if not isinstance(prepared, _Pending):
+            return prepared
+        self._train([prepared], train)
+        return prepared.row
+
+    def _prepare(self, key: str, ipc: Optional[int], train: TrainingSet, student: Student,
+                 epochs: Optional[int] = None, seed_offset: int = 0) -> "Optional[dict] | _Pending":
+        """A (row, model) position: its result when done (or merged), None when another task's or process's
+        (or when planning), else the ``_Pending`` student to train (stored labels made, old results cleared)."""
         ctx, bundle = self.ctx, self.ctx.data
         if self.test_set is not None:  # the test split as decoded once for every row (test_split)
             bundle = dataclasses.replace(bundle, test=self.test_set)
@@ -308,32 +330,67 @@ class Evaluator:
                 barrier()
         torch.manual_seed(seed)
         model = build_model(student_cfg, bundle.num_classes, bundle.channels, bundle.image_size)
+        return _Pending(label=label, ipc=ipc, bundle=bundle, recipe=recipe, seed=seed, fingerprint=fingerprint,
+                        folder=folder, model=model, stored=stored, storage=storage)
+
+    def _train(self, pending: list["_Pending"], train: TrainingSet) -> None:
+        """Train ``pending`` (one row's students: one set, recipe and seed) together; write each result."""
+        ctx, lead = self.ctx, pending[0]
         test_loader = None
         if self.loader is not None and self.loader.external:
-            test_loader = self.loader.eval_loader(bundle, "test", batch_size=500)
-        logger = open_logger(parse_logger(ctx.sections), RunLayout(ctx.run_dir).tensorboard(
-            "evaluate", folder.parent.name, folder.name), ctx.dist.is_main)
-        result = train_student(model, train.dataset, bundle.test, bundle.normalize, recipe, ctx.dist.device, seed,
-                               teacher=self.teacher if stored is None else None, stored_labels=stored,
-                               checkpoint=state_file, progress=ctx.run.progress and not self.quiet,
-                               desc=f"{label} ipc={ipc}" if ipc else label, dist=ctx.dist, test_loader=test_loader,
-                               fingerprint=fingerprint, logger=logger, cuda_graphs=self.cfg.cuda_graphs)
-        logger.close()
+            test_loader = self.loader.eval_loader(lead.bundle, "test", batch_size=500)
+        loggers = [open_logger(parse_logger(ctx.sections), RunLayout(ctx.run_dir).tensorboard(
+            "evaluate", p.folder.parent.name, p.folder.name), ctx.dist.is_main) for p in pending]
+        jobs = [StudentJob(p.model, p.folder / student_artifacts.STATE_FILE, p.fingerprint, logger)
+                for p, logger in zip(pending, loggers)]
+        label = " + ".join(p.label for p in pending)
+        results = train_students(jobs, train.dataset, lead.bundle.test, lead.bundle.normalize, lead.recipe,
+                                 ctx.dist.device, lead.seed, teacher=self.teacher if lead.stored is None else None,
+                                 stored_labels=lead.stored, progress=ctx.run.progress and not self.quiet,
+                                 desc=f"{label} ipc={lead.ipc}" if lead.ipc else label, dist=ctx.dist,
+                                 test_loader=test_loader, cuda_graphs=self.cfg.cuda_graphs)
+        for p, logger, result in zip(pending, loggers, results):
+            logger.close()
+            p.row = self._finish(p, result, len(train.dataset))
+
+    def _finish(self, p: "_Pending", result: StudentResult, images: int) -> dict:
+        """Write a trained student's result (rank 0) and return its row."""
+        ctx = self.ctx
         row = {"top1": result.top1, "best_top1": result.best_top1, "top5": result.top5,
-               "images": len(train.dataset), "epochs": recipe.epochs, "seconds": result.seconds,
+               "images": images, "epochs": p.recipe.epochs, "seconds": result.seconds,
                "images_per_s": result.images_per_s, "history": result.history}
         if self.share.is_array:
             row["task"] = {"index": self.share.index, "count": self.share.count}
-        if storage is not None:
-            row["stored_labels_bytes_per_image_epoch"] = storage["bytes_per_image_epoch"]
+        if p.storage is not None:
+            row["stored_labels_bytes_per_image_epoch"] = p.storage["bytes_per_image_epoch"]
         if ctx.dist.is_main:
-            student_artifacts.save_result(result_file, row, fingerprint)
-            state_file.unlink(missing_ok=True)
+            student_artifacts.save_result(p.folder / student_artifacts.RESULT_FILE, row, p.fingerprint)
+            (p.folder / student_artifacts.STATE_FILE).unlink(missing_ok=True)
         if self.quiet:
-            print(f"evaluate: {label}{f' ipc={ipc}' if ipc else ''} top-1 {row['top1']:.4f} ({row['seconds']:.0f} s)",
-                  flush=True)
+            print(f"evaluate: {p.label}{f' ipc={p.ipc}' if p.ipc else ''} top-1 {row['top1']:.4f} "
+                  f"({row['seconds']:.0f} s)", flush=True)
         barrier()
         return row
+
+
+@dataclass
+class _Pending:
+    """A (row, model) student this process is to train, as ``Evaluator._prepare`` set it up."""
+
+    label: str
+    ipc: Optional[int]
+    bundle: DataBundle
+    """The data, with the test split every row is tested on."""
+    recipe: StudentRecipe
+    seed: int
+    fingerprint: dict
+    folder: Path
+    model: torch.nn.Module
+    stored: Optional[Path]
+    """Its stored soft labels (relabel=stored), else None: online labels."""
+    storage: Optional[dict]
+    row: Optional[dict] = None
+    """The result row, once trained."""
 
 
 def label_teacher(ctx: RunContext, cfg: EvaluateConfig):

@@ -126,7 +126,8 @@ class StudentResult:
 
 @dataclass
 class _Run:
-    """What every step of one student's training needs."""
+    """What every step of one student's training needs (the lockstep group's runs share recipe, teacher, seed,
+    layout and lr tensor)."""
 
     student: nn.Module
     model: nn.Module
@@ -154,7 +155,23 @@ class _Run:
     lr: Optional[torch.Tensor] = None
     """The optimizer groups' shared device lr of a CUDA-graph run (the step writes it); None: a float per step."""
     captured: Optional[CapturedStep] = None
-    """The CUDA-graph step (cuda_graphs=True): full batches replay it."""
+    """The CUDA-graph step (cuda_graphs=True) of this run's lockstep group: full batches replay it."""
+    job: Optional["StudentJob"] = None
+    history: list[dict] = field(default_factory=list)
+    seen: int = 0
+    """Images trained on (this process's count of the batches' images)."""
+    seconds: float = 0.0
+
+
+@dataclass
+class StudentJob:
+    """One student of ``train_students``: its model and what is its own (checkpoint, metrics)."""
+
+    student: nn.Module
+    checkpoint: Optional[Path] = None
+    """Resumes only a state saved with the same ``fingerprint`` (another is refused)."""
+    fingerprint: Optional[dict] = None
+    logger: MetricsLogger = NULL_LOGGER
 
 
 def train_student(student: nn.Module, train_set: Dataset, test_set: Dataset, normalize: Callable,
@@ -164,24 +181,41 @@ def train_student(student: nn.Module, train_set: Dataset, test_set: Dataset, nor
                   desc: str = "student", dist: Optional[DistEnv] = None, test_loader=None,
                   fingerprint: Optional[dict] = None, logger: MetricsLogger = NULL_LOGGER,
                   cuda_graphs: bool = False) -> StudentResult:
+    """One student: ``train_students`` with one job."""
+    return train_students([StudentJob(student, checkpoint, fingerprint, logger)], train_set, test_set, normalize,
+                          recipe, device, seed, teacher=teacher, stored_labels=stored_labels, progress=progress,
+                          desc=desc, dist=dist, test_loader=test_loader, cuda_graphs=cuda_graphs)[0]
+
+
+def train_students(jobs: list[StudentJob], train_set: Dataset, test_set: Dataset, normalize: Callable,
+                   recipe: StudentRecipe, device: torch.device, seed: int,
+                   teacher: Optional[nn.Module] = None, stored_labels: Optional[Path] = None,
+                   progress: bool = True, desc: str = "student", dist: Optional[DistEnv] = None,
+                   test_loader=None, cuda_graphs: bool = False) -> list[StudentResult]:
     """AdamW or SGD + cosine lr (``student_lr``); soft labels online from ``teacher`` or from ``stored_labels``.
+
+    Several jobs (students of other models on the same set, recipe and seed: evaluate.students) train in
+    lockstep: each batch is loaded, augmented and labelled by the teacher once, then every student takes its
+    step on it. Each ends exactly where it would alone (same batches, crops and targets; no student reads
+    another's random numbers); jobs resuming from different epochs train in one lockstep group per epoch.
+    A result's ``seconds`` is its group's wall time.
 
     With world size W > 1 (``dist``) every rank loads and augments the same full batch, keeps its
     positions r, r+W, ... and scales its mean loss by its share, so DDP's gradient average equals
     the full-batch gradient of one process. BatchNorm sees each rank's share only, so results are
     close to, not bit-equal with, one process; BN running statistics are averaged over ranks before
-    every test, so all ranks report the same accuracy. Rank 0 writes the checkpoint.
+    every test, so all ranks report the same accuracy. Rank 0 writes the checkpoints.
     ``test_loader`` (loader=ffcv|dali) replaces ``test_set`` in those tests.
-    ``checkpoint`` resumes only a state saved with the same ``fingerprint`` (another is refused).
 
     Speed (``recipe``): ``precision`` bf16 runs the student's and the teacher's forward under autocast
     (weights, AdamW/SGD state and BN running statistics stay fp32; the loss is taken from fp32 logits);
     ``channels_last`` puts the student, the teacher and each batch in NHWC; ``compile`` wraps the
     student's forward (and so its backward) in torch.compile, whose first steps pay the compilation.
     ``cuda_graphs`` (CUDA, one process, no ``compile``): every full batch replays one CUDA graph of the
-    whole step (augmentation, student and teacher forwards, loss, backward, optimizer), captured after a
-    few eager steps (engine.training.graphs); the step's arithmetic is the eager one's.
-    ``logger`` receives per-step loss/lr and per-epoch throughput and test accuracy (engine.training.tb_logger).
+    whole step (augmentation, teacher forward, every student's forward, loss, backward and optimizer),
+    captured after a few eager steps (engine.training.graphs); the step's arithmetic is the eager one's.
+    Each job's ``logger`` receives per-step loss/lr and per-epoch throughput and test accuracy
+    (engine.training.tb_logger).
     """
     if recipe.loss == "kl" and teacher is None and stored_labels is None:
         raise ValueError("soft-label training needs a teacher (online) or stored labels")
@@ -192,73 +226,101 @@ def train_student(student: nn.Module, train_set: Dataset, test_set: Dataset, nor
             raise ConfigError("cuda_graphs and recipe.compile are both set; pick one")
     torch.manual_seed(seed)
     channels_last = use_channels_last(recipe.channels_last, device, recipe.precision)
-    student = layout(student.to(device), channels_last)
     if teacher is not None:
         teacher = layout(teacher.to(device).eval(), channels_last)
-    run = _Run(student=student, model=wrap_ddp(student, dist) if world > 1 else student,
-               optimizer=build_optimizer(student, recipe, device, capturable=cuda_graphs),
-               recipe=recipe, normalize=normalize, device=device, seed=seed,
-               teacher=teacher, stored_labels=stored_labels,
-               rank=rank, world=world, steps_per_epoch=math.ceil(len(train_set) / recipe.batch_size),
-               image_size=train_set[0][0].shape[-1], channels_last=channels_last,
-               logger=logger if rank == 0 else NULL_LOGGER, num_classes=_output_classes(student))
-    # dynamic=False: a last smaller batch recompiles once instead of tracing symbolic shapes
-    run.forward = torch.compile(run.model, dynamic=False) if recipe.compile else run.model
-    if recipe.crop == "pad":
-        run.fill = normalize(torch.zeros(1, train_set[0][0].shape[0], 1, 1, device=device))
-    history: list[dict] = []
-    start_epoch = 0
-    state = student_artifacts.load_state(checkpoint, fingerprint) if checkpoint is not None else None
-    if state is not None:
-        student.load_state_dict(state["student"])
-        run.optimizer.load_state_dict(state["optimizer"])
-        start_epoch, history = state["epoch"], state["history"]
-    if cuda_graphs:  # after loading a state, whose lr would replace the groups' tensor
-        run.lr = torch.tensor(float(recipe.lr), dtype=torch.float32, device=device)
-        for group in run.optimizer.param_groups:
-            group["lr"] = run.lr
-        run.captured = CapturedStep(lambda inputs: _device_step(run, inputs), device,
-                                    before_capture=lambda: run.optimizer.zero_grad(set_to_none=True))
-    run.step_index = start_epoch * run.steps_per_epoch
+    fill = normalize(torch.zeros(1, train_set[0][0].shape[0], 1, 1, device=device)) if recipe.crop == "pad" else None
+    # one lr tensor for every optimizer of a CUDA-graph run: the captured step writes it
+    lr = torch.tensor(float(recipe.lr), dtype=torch.float32, device=device) if cuda_graphs else None
+    runs, starts = [], []
+    for job in jobs:
+        student = layout(job.student.to(device), channels_last)
+        run = _Run(student=student, model=wrap_ddp(student, dist) if world > 1 else student,
+                   optimizer=build_optimizer(student, recipe, device, capturable=cuda_graphs),
+                   recipe=recipe, normalize=normalize, device=device, seed=seed,
+                   teacher=teacher, stored_labels=stored_labels,
+                   rank=rank, world=world, steps_per_epoch=math.ceil(len(train_set) / recipe.batch_size),
+                   image_size=train_set[0][0].shape[-1], channels_last=channels_last, fill=fill,
+                   logger=job.logger if rank == 0 else NULL_LOGGER, num_classes=_output_classes(student), lr=lr,
+                   job=job)
+        # dynamic=False: a last smaller batch recompiles once instead of tracing symbolic shapes
+        run.forward = torch.compile(run.model, dynamic=False) if recipe.compile else run.model
+        state = student_artifacts.load_state(job.checkpoint, job.fingerprint) if job.checkpoint is not None else None
+        start_epoch = 0
+        if state is not None:
+            student.load_state_dict(state["student"])
+            run.optimizer.load_state_dict(state["optimizer"])
+            start_epoch, run.history = state["epoch"], state["history"]
+        if lr is not None:  # after loading a state, whose lr would replace the groups' tensor
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+        run.step_index = start_epoch * run.steps_per_epoch
+        runs.append(run)
+        starts.append(start_epoch)
+    for start_epoch in sorted(set(starts)):
+        group = [run for run, start in zip(runs, starts) if start == start_epoch]
+        _train_lockstep(group, start_epoch, train_set, test_set, test_loader, progress, desc)
+    for run in runs:
+        run.logger.flush()
+        layout(run.student, False)  # handed back in the default layout
+    if teacher is not None:
+        layout(teacher, False)  # the teacher serves later rows and relabeling
+    results = []
+    for run in runs:
+        final = run.history[-1]
+        results.append(StudentResult(top1=final["top1"], top5=final["top5"],
+                                     best_top1=student_artifacts.best_top1(run.history), history=run.history,
+                                     seconds=run.seconds, images_per_s=run.seen / run.seconds if run.seconds > 0
+                                     else 0.0))
+    return results
+
+
+def _train_lockstep(runs: list["_Run"], start_epoch: int, train_set: Dataset, test_set: Dataset, test_loader,
+                    progress: bool, desc: str) -> None:
+    """Train ``runs`` (all at ``start_epoch``) to the recipe's last epoch, one batch stream for all."""
+    lead = runs[0]
+    recipe, device, world = lead.recipe, lead.device, lead.world
+    if lead.lr is not None:
+        captured = CapturedStep(lambda inputs: _device_step(runs, inputs), device,
+                                before_capture=lambda: [run.optimizer.zero_grad(set_to_none=True) for run in runs])
+        for run in runs:
+            run.captured = captured
     checkpoint_every = max(1, recipe.epochs // 10)
     start = time.time()
-    seen = 0
     bar = tqdm(range(start_epoch, recipe.epochs), desc=desc, disable=not progress, unit="ep",
                dynamic_ncols=True, leave=False)
     for epoch in bar:
         epoch_started = time.perf_counter()
-        row, images = _train_epoch(run, train_set, epoch)
-        seen += images
+        rows, images = _train_epoch(runs, train_set, epoch)
         epoch_seconds = time.perf_counter() - epoch_started
-        metrics = {"train/loss_epoch": row["loss"], "train/images_per_s": images / max(epoch_seconds, 1e-9)}
-        if (epoch + 1) % recipe.eval_every == 0 or epoch + 1 == recipe.epochs:
-            if world > 1:
-                average_buffers(student)
-            row["top1"], row["top5"] = evaluate_accuracy(student, test_set, normalize, device,
-                                                         workers=recipe.workers, loader=test_loader)
-            metrics["test/top1"] = row["top1"]
-            if row["top5"] is not None:
-                metrics["test/top5"] = row["top5"]
-            bar.set_postfix(loss=f"{row['loss']:.3f}", top1=f"{row['top1']:.3f}")
-        run.logger.scalars(metrics, epoch + 1)
-        history.append(row)
+        test = (epoch + 1) % recipe.eval_every == 0 or epoch + 1 == recipe.epochs
         stop = preemption.requested() is not None and epoch + 1 < recipe.epochs
-        if (checkpoint is not None and rank == 0 and ((epoch + 1) % checkpoint_every == 0 or stop)
-                and epoch + 1 < recipe.epochs):
-            student_artifacts.save_state(checkpoint, {"student": student.state_dict(),
-                                                      "optimizer": plain_lr(run.optimizer.state_dict()),
-                                                      "epoch": epoch + 1, "history": history}, fingerprint)
-        if stop:  # preempted: the epoch in flight is finished and its checkpoint written
-            preemption.check(f"epoch {epoch + 1} of {recipe.epochs} of {desc} (checkpoint {checkpoint})")
-    seconds = time.time() - start
-    run.logger.flush()
-    layout(student, False)  # handed back in the default layout; the teacher serves later rows and relabeling
-    if run.teacher is not None:
-        layout(run.teacher, False)
-    final = history[-1]
-    return StudentResult(top1=final["top1"], top5=final["top5"], best_top1=student_artifacts.best_top1(history),
-                         history=history, seconds=seconds,
-                         images_per_s=seen / seconds if seconds > 0 else 0.0)
+        for run, row in zip(runs, rows):
+            run.seen += images
+            metrics = {"train/loss_epoch": row["loss"], "train/images_per_s": images / max(epoch_seconds, 1e-9)}
+            if test:
+                if world > 1:
+                    average_buffers(run.student)
+                row["top1"], row["top5"] = evaluate_accuracy(run.student, test_set, run.normalize, device,
+                                                             workers=recipe.workers, loader=test_loader)
+                metrics["test/top1"] = row["top1"]
+                if row["top5"] is not None:
+                    metrics["test/top5"] = row["top5"]
+            run.logger.scalars(metrics, epoch + 1)
+            run.history.append(row)
+            checkpoint = run.job.checkpoint
+            if (checkpoint is not None and run.rank == 0 and ((epoch + 1) % checkpoint_every == 0 or stop)
+                    and epoch + 1 < recipe.epochs):
+                student_artifacts.save_state(checkpoint, {"student": run.student.state_dict(),
+                                                          "optimizer": plain_lr(run.optimizer.state_dict()),
+                                                          "epoch": epoch + 1, "history": run.history},
+                                             run.job.fingerprint)
+        if test:
+            bar.set_postfix(loss=f"{rows[0]['loss']:.3f}", top1=f"{rows[0]['top1']:.3f}")
+        if stop:  # preempted: the epoch in flight is finished and its checkpoints written
+            preemption.check(f"epoch {epoch + 1} of {recipe.epochs} of {desc} (checkpoint "
+                             f"{', '.join(str(run.job.checkpoint) for run in runs)})")
+    for run in runs:
+        run.seconds = time.time() - start
 
 
 def check_cuda_graphs(device: torch.device, world: int) -> None:
@@ -276,76 +338,104 @@ def _output_classes(student: nn.Module) -> int:
     return linear[-1].out_features if linear else 0
 
 
-def _train_epoch(run: _Run, train_set: Dataset, epoch: int) -> tuple[dict, int]:
-    """One epoch of optimizer steps; returns (its metrics row, images seen)."""
-    run.student.train()
+def _train_epoch(runs: list[_Run], train_set: Dataset, epoch: int) -> tuple[list[dict], int]:
+    """One epoch of optimizer steps of every run on one batch stream; returns (each run's metrics row, images
+    seen)."""
+    lead = runs[0]
+    for run in runs:
+        run.student.train()
     stored = None
-    if run.stored_labels is not None:
-        stored = load_epoch_labels(run.stored_labels, epoch)
+    if lead.stored_labels is not None:
+        stored = load_epoch_labels(lead.stored_labels, epoch)
         order, step_params = stored["order"], stored["params"]
     else:
-        order, step_params = epoch_order(run.seed, epoch, len(train_set)), None
-    losses, seen, lr = [], 0, run.recipe.lr
+        order, step_params = epoch_order(lead.seed, epoch, len(train_set)), None
+    losses, seen, lr = [], 0, lead.recipe.lr
     cropped = crops_in_data(train_set)  # real images cropped at full resolution by the dataset
     if cropped and stored is not None:
         raise ValueError("stored labels replay crop boxes; a dataset that crops itself needs online labels")
-    batches = load_batches(at_epoch(train_set, epoch), batches_of(order, run.recipe.batch_size), run.recipe.workers)
+    batches = load_batches(at_epoch(train_set, epoch), batches_of(order, lead.recipe.batch_size), lead.recipe.workers)
     for step, (images, labels) in enumerate(batches):
-        lr = student_lr(run.recipe, epoch, step, run.steps_per_epoch)
-        if run.lr is None:  # a CUDA-graph step writes its lr tensor itself
-            set_lr(run.optimizer, lr)
-        params = step_params[step] if step_params is not None else run.recipe.sample(
-            step_rng(run.seed, epoch, step), len(labels), run.image_size)
+        lr = student_lr(lead.recipe, epoch, step, lead.steps_per_epoch)
+        if lead.lr is None:  # a CUDA-graph step writes its lr tensor itself
+            for run in runs:
+                set_lr(run.optimizer, lr)
+        params = step_params[step] if step_params is not None else lead.recipe.sample(
+            step_rng(lead.seed, epoch, step), len(labels), lead.image_size)
         if cropped:  # the whole (already cropped) image (the centre window of a padded one); flips, mixing as drawn
-            params.boxes[:] = (params.pad, params.pad, run.image_size, run.image_size)
-        loss = _train_step(run, images, labels, params, stored, step, lr)
-        run.step_index += 1
-        if loss is not None:
-            losses.append((run.step_index, lr, loss))
+            params.boxes[:] = (params.pad, params.pad, lead.image_size, lead.image_size)
+        step_losses = _train_step(runs, images, labels, params, stored, step, lr)
+        for run in runs:
+            run.step_index += 1
+        if step_losses is not None:
+            losses.append((lead.step_index, lr, step_losses))
         seen += len(labels)
     # the step losses stay on the device until here: one host read per epoch, not one per step (a read
     # per step waits for the device every step, and small distilled-set batches are launch-bound)
-    values = torch.stack([loss for _, _, loss in losses]).cpu().tolist() if losses else []
-    for (index, step_lr, _), value in zip(losses, values):
-        run.logger.scalars({"train/loss": value, "train/lr": step_lr}, index)
-    return {"epoch": epoch + 1, "loss": float(np.mean(values)), "lr": lr}, seen
+    table = torch.stack([loss for _, _, loss in losses]).cpu() if losses else torch.zeros(0, len(runs))
+    rows = []
+    for i, run in enumerate(runs):
+        values = table[:, i].tolist()
+        for (index, step_lr, _), value in zip(losses, values):
+            run.logger.scalars({"train/loss": value, "train/lr": step_lr}, index)
+        rows.append({"epoch": epoch + 1, "loss": float(np.mean(values)) if values else float("nan"), "lr": lr})
+    return rows, seen
 
 
-def _train_step(run: _Run, images: torch.Tensor, labels: torch.Tensor, params: AugParams,
+def _train_step(runs: list[_Run], images: torch.Tensor, labels: torch.Tensor, params: AugParams,
                 stored: Optional[dict], step: int, lr: Optional[float] = None) -> Optional[torch.Tensor]:
-    """One optimizer step on this rank's share of the batch; returns its loss, a 0-d tensor left on the
-    device (None: empty share). ``lr``: this step's learning rate, written into the optimizer's lr tensor
-    by the step itself (a CUDA-graph run, ``run.lr``); the eager loop sets it beforehand instead."""
+    """One optimizer step of every run on this rank's share of the batch; returns their losses [runs], left
+    on the device (None: empty share). ``lr``: this step's learning rate, written into the optimizers' lr
+    tensor by the step itself (a CUDA-graph run, ``run.lr``); the eager loop sets it beforehand instead."""
+    lead = runs[0]
     # One copy carries the batch, its labels and its crop/flip/mix parameters (and, when captured, the lr;
     # with stored labels, the targets): each separate copy from pageable memory would make the host wait
     # for the GPU. uint8 crosses (a quarter of fp32's bytes) and becomes float there.
     host = [images, labels, *param_tensors(params)]
-    if run.lr is not None:
-        host.append(torch.tensor([run.recipe.lr if lr is None else lr], dtype=torch.float32))
-    if stored is not None and run.recipe.loss == "kl":
-        host.append(reconstruct_logits(stored, step, run.num_classes)[run.rank::run.world])
-    if run.captured is not None:
-        return run.captured(host)
-    return _device_step(run, to_device_all(host, run.device))
+    if lead.lr is not None:
+        host.append(torch.tensor([lead.recipe.lr if lr is None else lr], dtype=torch.float32))
+    if stored is not None and lead.recipe.loss == "kl":
+        host.append(reconstruct_logits(stored, step, lead.num_classes)[lead.rank::lead.world])
+    if lead.captured is not None:
+        return lead.captured(host)
+    return _device_step(runs, to_device_all(host, lead.device))
 
 
-def _device_step(run: _Run, inputs: list[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The step on ``_train_step``'s tensors, on the device. Which operations run depends only on the recipe
-    and the shapes, never on the batch's draw, so a CUDA graph captured on one batch serves every batch."""
+def _device_step(runs: list[_Run], inputs: list[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The step on ``_train_step``'s tensors, on the device: the batch augmented and labelled once, then each
+    run's update. Which operations run depends only on the recipe and the shapes, never on the batch's draw,
+    so a CUDA graph captured on one batch serves every batch."""
+    lead = runs[0]
     images, labels, ints, floats, *rest = inputs
-    rank, world, recipe = run.rank, run.world, run.recipe
-    if run.lr is not None:
-        run.lr.copy_(rest.pop(0).view(()))
+    rank, world, recipe = lead.rank, lead.world, lead.recipe
+    if lead.lr is not None:
+        lead.lr.copy_(rest.pop(0).view(()))
     mix = recipe.mix if len(labels) > 1 else "none"  # one image is never mixed
-    x = apply_moved(run.normalize(to_unit_float(images)), (ints, floats), mix, recipe.crop_padding
-                    if recipe.crop == "pad" else 0, run.fill)
-    if run.channels_last:
+    x = apply_moved(lead.normalize(to_unit_float(images)), (ints, floats), mix, recipe.crop_padding
+                    if recipe.crop == "pad" else 0, lead.fill)
+    if lead.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     partner = labels[ints[:, PARTNER]] if mix != "none" else None
     full = len(labels)
     if world > 1:  # this rank's share of the batch (partners were looked up in the whole batch)
         x, labels = x[rank::world], labels[rank::world]
         partner = partner[rank::world] if partner is not None else None
+    target = None
+    if len(labels) and recipe.loss == "kl":
+        if rest:  # stored labels, reconstructed on the host and moved with the batch
+            target = rest[0]
+        else:  # online: the teacher labels the batch once for every run
+            with torch.no_grad(), autocast(recipe.precision, lead.device):
+                target = lead.teacher(x)
+            target = target.float()
+    losses = [_update(run, x, labels, partner, floats, target, full) for run in runs]
+    return torch.stack(losses) if len(labels) else None
+
+
+def _update(run: _Run, x: torch.Tensor, labels: torch.Tensor, partner: Optional[torch.Tensor],
+            floats: torch.Tensor, target: Optional[torch.Tensor], full: int) -> torch.Tensor:
+    """One run's forward, loss, backward and optimizer step on the prepared batch; its loss (detached)."""
+    recipe, world = run.recipe, run.world
     with autocast(recipe.precision, run.device):
         logits = run.forward(x)
     logits = logits.float()  # the loss in fp32 whatever the forward ran in
@@ -356,12 +446,6 @@ def _device_step(run: _Run, inputs: list[torch.Tensor]) -> Optional[torch.Tensor
         loss = (mixed_cross_entropy(logits, labels, partner, floats[4], floats[5]) if partner is not None
                 else F.cross_entropy(logits, labels))
     else:
-        if rest:  # stored labels, reconstructed on the host and moved with the batch
-            target = rest[0]
-        else:
-            with torch.no_grad(), autocast(recipe.precision, run.device):
-                target = run.teacher(x)
-            target = target.float()
         loss = soft_label_kl(logits, target, recipe.temperature)
         if recipe.temperature_squared:
             loss = loss * recipe.temperature ** 2
@@ -369,4 +453,4 @@ def _device_step(run: _Run, inputs: list[torch.Tensor]) -> Optional[torch.Tensor
     # DDP averages over ranks; weighting by the share makes it the full batch's mean
     (loss * (len(labels) * world / full) if world > 1 else loss).backward()
     run.optimizer.step()
-    return loss.detach().float() if len(labels) else None
+    return loss.detach().float()

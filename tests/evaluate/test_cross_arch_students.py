@@ -47,7 +47,7 @@ def _train_nothing(monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("a finished student was trained again")
 
-    monkeypatch.setattr("engine.evaluate.stage.train_student", refuse)
+    monkeypatch.setattr("engine.evaluate.stage.train_students", refuse)
 
 
 def test_each_model_trains_in_its_folder_reports_a_column_and_resumes(run_scdd, recovered, tmp_path, monkeypatch,
@@ -115,17 +115,23 @@ def test_without_students_the_rows_are_todays(run_scdd, recovered, tmp_path, mon
 
 
 def test_one_process_labels_each_row_once_for_every_model(run_scdd, recovered, tmp_path, monkeypatch):
-    """relabel=stored: the row's models replay the headline's label files (same crops, teacher and recipe)."""
+    """relabel=stored: the row's models replay the headline's label files (same crops, teacher and recipe), and
+    train in lockstep on one batch stream (tests/evaluate/test_student_lockstep.py: as each would alone)."""
     from engine.artifacts import soft_labels
+    from engine.evaluate import stage
 
     teacher, run_dir = _copy(recovered, tmp_path)
-    saved = []
+    saved, trained = [], []
     save_epoch = soft_labels.save_epoch
     monkeypatch.setattr(soft_labels, "save_epoch", lambda folder, epoch, payload: (
         saved.append(folder.parent.name), save_epoch(folder, epoch, payload)))
+    train_students = stage.train_students
+    monkeypatch.setattr(stage, "train_students", lambda jobs, *args, **kwargs: (
+        trained.append(len(jobs)), train_students(jobs, *args, **kwargs))[1])
     run_scdd(*EVAL, f"teacher={teacher}", STUDENTS, "evaluate.relabel=stored", run_dir=run_dir)
     rows = ["sre2l", "random_real", "random_real_s1"]
     assert sorted(saved) == sorted(rows * 2)  # 2 epochs of each row, none for the second model
+    assert trained == [2, 2, 2]  # each row's two students together
     labels = {str(p.parent.relative_to(run_dir / "evaluate")) for p in (run_dir / "evaluate").rglob("labels")}
     assert labels == {f"ipc1/{row}" for row in rows}
     assert _rows(run_dir) == {f"ipc1/{row}{at}" for row in rows for at in ("", f"@{SECOND}")}

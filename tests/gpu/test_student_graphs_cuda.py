@@ -91,3 +91,35 @@ def test_graphed_student_on_stored_labels(digits, monkeypatch, tmp_path):
     stored = tmp_path / "labels"
     _same_training(_train(digits, SMALL_MODEL, recipe, False, monkeypatch, stored),
                    _train(digits, SMALL_MODEL, recipe, True, monkeypatch, stored), 1e-5)
+
+
+@pytest.mark.usefixtures("deterministic_cudnn")
+def test_graphed_lockstep_students_end_where_eager_ones_end(digits, monkeypatch):
+    """evaluate.students on one process: two models in one captured step (one teacher forward)."""
+    from engine.evaluate.student import StudentJob, train_students
+
+    bundle, train = digits
+    recipe = _recipe()
+    outcomes = []
+    for graphs in (False, True):
+        replays = []
+        replay = torch.cuda.CUDAGraph.replay
+        monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda self: (replays.append(1), replay(self))[1])
+        torch.manual_seed(1)
+        teacher = build_model(SMALL_MODEL, bundle.num_classes, 3, 32).eval()
+        students = []
+        for model in MODELS.values():
+            torch.manual_seed(2)
+            students.append(build_model(model, bundle.num_classes, 3, 32))
+        results = train_students([StudentJob(s) for s in students], train, bundle.test, bundle.normalize, recipe,
+                                 CUDA, 0, teacher=teacher, progress=False, cuda_graphs=graphs)
+        monkeypatch.undo()
+        outcomes.append(([s.state_dict() for s in students], [r["loss"] for x in results for r in x.history],
+                         len(replays)))
+    (weights_a, losses_a, replays_a), (weights_b, losses_b, replays_b) = outcomes
+    assert replays_a == 0 and replays_b == EPOCHS * (IPC * 10 // BATCH) - 3
+    assert losses_b == pytest.approx(losses_a, rel=1e-5, abs=1e-5)
+    for a, b in zip(weights_a, weights_b):
+        for key, value in a.items():
+            if value.is_floating_point():
+                assert torch.allclose(b[key], value, rtol=1e-5, atol=1e-5), key
