@@ -12,6 +12,9 @@ pass excluded; the TensorBoard metric ``train/images_per_s``), median over the e
 ``--pretrain`` also times MoCo v2 pretraining (ssl=mocov2's defaults, batch 128, on ``--pretrain-ipc`` images
 per class) through ``engine.squeeze.pretrain.train`` in fp32 and bf16 (its ``epoch/images_per_s``).
 
+``--lockstep N`` also times N students of the first variant trained one after another and then together
+(``train_students``, as evaluate.students does: one batch stream and one teacher forward per batch for all).
+
 ``--profile`` then trains each variant (and each pretraining precision) once more under torch.profiler (CPU, and
 CUDA kernels on CUDA) and prints the operators of ``--profile-steps`` optimizer steps, after two warm-up steps,
 by self CUDA time (self CPU time on the CPU): where a step's time goes, and whether the host or the GPU waits.
@@ -22,12 +25,13 @@ import argparse
 import math
 import os
 import statistics
+import time
 
 import torch
 
 from engine.data import DataConfig, build_data
 from engine.evaluate.stage import random_real_subset
-from engine.evaluate.student import StudentRecipe, train_student
+from engine.evaluate.student import StudentJob, StudentRecipe, train_students
 from engine.models import ModelConfig, build_model
 from engine.training.tb_logger import NULL_LOGGER, MetricsLogger
 
@@ -70,6 +74,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="after the timed epochs, print a torch.profiler table of a few steps per variant")
     parser.add_argument("--profile-steps", type=int, default=5)
+    parser.add_argument("--lockstep", type=int, default=0,
+                        help="N > 1: also time N students of the first variant one after another, then in lockstep "
+                             "(evaluate.students: one teacher forward per batch for all)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -90,16 +97,18 @@ def main() -> None:
     base = None
     variants = args.variants.split(",")
 
-    def train_variant(variant: str, epochs: int, logger: MetricsLogger) -> None:
+    def train_variant(variant: str, epochs: int, logger: MetricsLogger = NULL_LOGGER, count: int = 1) -> None:
+        """``count`` students of ``variant`` (more than one: trained together, as evaluate.students does)."""
         options = dict(VARIANTS[variant])
         graphs = options.pop("cuda_graphs", False)
         recipe = StudentRecipe(epochs=epochs, batch_size=batch, lr=1e-2, weight_decay=0.01, temperature=4.0,
                                loss="kl", crop_scale=(0.5, 1.0), flip=False, cutmix_prob=1.0, cutmix_alpha=1.0,
                                eval_every=epochs, **options)
         torch.manual_seed(0)
-        student = build_model(model_cfg, bundle.num_classes, bundle.channels, bundle.image_size)
-        train_student(student, train_set, test_set, bundle.normalize, recipe, device, 0, teacher=teacher,
-                      progress=False, logger=logger, cuda_graphs=graphs)
+        jobs = [StudentJob(build_model(model_cfg, bundle.num_classes, bundle.channels, bundle.image_size),
+                           logger=logger) for _ in range(count)]
+        train_students(jobs, train_set, test_set, bundle.normalize, recipe, device, 0, teacher=teacher,
+                       progress=False, cuda_graphs=graphs)
 
     if device.type != "cuda":
         skipped = [v for v in variants if VARIANTS[v].get("cuda_graphs")]
@@ -113,6 +122,8 @@ def main() -> None:
         first_epoch = len(train_set) / rates.rates[0]
         base = base or steady
         print(f"{variant:<22}{steady / batch:>10.2f}{steady:>11.0f}{steady / base:>8.2f}x{first_epoch:>15.2f}")
+    if args.lockstep > 1:
+        lockstep_rates(variants[0], args.lockstep, args.epochs, train_variant)
     if args.profile:
         epochs = math.ceil((PROFILE_WARMUP + args.profile_steps) / math.ceil(len(train_set) / batch))
         for variant in variants:
@@ -123,6 +134,20 @@ def main() -> None:
         if args.image_size != 28:
             pretrain_set = resized(bundle, pretrain_set, args.image_size)[1]
         pretrain_rates(bundle, model_cfg, device, pretrain_set, args.profile_steps if args.profile else 0)
+
+
+def lockstep_rates(variant: str, count: int, epochs: int, train_jobs) -> None:
+    """Wall time of ``count`` students trained one after another, then in lockstep (one batch stream, one
+    teacher forward per batch), each ``epochs`` epochs, test passes included."""
+    started = time.perf_counter()
+    for _ in range(count):
+        train_jobs(variant, epochs)
+    alone = time.perf_counter() - started
+    started = time.perf_counter()
+    train_jobs(variant, epochs, count=count)
+    together = time.perf_counter() - started
+    print(f"{count} students of {variant}, {epochs} epochs each: one after another {alone:.2f} s, in lockstep "
+          f"{together:.2f} s ({alone / together:.2f}x)")
 
 
 PROFILE_WARMUP = 2

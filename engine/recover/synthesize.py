@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
-from engine.errors import ConfigError
 from engine.recover import augment as augment_ops
 from engine.recover.augment import augment_batch
 from engine.recover.settings import StepAugment
+from engine.training.graphs import GRAPH_WARMUP_STEPS, require_cuda_graphs
 from engine.training.precision import autocast
 from engine.training.schedule import cosine_lr, set_lr
 from kernels import set_groups
@@ -65,8 +65,6 @@ class BatchResult:
 
 
 PRECISIONS = ("fp32", "bf16")
-GRAPH_WARMUP_STEPS = 3
-"""Eager steps on a side stream before a CUDA graph is captured (they are real steps of the schedule)."""
 
 
 def weighted_bn_loss(layer_losses: list[torch.Tensor], first_multiplier: float) -> torch.Tensor:
@@ -87,9 +85,7 @@ def augment_step(x: torch.Tensor, aug: StepAugment, generators: list[torch.Gener
 
 
 def require_cuda_graphs_possible(device: torch.device) -> None:
-    if device.type != "cuda":
-        raise ConfigError(f"recover.cuda_graphs=true needs a CUDA device (this run is on {device.type}); "
-                          f"set recover.cuda_graphs=false")
+    require_cuda_graphs(device, "recover.cuda_graphs")
 
 
 class _GroupStep:

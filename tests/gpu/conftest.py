@@ -31,3 +31,27 @@ def no_tf32():
     torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+@pytest.fixture
+def deterministic_cudnn():
+    """cuDNN's deterministic algorithms, no autotuning (graphed against eager runs compare the same kernels)."""
+    before = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    yield
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before
+
+
+DIGITS32_IPC = 20  # the GPU graph tests count their steps from it
+"""Images per class of ``digits32``'s training subset: 200 images."""
+
+
+@pytest.fixture(scope="module")
+def digits32():
+    """(digits at 32 px in 3 channels, a random real subset of DIGITS32_IPC per class): real images at
+    shapes ResNet-18 takes, small enough for whole trainings."""
+    from engine.data import DataConfig, build_data
+    from engine.evaluate.stage import random_real_subset
+
+    bundle = build_data(DataConfig(name="digits", image_size=32, channels=3))
+    return bundle, random_real_subset(bundle, DIGITS32_IPC, seed=0).dataset

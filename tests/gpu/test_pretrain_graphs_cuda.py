@@ -6,8 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.data import DataConfig, build_data
-from engine.evaluate.stage import random_real_subset
 from engine.models import ModelConfig, build_model
 from engine.squeeze.augment import spec_for
 from engine.squeeze.pretrain import Schedule, train
@@ -17,28 +15,17 @@ from teachers import SMALL_MODEL
 pytestmark = pytest.mark.gpu
 
 CUDA = torch.device("cuda")
-BATCH, IPC, EPOCHS = 32, 20, 2  # 200 images: 6 steps an epoch (drop_last)
+BATCH, EPOCHS = 32, 2
+IPC = 20  # digits32 (tests/gpu/conftest.py): 20 per class, 200 images: 6 steps an epoch (drop_last)
 SETTINGS = {"mocov2": MoCoSettings(batch_size=BATCH, queue_size=64, shuffle_groups=2),
             "supervised": SupervisedSettings(batch_size=BATCH, augment="strong")}
 MODELS = {"convnet": SMALL_MODEL, "resnet18": ModelConfig(name="resnet18")}
 
 
-@pytest.fixture(scope="module")
-def digits():
-    bundle = build_data(DataConfig(name="digits", image_size=32, channels=3))
-    return bundle, random_real_subset(bundle, IPC, seed=0).dataset
 
 
-@pytest.fixture
-def deterministic_cudnn():
-    before = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    yield
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before
-
-
-def _pretrain(digits, method_name, model, precision, graphs, tmp_path, monkeypatch):
-    bundle, train_set = digits
+def _pretrain(digits32, method_name, model, precision, graphs, tmp_path, monkeypatch):
+    bundle, train_set = digits32
     replays = []
     replay = torch.cuda.CUDAGraph.replay
     monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda self: (replays.append(1), replay(self))[1])
@@ -61,10 +48,10 @@ def _pretrain(digits, method_name, model, precision, graphs, tmp_path, monkeypat
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("model", MODELS.values(), ids=MODELS.keys())
 @pytest.mark.parametrize("method_name", sorted(SETTINGS))
-def test_graphed_pretraining_ends_where_eager_pretraining_ends(digits, method_name, model, precision, tmp_path,
+def test_graphed_pretraining_ends_where_eager_pretraining_ends(digits32, method_name, model, precision, tmp_path,
                                                                 monkeypatch):
-    eager = _pretrain(digits, method_name, model, precision, False, tmp_path, monkeypatch)
-    graphed = _pretrain(digits, method_name, model, precision, True, tmp_path, monkeypatch)
+    eager = _pretrain(digits32, method_name, model, precision, False, tmp_path, monkeypatch)
+    graphed = _pretrain(digits32, method_name, model, precision, True, tmp_path, monkeypatch)
     steps = EPOCHS * (IPC * 10 // BATCH)
     assert eager[2] == 0 and graphed[2] == steps - 3
     tolerance = 1e-5 if precision == "fp32" else 1e-3

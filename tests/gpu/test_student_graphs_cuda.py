@@ -7,9 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.data import DataConfig, build_data
 from engine.evaluate.relabel import precompute_soft_labels
-from engine.evaluate.stage import random_real_subset
 from engine.evaluate.student import StudentRecipe, train_student
 from engine.models import ModelConfig, build_model
 from teachers import SMALL_MODEL
@@ -18,25 +16,14 @@ pytestmark = pytest.mark.gpu
 
 CUDA = torch.device("cuda")
 MODELS = {"convnet": SMALL_MODEL, "resnet18": ModelConfig(name="resnet18")}
-BATCH, IPC, EPOCHS = 32, 20, 2  # 200 images: 6 full batches and one of 8 per epoch
+BATCH, EPOCHS = 32, 2
+IPC = 20  # digits32 (tests/gpu/conftest.py): 20 per class, 200 images: 6 full batches and one of 8 per epoch
 
 
-@pytest.fixture(scope="module")
-def digits():
-    bundle = build_data(DataConfig(name="digits", image_size=32, channels=3))
-    return bundle, random_real_subset(bundle, IPC, seed=0).dataset
 
 
-@pytest.fixture
-def deterministic_cudnn():
-    before = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    yield
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before
-
-
-def _train(digits, model, recipe, graphs, monkeypatch, stored=None):
-    bundle, train = digits
+def _train(digits32, model, recipe, graphs, monkeypatch, stored=None):
+    bundle, train = digits32
     replays = []
     replay = torch.cuda.CUDAGraph.replay
     monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda self: (replays.append(1), replay(self))[1])
@@ -72,33 +59,33 @@ def _same_training(eager, graphed, tolerance):
 @pytest.mark.usefixtures("deterministic_cudnn")
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("model", MODELS.values(), ids=MODELS.keys())
-def test_graphed_student_ends_where_the_eager_one_ends(digits, model, precision, monkeypatch):
+def test_graphed_student_ends_where_the_eager_one_ends(digits32, model, precision, monkeypatch):
     recipe = _recipe(precision=precision)
-    _same_training(_train(digits, model, recipe, False, monkeypatch), _train(digits, model, recipe, True, monkeypatch),
-                   1e-5 if precision == "fp32" else 1e-3)
+    _same_training(_train(digits32, model, recipe, False, monkeypatch),
+                   _train(digits32, model, recipe, True, monkeypatch), 1e-5 if precision == "fp32" else 1e-3)
 
 
 @pytest.mark.usefixtures("deterministic_cudnn")
-def test_graphed_hard_label_mixup_with_sgd(digits, monkeypatch):
+def test_graphed_hard_label_mixup_with_sgd(digits32, monkeypatch):
     recipe = _recipe(loss="hard", crop="pad", mix="mixup", optimizer="sgd", lr=0.05)
-    _same_training(_train(digits, SMALL_MODEL, recipe, False, monkeypatch),
-                   _train(digits, SMALL_MODEL, recipe, True, monkeypatch), 1e-5)
+    _same_training(_train(digits32, SMALL_MODEL, recipe, False, monkeypatch),
+                   _train(digits32, SMALL_MODEL, recipe, True, monkeypatch), 1e-5)
 
 
 @pytest.mark.usefixtures("deterministic_cudnn")
-def test_graphed_student_on_stored_labels(digits, monkeypatch, tmp_path):
+def test_graphed_student_on_stored_labels(digits32, monkeypatch, tmp_path):
     recipe = _recipe()
     stored = tmp_path / "labels"
-    _same_training(_train(digits, SMALL_MODEL, recipe, False, monkeypatch, stored),
-                   _train(digits, SMALL_MODEL, recipe, True, monkeypatch, stored), 1e-5)
+    _same_training(_train(digits32, SMALL_MODEL, recipe, False, monkeypatch, stored),
+                   _train(digits32, SMALL_MODEL, recipe, True, monkeypatch, stored), 1e-5)
 
 
 @pytest.mark.usefixtures("deterministic_cudnn")
-def test_graphed_lockstep_students_end_where_eager_ones_end(digits, monkeypatch):
+def test_graphed_lockstep_students_end_where_eager_ones_end(digits32, monkeypatch):
     """evaluate.students on one process: two models in one captured step (one teacher forward)."""
     from engine.evaluate.student import StudentJob, train_students
 
-    bundle, train = digits
+    bundle, train = digits32
     recipe = _recipe()
     outcomes = []
     for graphs in (False, True):
