@@ -59,12 +59,15 @@ def student_step(bundle: DataBundle, device: torch.device, model: ModelConfig, *
 
 
 def moco_step(bundle: DataBundle, device: torch.device, model: ModelConfig, state_path: Path,
-              precision: str = "fp32"):
-    """A callable making one MoCo v2 step (large-image views: crop, flip, jitter with hue, grayscale, blur)."""
-    settings = MoCoSettings(epochs=1, batch_size=BATCH, lr=0.06, queue_size=16, shuffle_groups=2)
+              precision: str = "fp32", method_name: str = "mocov2"):
+    """A callable making one MoCo v2 step (large-image views: crop, flip, jitter with hue, grayscale, blur), or one
+    step of another pretraining method (``method_name``: simclr, supervised) on the same views."""
+    settings = (MoCoSettings(epochs=1, batch_size=BATCH, lr=0.06, queue_size=16, shuffle_groups=2)
+                if method_name == "mocov2" else METHODS[method_name].settings(epochs=1, batch_size=BATCH))
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(5)
-    method = METHODS["mocov2"].build(build_model(model, bundle.num_classes, 3, bundle.image_size), settings, generator)
+    method = METHODS[method_name].build(build_model(model, bundle.num_classes, 3, bundle.image_size), settings,
+                                        generator)
     schedule = pretrain.Schedule(1, settings.batch_size, settings.lr, settings.momentum, settings.weight_decay)
     run = pretrain._setup(method, bundle.train, schedule=schedule, spec=large_image_spec(bundle.image_size),
                           normalize=bundle.normalize, device=device, generator=generator, state_path=state_path,

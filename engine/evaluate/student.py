@@ -281,7 +281,8 @@ def _train_lockstep(runs: list["_Run"], start_epoch: int, train_set: Dataset, te
     recipe, device, world = lead.recipe, lead.device, lead.world
     if lead.lr is not None:
         captured = CapturedStep(lambda inputs: _device_step(runs, inputs), device,
-                                before_capture=lambda: [run.optimizer.zero_grad(set_to_none=True) for run in runs])
+                                before_capture=lambda: [run.optimizer.zero_grad(set_to_none=True) for run in runs],
+                                key="evaluate.cuda_graphs")
         for run in runs:
             run.captured = captured
     checkpoint_every = max(1, recipe.epochs // 10)

@@ -179,7 +179,7 @@ def _capture_steps(run: _Run) -> None:
     for group in optimizer.param_groups:
         group["lr"] = run.lr
     run.captured = CapturedStep(lambda inputs: _memory_step(run, inputs), run.device,
-                                before_capture=lambda: optimizer.zero_grad(set_to_none=True))
+                                before_capture=lambda: optimizer.zero_grad(set_to_none=True), key="squeeze.cuda_graphs")
 
 
 def _setup(method: nn.Module, dataset: Dataset, *, schedule: Schedule, spec: AugmentSpec | None,

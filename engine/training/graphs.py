@@ -53,9 +53,10 @@ class CapturedStep:
     Returns a copy of the output (the graph's own is overwritten by the next replay)."""
 
     def __init__(self, step: Callable[[list[torch.Tensor]], torch.Tensor], device: torch.device,
-                 warmup: int = GRAPH_WARMUP_STEPS, before_capture: Optional[Callable[[], None]] = None) -> None:
-        require_cuda_graphs(device, "cuda_graphs")
-        self.step, self.device, self.warmup = step, torch.device(device), warmup
+                 warmup: int = GRAPH_WARMUP_STEPS, before_capture: Optional[Callable[[], None]] = None,
+                 key: str = "cuda_graphs") -> None:
+        require_cuda_graphs(device, key)
+        self.step, self.device, self.warmup, self.key = step, torch.device(device), warmup, key
         self.before_capture = before_capture
         self.signature: Optional[tuple] = None
         self.eager_calls = 0
@@ -97,8 +98,13 @@ class CapturedStep:
             self.before_capture()
         graph = torch.cuda.CUDAGraph()
         # thread_local: loader worker threads (pinning, decoding) may call CUDA while this thread captures
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self.output = self.step(inputs)
+        try:
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self.output = self.step(inputs)
+        except RuntimeError as exc:  # an operation that cannot be captured: name the switch that avoids it
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise RuntimeError(f"capturing the training step as a CUDA graph failed ({reason}); "
+                               f"set {self.key}=false to run it eagerly") from exc
         self.graph = graph
         graph.replay()
         return self.output.clone()

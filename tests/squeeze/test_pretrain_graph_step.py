@@ -1,6 +1,6 @@
 """Pretraining steps are ready for CUDA graph capture (squeeze.cuda_graphs), checked without a GPU.
 
-A captured graph replays the operations of the step it recorded, so every MoCo v2 and supervised step must run
+A captured graph replays the operations of the step it recorded, so every MoCo v2, SimCLR and supervised step must run
 the same operations on tensors of the same shapes whatever it drew: crops, flips, jitter, grayscale, blur, the
 shuffle-BN order, the queue position. Each step is traced on the CPU (every aten operation with its output
 shapes and dtypes) and compared. The GPU tier (tests/gpu/test_pretrain_graphs_cuda.py) captures and replays.
@@ -24,12 +24,14 @@ def cifar(tmp_path_factory):
     return cifar_bundle(tmp_path_factory.mktemp("cifar"))
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_every_moco_step_runs_the_same_operations(cifar, tmp_path, precision):
-    step = moco_step(cifar, torch.device("cpu"), SMALL_MODEL, tmp_path / "state.pt", precision=precision)
+@pytest.mark.parametrize("method_name,precision", [("mocov2", "fp32"), ("mocov2", "bf16"), ("simclr", "bf16"),
+                                                    ("supervised", "bf16")])
+def test_every_pretraining_step_runs_the_same_operations(cifar, tmp_path, method_name, precision):
+    step = moco_step(cifar, torch.device("cpu"), SMALL_MODEL, tmp_path / "state.pt", precision=precision,
+                     method_name=method_name)
     step()  # the first step creates SGD's momentum buffers
     traces = []
-    for _ in range(5):  # queue of 16, batch 8: the pointer wraps
+    for _ in range(5):  # MoCo: queue of 16, batch 8: the pointer wraps
         with OpTrace() as trace:
             assert torch.isfinite(step())
         traces.append(trace.ops)
