@@ -39,7 +39,14 @@ class FusedBNMatchingTorchFunction(torch.autograd.Function):
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         xf = x if x.dtype == acc else x.to(acc)
         # [G, C] statistics; splitting the batch dim is a view in either memory format
-        var, mean = torch.var_mean(xf.unflatten(0, (groups, -1)), dim=(1, 3, 4), correction=0)
+        split = xf.unflatten(0, (groups, -1))
+        if x.device.type == "cpu":
+            # two passes (the mean, then the mean squared deviation): as stable as var_mean and 4-6x faster on
+            # the CPU, whose var_mean reduces over non-adjacent dims slowly (100x64x28x28 NHWC: 3.3 vs 18.8 ms)
+            centre = split.mean(dim=(1, 3, 4), keepdim=True)
+            var, mean = (split - centre).square_().mean(dim=(1, 3, 4)), centre.reshape(groups, -1)
+        else:  # one read, no full-size temporary
+            var, mean = torch.var_mean(split, dim=(1, 3, 4), correction=0)
         norm_v, unit_v = _unit(running_var.to(acc) - var)
         norm_m, unit_m = _unit(running_mean.to(acc) - mean)
         loss = norm_v + norm_m
