@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import json
 import re
 from contextlib import contextmanager
 from typing import Iterator
@@ -25,6 +24,7 @@ from torch import nn
 from torch.autograd import DeviceType
 from torch.profiler import record_function
 
+from engine.io import save_json
 from engine.bench.device_stats import device_name, resolve_device
 from engine.bench.measure import _objective, profiled
 from engine.bench.recover_cli import recipe
@@ -198,8 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
                             channels_last=not args.nchw, backend=args.backend)
     print(render(result))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        save_json(result, args.json)
     return result
 
 

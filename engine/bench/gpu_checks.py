@@ -12,13 +12,13 @@ and how far the final images differ (relative L2). Needs no Hydra (runs with tor
 from __future__ import annotations
 
 import argparse
-import json
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.io import save_json
 from engine.bench.device_stats import device_name, resolve_device
 from engine.bench.recover_cli import recipe
 from engine.bench.recover_variants import Variant, engine_runner
@@ -99,8 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not all(math.isfinite(r['bn']) and math.isfinite(r['ce']) for r in bf16_log):
         print("bf16 trajectory is not finite")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(summary, handle, indent=2)
+        save_json(summary, args.json)
     return summary
 
 

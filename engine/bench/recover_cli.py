@@ -15,10 +15,10 @@ warm-up, best of ``--repeats``. Needs no Hydra (runs with torch alone).
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
+from engine.io import save_json
 from engine.bench.device_stats import device_name, resolve_device
 from engine.bench.recover_variants import PRECISIONS, Row, best_engine, measure_variants, render_rows
 from engine.models import ModelConfig, build_model
@@ -97,8 +97,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if best is not None and peer is not None:
         print(f"best engine row: {best.variant.label}: {best.rate.rate / peer.rate:.2f}x the peer loop")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump([row.as_dict() for row in rows], handle, indent=2)
+        save_json([row.as_dict() for row in rows], args.json)
     return rows
 
 

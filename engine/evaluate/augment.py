@@ -84,9 +84,6 @@ def sample_params(rng: np.random.Generator, batch: int, size: int, crop_scale: t
     return params
 
 
-MIX_KINDS = ("cutmix", "mixup", "none")
-
-
 def mix_kind(params: AugParams) -> str:
     """Which mixing ``params`` drew: cutmix | mixup | none."""
     return "cutmix" if params.cutmix_partner is not None else "mixup" if params.mixup_partner is not None else "none"
@@ -113,22 +110,19 @@ def param_tensors(params: AugParams) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(ints), torch.from_numpy(floats)
 
 
-def apply_params(x: torch.Tensor, params: AugParams, fill: Optional[torch.Tensor] = None,
-                 moved: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+def apply_params(x: torch.Tensor, params: AugParams, fill: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Crop every image to the input size (resized bilinearly, or a window of the padded image), flip,
     then paste the CutMix box or blend the MixUp partner.
 
     ``fill``: [1, C, 1, 1] value of a black pixel in x's space (x is normalized: normalize(0)) for the
-    pad-and-crop border, as torchvision pads before normalizing; None pads with 0. ``moved``:
-    ``param_tensors(params)`` already on x's device (a step that moves it with its batch); None moves it here."""
-    if moved is None:
-        moved = tuple(to_device_all(param_tensors(params), x.device))
+    pad-and-crop border, as torchvision pads before normalizing; None pads with 0."""
+    moved = tuple(to_device_all(param_tensors(params), x.device))
     return apply_moved(x, moved, mix_kind(params), params.pad, fill)
 
 
 def apply_moved(x: torch.Tensor, moved: tuple[torch.Tensor, torch.Tensor], mix: str, pad: int,
                 fill: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``apply_params`` from ``param_tensors`` on x's device, with the mixing kind (``MIX_KINDS``) and the
+    """``apply_params`` from ``param_tensors`` on x's device, with the mixing kind (cutmix | mixup | none) and the
     padding given: no host value of the batch's draw decides any operation."""
     ints, floats = moved
     n, _, height, width = x.shape

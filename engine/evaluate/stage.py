@@ -244,32 +244,21 @@ class Evaluator:
         """The row's student of each lineup model, one position each; the headline's result, with every
         model's under "students" when evaluate.students is set. None while any is another task's or process's.
 
-        The models this process trains on the row (one process: all of them) train in lockstep on one batch
-        stream, so each batch is augmented and labelled by the teacher once (``train_students``); with DDP
-        ranks, one after another."""
-        lineup = student_lineup(self.cfg, self.ctx.model_cfg)
-        if self.ctx.dist.world_size > 1:
-            rows = [self.run_student(key, ipc, train, student, epochs, seed_offset) for student in lineup]
-        else:
-            prepared = [self._prepare(key, ipc, train, student, epochs, seed_offset) for student in lineup]
-            pending = [p for p in prepared if isinstance(p, _Pending)]
-            if pending:
-                self._train(pending, train)
-            rows = [p.row if isinstance(p, _Pending) else p for p in prepared]
+        The models this process trains on the row train in lockstep on one batch stream, so each batch is
+        augmented and labelled by the teacher once (``train_students``); with DDP ranks, one after another."""
+        prepared = [self._prepare(key, ipc, train, student, epochs, seed_offset)
+                    for student in student_lineup(self.cfg, self.ctx.model_cfg)]
+        pending = [p for p in prepared if isinstance(p, _Pending)]
+        groups = [pending] if self.ctx.dist.world_size == 1 else [[p] for p in pending]
+        for group in groups:
+            if group:
+                self._train(group, train)
+        rows = [p.row if isinstance(p, _Pending) else p for p in prepared]
         if any(row is None for row in rows):
             return None
         if self.cfg.students is None:
             return rows[0]
         return with_students(dict(zip(self.cfg.students, rows)))
-
-    def run_student(self, key: str, ipc: Optional[int], train: TrainingSet, student: Student,
-                    epochs: Optional[int] = None, seed_offset: int = 0) -> Optional[dict]:
-        """One (row, model) student: its result, trained here unless done or another task's or process's."""
-        prepared = self._prepare(key, ipc, train, student, epochs, seed_offset)
-        if not isinstance(prepared, _Pending):
-            return prepared
-        self._train([prepared], train)
-        return prepared.row
 
     def _prepare(self, key: str, ipc: Optional[int], train: TrainingSet, student: Student,
                  epochs: Optional[int] = None, seed_offset: int = 0) -> "Optional[dict] | _Pending":

@@ -153,8 +153,6 @@ class _Run:
     lr: torch.Tensor | None = None
     """The SGD groups' shared device lr of a CUDA-graph run (the step writes it); None: a float per step."""
     captured: CapturedStep | None = None
-    draw_count: int = 0
-    """How many tensors the method's ``draw`` returns (the step's input layout)."""
 
 
 def check_cuda_graphs(device: torch.device, trainer: str, streams: str | None = None) -> None:
@@ -346,9 +344,7 @@ def _memory_inputs(run: _Run, images: torch.Tensor, labels: torch.Tensor, lr: fl
     drawn = [] if run.spec is None else [
         draw_view_params(batch, images.shape[1], run.spec.image_size, run.spec, run.view_generator)
         for _ in range(run.views)]
-    draws = _method_draws(run, batch)
-    run.draw_count = len(draws)
-    host = [images, *drawn, *draws]
+    host = [images, *drawn, *_method_draws(run, batch)]
     if _labels_moved(run):
         host.append(labels)
     if run.lr is not None:
@@ -361,10 +357,10 @@ def _memory_step(run: _Run, inputs: list[torch.Tensor]) -> torch.Tensor:
     loss (detached). Its operations depend on the shapes alone, so a CUDA graph of one step serves all."""
     images, rest = inputs[0], list(inputs[1:])
     params = [rest.pop(0) for _ in range(run.views)] if run.spec is not None else [None] * run.views
-    draws = [rest.pop(0) for _ in range(run.draw_count)]
-    labels = rest.pop(0) if _labels_moved(run) else None
     if run.lr is not None:
-        run.lr.copy_(rest.pop(0).view(()))
+        run.lr.copy_(rest.pop().view(()))
+    labels = rest.pop() if _labels_moved(run) else None
+    draws = rest  # what remains: the method's draws
     views = [_view(images, run.spec, p, run.normalize).to(run.wrapped.input_dtype) for p in params]
     loss = run.wrapped.loss(views, labels, draws)
     run.wrapped.backward(loss)

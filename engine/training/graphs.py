@@ -65,10 +65,6 @@ class CapturedStep:
         self.output: Optional[torch.Tensor] = None
         self.side = torch.cuda.Stream(device=self.device)
 
-    @property
-    def captured(self) -> bool:
-        return self.graph is not None
-
     def __call__(self, host: Sequence[torch.Tensor]) -> torch.Tensor:
         signature = _signature(host)
         if self.signature is None:
