@@ -27,7 +27,7 @@ from engine.evaluate.relabel import load_epoch_labels, reconstruct_logits
 from engine.distributed import DistEnv, average_buffers
 from engine.errors import ConfigError
 from engine.artifacts import student as student_artifacts
-from engine.training.batches import batches_of, epoch_order, load_batches, to_unit_float
+from engine.training.batches import batches_of, epoch_order, load_batches, on_device, to_unit_float
 from engine.training.metrics import evaluate_accuracy
 from engine.training.precision import (autocast, layout, optimizer_options, to_device_all,
                                       use_channels_last)
@@ -225,6 +225,9 @@ def train_students(jobs: list[StudentJob], train_set: Dataset, test_set: Dataset
         if recipe.compile:
             raise ConfigError("cuda_graphs and recipe.compile are both set; pick one")
     torch.manual_seed(seed)
+    # small in-memory sets (distilled, random real, a 64 px tree) are held on the GPU for the whole training:
+    # a step then moves indices, not pixels, and its tests read the split from there
+    train_set, test_set = on_device(train_set, device), on_device(test_set, device)
     channels_last = use_channels_last(recipe.channels_last, device, recipe.precision)
     if teacher is not None:
         teacher = layout(teacher.to(device).eval(), channels_last)
@@ -289,31 +292,41 @@ def _train_lockstep(runs: list["_Run"], start_epoch: int, train_set: Dataset, te
     start = time.time()
     bar = tqdm(range(start_epoch, recipe.epochs), desc=desc, disable=not progress, unit="ep",
                dynamic_ncols=True, leave=False)
+    pending: Optional[_EpochLosses] = None
     for epoch in bar:
         epoch_started = time.perf_counter()
-        rows, images = _train_epoch(runs, train_set, epoch)
-        epoch_seconds = time.perf_counter() - epoch_started
+        rows, losses = _train_epoch(runs, train_set, epoch)
+        losses.seconds = time.perf_counter() - epoch_started
         test = (epoch + 1) % recipe.eval_every == 0 or epoch + 1 == recipe.epochs
         stop = preemption.requested() is not None and epoch + 1 < recipe.epochs
+        save = (lead.rank == 0 and epoch + 1 < recipe.epochs and ((epoch + 1) % checkpoint_every == 0 or stop)
+                and any(run.job.checkpoint is not None for run in runs))
+        # An epoch's losses are read one epoch late: by then its steps are done, so the read does not wait,
+        # and the GPU keeps the next epoch's steps queued meanwhile (a distilled set's epoch is a few steps,
+        # and waiting at each epoch's end would leave the GPU idle there). Tests and checkpoints read now.
+        if pending is not None:
+            pending.settle(runs)
+        pending = losses
+        if test or save or stop or epoch + 1 == recipe.epochs:
+            pending.settle(runs)
+            pending = None
         for run, row in zip(runs, rows):
-            run.seen += images
-            metrics = {"train/loss_epoch": row["loss"], "train/images_per_s": images / max(epoch_seconds, 1e-9)}
+            run.seen += losses.images
             if test:
                 if world > 1:
                     average_buffers(run.student)
-                row["top1"], row["top5"] = evaluate_accuracy(run.student, test_set, run.normalize, device,
-                                                             workers=recipe.workers, loader=test_loader)
-                metrics["test/top1"] = row["top1"]
+                row["top1"], row["top5"] = evaluate_accuracy(
+                    run.student, test_set, run.normalize, device, workers=recipe.workers, loader=test_loader,
+                    precision=recipe.precision, channels_last=run.channels_last)
+                metrics = {"test/top1": row["top1"]}
                 if row["top5"] is not None:
                     metrics["test/top5"] = row["top5"]
-            run.logger.scalars(metrics, epoch + 1)
+                run.logger.scalars(metrics, epoch + 1)
             run.history.append(row)
-            checkpoint = run.job.checkpoint
-            if (checkpoint is not None and run.rank == 0 and ((epoch + 1) % checkpoint_every == 0 or stop)
-                    and epoch + 1 < recipe.epochs):
-                student_artifacts.save_state(checkpoint, {"student": run.student.state_dict(),
-                                                          "optimizer": plain_lr(run.optimizer.state_dict()),
-                                                          "epoch": epoch + 1, "history": run.history},
+            if save and run.job.checkpoint is not None:
+                student_artifacts.save_state(run.job.checkpoint, {"student": run.student.state_dict(),
+                                                                  "optimizer": plain_lr(run.optimizer.state_dict()),
+                                                                  "epoch": epoch + 1, "history": run.history},
                                              run.job.fingerprint)
         if test:
             bar.set_postfix(loss=f"{rows[0]['loss']:.3f}", top1=f"{rows[0]['top1']:.3f}")
@@ -339,9 +352,9 @@ def _output_classes(student: nn.Module) -> int:
     return linear[-1].out_features if linear else 0
 
 
-def _train_epoch(runs: list[_Run], train_set: Dataset, epoch: int) -> tuple[list[dict], int]:
-    """One epoch of optimizer steps of every run on one batch stream; returns (each run's metrics row, images
-    seen)."""
+def _train_epoch(runs: list[_Run], train_set: Dataset, epoch: int) -> tuple[list[dict], "_EpochLosses"]:
+    """One epoch of optimizer steps of every run on one batch stream; returns (each run's metrics row, its
+    ``loss`` filled in when the returned losses are settled; the epoch's losses)."""
     lead = runs[0]
     for run in runs:
         run.student.train()
@@ -371,16 +384,30 @@ def _train_epoch(runs: list[_Run], train_set: Dataset, epoch: int) -> tuple[list
         if step_losses is not None:
             losses.append((lead.step_index, lr, step_losses))
         seen += len(labels)
-    # the step losses stay on the device until here: one host read per epoch, not one per step (a read
-    # per step waits for the device every step, and small distilled-set batches are launch-bound)
-    table = torch.stack([loss for _, _, loss in losses]).cpu() if losses else torch.zeros(0, len(runs))
-    rows = []
-    for i, run in enumerate(runs):
-        values = table[:, i].tolist()
-        for (index, step_lr, _), value in zip(losses, values):
-            run.logger.scalars({"train/loss": value, "train/lr": step_lr}, index)
-        rows.append({"epoch": epoch + 1, "loss": float(np.mean(values)) if values else float("nan"), "lr": lr})
-    return rows, seen
+    rows = [{"epoch": epoch + 1, "loss": float("nan"), "lr": lr} for _ in runs]
+    return rows, _EpochLosses(epoch, losses, seen, rows)
+
+
+class _EpochLosses:
+    """One epoch's step losses, left on the device (a host read per step would wait for the GPU every step).
+    ``settle`` reads them once, fills each run's metrics row's ``loss`` and logs the steps' loss and lr, and
+    the epoch's mean loss and images/s (host time from the epoch's start until its steps were queued)."""
+
+    def __init__(self, epoch: int, steps: list[tuple[int, float, torch.Tensor]], images: int,
+                 rows: list[dict]) -> None:
+        self.epoch, self.steps, self.images, self.rows, self.seconds = epoch, steps, images, rows, 0.0
+        self.table = torch.stack([loss for _, _, loss in steps]) if steps else None
+
+    def settle(self, runs: list[_Run]) -> None:
+        table = self.table.cpu() if self.table is not None else torch.zeros(0, len(runs))
+        for i, run in enumerate(runs):
+            values = table[:, i].tolist()
+            for (index, step_lr, _), value in zip(self.steps, values):
+                run.logger.scalars({"train/loss": value, "train/lr": step_lr}, index)
+            loss = float(np.mean(values)) if values else float("nan")
+            self.rows[i]["loss"] = loss
+            run.logger.scalars({"train/loss_epoch": loss,
+                                "train/images_per_s": self.images / max(self.seconds, 1e-9)}, self.epoch + 1)
 
 
 def _train_step(runs: list[_Run], images: torch.Tensor, labels: torch.Tensor, params: AugParams,

@@ -39,7 +39,11 @@ def plain_lr(state: dict) -> dict:
 
 
 def _signature(host: Sequence[torch.Tensor]) -> tuple:
-    return tuple((tuple(t.shape), t.dtype) for t in host)
+    return tuple((tuple(t.shape), t.dtype, t.device.type) for t in host)
+
+
+def _on_host(tensors: Sequence[torch.Tensor]) -> list[int]:
+    return [i for i, t in enumerate(tensors) if t.device.type == "cpu"]
 
 
 class CapturedStep:
@@ -48,7 +52,8 @@ class CapturedStep:
 
     The first input shapes seen run eagerly ``warmup`` times, are then captured (the capture computes
     nothing, so that step is replayed at once) and replayed for every later call of those shapes: each
-    replay copies the call's tensors into the graph's one static input buffer (a pinned, non-blocking copy)
+    replay copies the call's host tensors into the graph's one static input buffer (a pinned, non-blocking
+    copy) and its device tensors (a batch gathered from a set held on the GPU) into their own static copies,
     and launches the graph. Other shapes (an epoch's last, smaller batch) run eagerly on the same state.
     Returns a copy of the output (the graph's own is overwritten by the next replay)."""
 
@@ -62,6 +67,7 @@ class CapturedStep:
         self.eager_calls = 0
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.static: Optional[torch.Tensor] = None
+        self.static_device: dict[int, torch.Tensor] = {}
         self.output: Optional[torch.Tensor] = None
         self.side = torch.cuda.Stream(device=self.device)
 
@@ -72,8 +78,11 @@ class CapturedStep:
         if signature != self.signature:
             return self.step(to_device_all(host, self.device))
         if self.graph is not None:
-            buffer, _ = pack_bytes(host, pin=True)
+            on_host = _on_host(host)
+            buffer, _ = pack_bytes([host[i] for i in on_host], pin=True)
             self.static.copy_(buffer, non_blocking=True)
+            for i, static in self.static_device.items():  # inputs already on the device (a set held there)
+                static.copy_(host[i])
             self.graph.replay()
             return self.output.clone()
         if self.eager_calls < self.warmup:
@@ -86,10 +95,16 @@ class CapturedStep:
         return self._capture(host)
 
     def _capture(self, host: Sequence[torch.Tensor]) -> torch.Tensor:
-        buffer, starts = pack_bytes(host, pin=True)
+        on_host = _on_host(host)
+        buffer, starts = pack_bytes([host[i] for i in on_host], pin=True)
         self.static = torch.empty(buffer.numel(), dtype=torch.uint8, device=self.device)
         self.static.copy_(buffer, non_blocking=True)
-        inputs = unpack_bytes(self.static, starts, host)
+        inputs = list(host)
+        for i, part in zip(on_host, unpack_bytes(self.static, starts, [host[i] for i in on_host])):
+            inputs[i] = part
+        self.static_device = {i: t.clone() for i, t in enumerate(host) if i not in on_host}
+        for i, static in self.static_device.items():
+            inputs[i] = static
         if self.before_capture is not None:
             self.before_capture()
         graph = torch.cuda.CUDAGraph()

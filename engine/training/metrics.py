@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from engine.training.batches import batches_of, load_batches, to_unit_float
+from engine.training.precision import autocast, to_device
 
 
 CPU_EVAL_BATCH = 32
@@ -24,29 +25,38 @@ def eval_batch_size(device: torch.device) -> int:
 
 @torch.no_grad()
 def evaluate_accuracy(model: nn.Module, dataset: Dataset, normalize: Callable, device: torch.device,
-                      batch_size: Optional[int] = None, workers: int = 0, loader=None) -> tuple[float, Optional[float]]:
+                      batch_size: Optional[int] = None, workers: int = 0, loader=None, precision: str = "fp32",
+                      channels_last: bool = False) -> tuple[float, Optional[float]]:
     """Top-1 (and top-5 when there are more than 10 classes, else None) as fractions, eval mode.
 
     ``batch_size``: None takes ``eval_batch_size(device)``. ``loader``: an engine.loaders BatchLoader of the
     whole split (eval transform, normalized batches, loader=ffcv|dali) read instead of ``dataset``.
-    """
+    ``precision`` / ``channels_last``: the forward's autocast and input layout, the ones the model trains
+    with (a student in NHWC would otherwise convert every NCHW test batch).
+    Batches are moved without blocking and the counts stay on the device until the end: one host read per
+    split, not one per batch (a read per batch keeps the host from queueing the next one, and a student's
+    tests, repeated every few epochs, would leave the GPU waiting)."""
     batch_size = batch_size or eval_batch_size(device)
     model.eval()
-    correct1 = correct5 = total = 0
+    correct = torch.zeros(2, dtype=torch.int64, device=device)  # top-1, top-5
+    total = 0
     has_top5 = None
     if loader is None:
-        batches = ((normalize(to_unit_float(images.to(device))), labels) for images, labels in
+        batches = ((normalize(to_unit_float(to_device(images, device))), labels) for images, labels in
                    load_batches(dataset, batches_of(np.arange(len(dataset)), batch_size), workers))
     else:
         batches = ((images.to(device), labels) for images, labels in loader)
     for images, labels in batches:
-        logits = model(images)
-        labels = labels.to(device)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(precision, device):
+            logits = model(images)
+        labels = to_device(torch.as_tensor(labels), device)
         if has_top5 is None:
             has_top5 = logits.shape[1] > 10
-        correct1 += int((logits.argmax(1) == labels).sum())
+        correct[0] += (logits.argmax(1) == labels).sum()
         if has_top5:
-            top5 = logits.topk(5, dim=1).indices
-            correct5 += int((top5 == labels[:, None]).any(1).sum())
+            correct[1] += (logits.topk(5, dim=1).indices == labels[:, None]).any(1).sum()
         total += len(labels)
+    correct1, correct5 = correct.tolist()
     return correct1 / total, (correct5 / total if has_top5 else None)

@@ -110,3 +110,22 @@ def test_graphed_lockstep_students_end_where_eager_ones_end(digits32, monkeypatc
         for key, value in a.items():
             if value.is_floating_point():
                 assert torch.allclose(b[key], value, rtol=1e-5, atol=1e-5), key
+
+
+@pytest.mark.usefixtures("deterministic_cudnn")
+@pytest.mark.parametrize("graphs", [False, True])
+def test_a_set_held_on_the_gpu_trains_like_one_on_the_host(digits32, monkeypatch, graphs):
+    """train_students holds a small in-memory set on the GPU (batches gathered there from indices); the
+    student ends exactly where it ends when every batch is gathered on the host and copied."""
+    import engine.evaluate.student as student_module
+    from engine.training.batches import DeviceImages, on_device
+
+    _, train = digits32
+    assert isinstance(on_device(train, CUDA), DeviceImages)
+    recipe = _recipe()
+    held = _train(digits32, MODELS["convnet"], recipe, graphs, monkeypatch)
+    monkeypatch.setattr(student_module, "on_device", lambda dataset, device: dataset)
+    copied = _train(digits32, MODELS["convnet"], recipe, graphs, monkeypatch)
+    assert held[1] == copied[1] and held[2] == copied[2]
+    for key, value in held[0].items():
+        assert torch.equal(copied[0][key], value), key
