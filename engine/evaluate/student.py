@@ -294,9 +294,9 @@ def _train_lockstep(runs: list["_Run"], start_epoch: int, train_set: Dataset, te
                dynamic_ncols=True, leave=False)
     pending: Optional[_EpochLosses] = None
     for epoch in bar:
-        epoch_started = time.perf_counter()
+        epoch_started = _clock(device)
         rows, losses = _train_epoch(runs, train_set, epoch)
-        losses.seconds = time.perf_counter() - epoch_started
+        losses.timed(epoch_started, _clock(device))
         test = (epoch + 1) % recipe.eval_every == 0 or epoch + 1 == recipe.epochs
         stop = preemption.requested() is not None and epoch + 1 < recipe.epochs
         save = (lead.rank == 0 and epoch + 1 < recipe.epochs and ((epoch + 1) % checkpoint_every == 0 or stop)
@@ -391,15 +391,20 @@ def _train_epoch(runs: list[_Run], train_set: Dataset, epoch: int) -> tuple[list
 class _EpochLosses:
     """One epoch's step losses, left on the device (a host read per step would wait for the GPU every step).
     ``settle`` reads them once, fills each run's metrics row's ``loss`` and logs the steps' loss and lr, and
-    the epoch's mean loss and images/s (host time from the epoch's start until its steps were queued)."""
+    the epoch's mean loss and images/s (its wall time on the device's timeline, ``_clock``)."""
 
     def __init__(self, epoch: int, steps: list[tuple[int, float, torch.Tensor]], images: int,
                  rows: list[dict]) -> None:
-        self.epoch, self.steps, self.images, self.rows, self.seconds = epoch, steps, images, rows, 0.0
+        self.epoch, self.steps, self.images, self.rows = epoch, steps, images, rows
         self.table = torch.stack([loss for _, _, loss in steps]) if steps else None
+        self.started = self.ended = None
+
+    def timed(self, started, ended) -> None:
+        self.started, self.ended = started, ended
 
     def settle(self, runs: list[_Run]) -> None:
         table = self.table.cpu() if self.table is not None else torch.zeros(0, len(runs))
+        seconds = _seconds(self.started, self.ended)
         for i, run in enumerate(runs):
             values = table[:, i].tolist()
             for (index, step_lr, _), value in zip(self.steps, values):
@@ -407,7 +412,26 @@ class _EpochLosses:
             loss = float(np.mean(values)) if values else float("nan")
             self.rows[i]["loss"] = loss
             run.logger.scalars({"train/loss_epoch": loss,
-                                "train/images_per_s": self.images / max(self.seconds, 1e-9)}, self.epoch + 1)
+                                "train/images_per_s": self.images / max(seconds, 1e-9)}, self.epoch + 1)
+
+
+def _clock(device: torch.device):
+    """A point in time on ``device``'s own timeline: a recorded CUDA event (it passes when the GPU reaches the
+    work queued before it), else the host clock. An epoch timed between two such points lasts from the end of
+    the work queued before it to the end of its own work, idle gaps included: its true wall time, whether the
+    host or the GPU is the slower, although its losses are read later."""
+    if torch.device(device).type != "cuda":
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def _seconds(started, ended) -> float:
+    if isinstance(ended, float):
+        return ended - started
+    ended.synchronize()
+    return started.elapsed_time(ended) / 1000.0
 
 
 def _train_step(runs: list[_Run], images: torch.Tensor, labels: torch.Tensor, params: AugParams,
