@@ -294,9 +294,7 @@ def _train_lockstep(runs: list["_Run"], start_epoch: int, train_set: Dataset, te
                dynamic_ncols=True, leave=False)
     pending: Optional[_EpochLosses] = None
     for epoch in bar:
-        epoch_started = _clock(device)
         rows, losses = _train_epoch(runs, train_set, epoch)
-        losses.timed(epoch_started, _clock(device))
         test = (epoch + 1) % recipe.eval_every == 0 or epoch + 1 == recipe.epochs
         stop = preemption.requested() is not None and epoch + 1 < recipe.epochs
         save = (lead.rank == 0 and epoch + 1 < recipe.epochs and ((epoch + 1) % checkpoint_every == 0 or stop)
@@ -356,6 +354,7 @@ def _train_epoch(runs: list[_Run], train_set: Dataset, epoch: int) -> tuple[list
     """One epoch of optimizer steps of every run on one batch stream; returns (each run's metrics row, its
     ``loss`` filled in when the returned losses are settled; the epoch's losses)."""
     lead = runs[0]
+    started = _clock(lead.device)
     for run in runs:
         run.student.train()
     stored = None
@@ -385,7 +384,7 @@ def _train_epoch(runs: list[_Run], train_set: Dataset, epoch: int) -> tuple[list
             losses.append((lead.step_index, lr, step_losses))
         seen += len(labels)
     rows = [{"epoch": epoch + 1, "loss": float("nan"), "lr": lr} for _ in runs]
-    return rows, _EpochLosses(epoch, losses, seen, rows)
+    return rows, _EpochLosses(epoch, losses, seen, rows, started, _clock(lead.device))
 
 
 class _EpochLosses:
@@ -394,13 +393,10 @@ class _EpochLosses:
     the epoch's mean loss and images/s (its wall time on the device's timeline, ``_clock``)."""
 
     def __init__(self, epoch: int, steps: list[tuple[int, float, torch.Tensor]], images: int,
-                 rows: list[dict]) -> None:
+                 rows: list[dict], started, ended) -> None:
         self.epoch, self.steps, self.images, self.rows = epoch, steps, images, rows
+        self.started, self.ended = started, ended  # the epoch's two _clock points
         self.table = torch.stack([loss for _, _, loss in steps]) if steps else None
-        self.started = self.ended = None
-
-    def timed(self, started, ended) -> None:
-        self.started, self.ended = started, ended
 
     def settle(self, runs: list[_Run]) -> None:
         table = self.table.cpu() if self.table is not None else torch.zeros(0, len(runs))
@@ -442,7 +438,8 @@ def _train_step(runs: list[_Run], images: torch.Tensor, labels: torch.Tensor, pa
     lead = runs[0]
     # One copy carries the batch, its labels and its crop/flip/mix parameters (and, when captured, the lr;
     # with stored labels, the targets): each separate copy from pageable memory would make the host wait
-    # for the GPU. uint8 crosses (a quarter of fp32's bytes) and becomes float there.
+    # for the GPU. uint8 crosses (a quarter of fp32's bytes) and becomes float there; a set held on the
+    # device (training.batches.on_device) hands over its batch there already, and only the rest crosses.
     host = [images, labels, *param_tensors(params)]
     if lead.lr is not None:
         host.append(torch.tensor([lead.recipe.lr if lr is None else lr], dtype=torch.float32))

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from engine.training.batches import batches_of, load_batches, to_unit_float
-from engine.training.precision import autocast, to_device
+from engine.training.precision import autocast, to_device_all
 
 
 CPU_EVAL_BATCH = 32
@@ -41,17 +41,16 @@ def evaluate_accuracy(model: nn.Module, dataset: Dataset, normalize: Callable, d
     correct = torch.zeros(2, dtype=torch.int64, device=device)  # top-1, top-5
     total = 0
     has_top5 = None
-    if loader is None:
-        batches = ((normalize(to_unit_float(to_device(images, device))), labels) for images, labels in
-                   load_batches(dataset, batches_of(np.arange(len(dataset)), batch_size), workers))
-    else:
-        batches = ((images.to(device), labels) for images, labels in loader)
+    batches = loader if loader is not None else load_batches(
+        dataset, batches_of(np.arange(len(dataset)), batch_size), workers)
     for images, labels in batches:
+        images, labels = to_device_all([images, torch.as_tensor(labels)], device)  # one copy for both
+        if loader is None:  # a loader's batches come normalized
+            images = normalize(to_unit_float(images))
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(precision, device):
             logits = model(images)
-        labels = to_device(torch.as_tensor(labels), device)
         if has_top5 is None:
             has_top5 = logits.shape[1] > 10
         correct[0] += (logits.argmax(1) == labels).sum()
