@@ -1,6 +1,7 @@
 # Sourced by the GPU measurement scripts (gpu_recover.sh, gpu_students.sh): their environment and step runner.
 # Every step writes $OUT/<step>.log (stdout + stderr); each step's exit code and seconds go to $OUT/summary.txt,
-# and a failed or timed-out step does not stop the next. ONLY=<step name part> runs just the matching steps.
+# and a failed or timed-out step does not stop the next. ONLY=<part>[,<part>...] runs just the steps whose name
+# contains one of the parts (ONLY=01,03: steps 01_* and 03_*).
 set -u
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
@@ -10,10 +11,19 @@ PY=${PY:-python3}
 ONLY=${ONLY:-}
 STEP_TAIL=${STEP_TAIL:-40}  # lines of each step's log echoed to the console
 
+selected() {  # selected NAME: whether ONLY lets step NAME run
+    [ -z "$ONLY" ] && return 0
+    local part
+    for part in ${ONLY//,/ }; do
+        [[ "$1" == *"$part"* ]] && return 0
+    done
+    return 1
+}
+
 step() {  # step NAME TIMEOUT_S COMMAND...
     local name=$1 limit=$2
     shift 2
-    if [ -n "$ONLY" ] && [[ "$name" != *"$ONLY"* ]]; then return 0; fi
+    selected "$name" || return 0
     local start=$SECONDS
     echo "== $name (timeout ${limit}s): $*" | tee -a "$OUT/summary.txt"
     timeout --signal=TERM --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1

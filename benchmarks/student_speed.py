@@ -10,7 +10,9 @@ pass excluded; the TensorBoard metric ``train/images_per_s``), median over the e
 ``compile`` the first epoch's extra time over that median is reported as the compilation cost.
 
 ``--pretrain`` also times MoCo v2 pretraining (ssl=mocov2's defaults, batch 128, on ``--pretrain-ipc`` images
-per class) through ``engine.squeeze.pretrain.train`` in fp32 and bf16 (its ``epoch/images_per_s``).
+per class) through ``engine.squeeze.pretrain.train`` (its ``epoch/images_per_s`` of the second epoch), for each
+of ``--pretrain-variants``: a precision, then ``+graphs`` (squeeze.cuda_graphs, CUDA only) and/or ``+compile``
+(squeeze.compile; the compilation falls in the first epoch, whose time is printed too).
 
 ``--lockstep N`` also times N students of the first variant trained one after another and then together
 (``train_students``, as evaluate.students does: one batch stream and one teacher forward per batch for all).
@@ -67,6 +69,9 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--pretrain", action="store_true")
     parser.add_argument("--pretrain-ipc", type=int, default=100)
+    parser.add_argument("--pretrain-variants", default=None,
+                        help="comma-separated, e.g. bf16+graphs,bf16+compile+graphs; default: fp32 and bf16, "
+                             "eager and (CUDA) graphed")
     parser.add_argument("--model", default="convnet", help="student, teacher and pretraining model")
     parser.add_argument("--image-size", type=int, default=28,
                         help="MNIST-5k images resized (bilinear) to this size, 3 channels when > 28 (GPU shapes)")
@@ -133,7 +138,8 @@ def main() -> None:
         pretrain_set = random_real_subset(build_data(DataConfig(name="mnist5k")), args.pretrain_ipc, seed=0).dataset
         if args.image_size != 28:
             pretrain_set = resized(bundle, pretrain_set, args.image_size)[1]
-        pretrain_rates(bundle, model_cfg, device, pretrain_set, args.profile_steps if args.profile else 0)
+        pretrain_rates(bundle, model_cfg, device, pretrain_set, args.profile_steps if args.profile else 0,
+                       args.pretrain_variants.split(",") if args.pretrain_variants else None)
 
 
 def lockstep_rates(variant: str, count: int, epochs: int, train_jobs) -> None:
@@ -208,8 +214,10 @@ def resized(bundle, train_set, size: int):
     return big, convert(train_set), convert(bundle.test, 500)
 
 
-def pretrain_rates(bundle, model_cfg: ModelConfig, device: torch.device, train_set, profile: int = 0) -> None:
-    """Images/s of MoCo v2 pretraining in fp32 and bf16; ``profile`` > 0: then that many steps of each profiled."""
+def pretrain_rates(bundle, model_cfg: ModelConfig, device: torch.device, train_set, profile: int = 0,
+                   variants: list[str] | None = None) -> None:
+    """Images/s of MoCo v2 pretraining per variant (precision[+graphs][+compile]); ``profile`` > 0: then that many
+    steps of eager fp32 and bf16 profiled."""
     import tempfile
     from pathlib import Path
 
@@ -219,7 +227,7 @@ def pretrain_rates(bundle, model_cfg: ModelConfig, device: torch.device, train_s
 
     settings = fit_to_data(MoCoSettings(), len(train_set))
 
-    def pretrain(precision: str, epochs: int, graphs: bool = False) -> list[dict]:
+    def pretrain(precision: str, epochs: int, graphs: bool = False, compiled: bool = False) -> list[dict]:
         torch.manual_seed(0)
         generator = torch.Generator().manual_seed(0)
         model = build_model(model_cfg, bundle.num_classes, bundle.channels, bundle.image_size)
@@ -229,15 +237,21 @@ def pretrain_rates(bundle, model_cfg: ModelConfig, device: torch.device, train_s
                                                               settings.momentum, settings.weight_decay),
                          spec=spec_for("strong", bundle.image_size, bundle.channels == 3), normalize=bundle.normalize,
                          device=device, generator=generator, state_path=Path(folder) / "state.pt",
-                         fingerprint={}, resume=False, progress=False, precision=precision, cuda_graphs=graphs)
+                         fingerprint={}, resume=False, progress=False, precision=precision, cuda_graphs=graphs,
+                         compile_encoders=compiled)
 
+    if variants is None:
+        variants = [p + g for g in (("", "+graphs") if device.type == "cuda" else ("",)) for p in ("fp32", "bf16")]
     print(f"MoCo v2 pretraining: {len(train_set)} images, batch {settings.batch_size}, 2 epochs per variant")
-    # squeeze.cuda_graphs (CUDA only): the warm-up and the capture fall in the first epoch
-    for precision, graphs in [(p, g) for g in ((False, True) if device.type == "cuda" else (False,))
-                              for p in ("fp32", "bf16")]:
-        history = pretrain(precision, 2, graphs)
-        label = precision + ("+graphs" if graphs else "")
-        print(f"  {label}: {history[-1]['images_per_s']:.0f} images/s (second epoch)")
+    # squeeze.cuda_graphs (CUDA only) and squeeze.compile: the warm-up, capture and compilation fall in epoch 1
+    for label in variants:
+        precision, *flags = label.split("+")
+        if set(flags) - {"graphs", "compile"} or ("graphs" in flags and device.type != "cuda"):
+            print(f"  {label}: skipped (a precision, then +graphs on CUDA and/or +compile)")
+            continue
+        history = pretrain(precision, 2, "graphs" in flags, "compile" in flags)
+        print(f"  {label}: {history[-1]['images_per_s']:.0f} images/s (second epoch; first epoch "
+              f"{history[0]['seconds']:.1f} s)")
     if profile:
         epochs = math.ceil((PROFILE_WARMUP + profile) / (len(train_set) // settings.batch_size))
         for precision in ("fp32", "bf16"):

@@ -21,7 +21,7 @@ from engine.io import save_torch
 from engine.squeeze.augment import AugmentSpec, apply_view_params, draw_view_params
 from engine.training.batches import batches_of, load_batches
 from engine.training.graphs import CapturedStep, plain_lr, require_cuda_graphs
-from engine.training.precision import optimizer_options, to_device, to_device_all
+from engine.training.precision import compiled, optimizer_options, to_device, to_device_all
 from engine.training.schedule import cosine_lr, set_lr
 from engine.training.tb_logger import NULL_LOGGER, MetricsLogger
 from engine.training.trainers import DeepSpeedSettings, Trainer, build_trainer
@@ -61,7 +61,8 @@ def train(method: nn.Module, dataset: Dataset, *, schedule: Schedule, spec: Augm
           desc: str = "pretrain", on_epoch: Callable[[dict], None] | None = None,
           trainer: str = "single", dist: DistEnv | None = None,
           deepspeed: DeepSpeedSettings | None = None, loader=None, precision: str = "fp32",
-          logger: MetricsLogger = NULL_LOGGER, cuda_graphs: bool = False) -> list[dict]:
+          logger: MetricsLogger = NULL_LOGGER, cuda_graphs: bool = False,
+          compile_encoders: bool = False) -> list[dict]:
     """Train ``method`` for ``schedule.epochs``; returns one metrics row per epoch.
 
     After every epoch the whole state (method incl. queue and momentum encoder, optimizer,
@@ -93,7 +94,13 @@ def train(method: nn.Module, dataset: Dataset, *, schedule: Schedule, spec: Augm
     ``cuda_graphs`` (squeeze.cuda_graphs; CUDA, trainer single, data in memory): after a few eager steps the
     whole step (views, the method's forwards and loss, MoCo's key update and queue, backward, SGD) is
     captured as one CUDA graph and replayed for every batch (engine.training.graphs).
+
+    ``compile_encoders`` (squeeze.compile; trainer single or ddp): the method's ``encoders()`` run through
+    torch.compile while this trains (engine.training.precision.compiled); the first steps pay the compilation.
+    With ``cuda_graphs`` the compiled kernels are captured with the rest of the step.
     """
+    if compile_encoders:
+        check_compile(trainer)
     run = _setup(method, dataset, schedule=schedule, spec=spec, normalize=normalize, device=device,
                  generator=generator, state_path=state_path, fingerprint=fingerprint, workers=workers,
                  progress=progress, desc=desc, trainer=trainer, dist=dist or DistEnv(device=device),
@@ -102,6 +109,17 @@ def train(method: nn.Module, dataset: Dataset, *, schedule: Schedule, spec: Augm
     history, start_epoch = _restore(run) if resume else ([], 0)
     if cuda_graphs:  # after the restore, whose optimizer state would replace the groups' lr tensor
         _capture_steps(run)
+    with compiled(method.encoders() if compile_encoders else [], compile_encoders):
+        history = _train_epochs(run, history, start_epoch, stop_after_epochs, on_epoch)
+    run.wrapped.close()
+    method.to(memory_format=torch.contiguous_format)
+    return history
+
+
+def _train_epochs(run: _Run, history: list[dict], start_epoch: int, stop_after_epochs: int | None,
+                  on_epoch: Callable[[dict], None] | None) -> list[dict]:
+    """Epochs ``start_epoch``.. of ``run``, each checkpointed; returns the history with their rows."""
+    schedule, desc = run.schedule, run.desc
     for epoch in range(start_epoch, schedule.epochs):
         row = _run_epoch(run, epoch)
         run.logger.scalars({"epoch/loss": row["loss"], "epoch/images_per_s": row["images_per_s"],
@@ -115,8 +133,6 @@ def train(method: nn.Module, dataset: Dataset, *, schedule: Schedule, spec: Augm
             raise Interrupted(f"{desc} stopped after epoch {epoch + 1} (squeeze.stop_after_epochs)")
         if epoch + 1 < schedule.epochs:  # preempted: the epoch in flight is finished and checkpointed
             preemption.check(f"epoch {epoch + 1} of {schedule.epochs} of {desc} (checkpoint {run.state_path})")
-    run.wrapped.close()
-    method.to(memory_format=torch.contiguous_format)
     return history
 
 
@@ -166,6 +182,13 @@ def check_cuda_graphs(device: torch.device, trainer: str, streams: str | None = 
         raise ConfigError(f"squeeze.cuda_graphs=true needs the training images in memory (built-in sets, or trees "
                           f"stored at their working size with data.eval_crop_ratio=1.0); this data streams "
                           f"({streams}): set squeeze.cuda_graphs=false")
+
+
+def check_compile(trainer: str) -> None:
+    """One line refusing squeeze.compile with DeepSpeed, whose engine owns the module's forward."""
+    if trainer == "deepspeed":
+        raise ConfigError("squeeze.compile=true compiles the encoders of trainer=single or ddp; DeepSpeed wraps the "
+                          "forward itself: set squeeze.compile=false (or use trainer=ddp)")
 
 
 def _capture_steps(run: _Run) -> None:

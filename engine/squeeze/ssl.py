@@ -192,6 +192,10 @@ class MoCo(nn.Module):
     def trainable(self) -> list[nn.Parameter]:
         return [*self.model.backbone.parameters(), *self.head.parameters()]
 
+    def encoders(self) -> list[nn.Module]:
+        """The modules whose forwards a step runs (squeeze.compile compiles each)."""
+        return [self.model.backbone, self.head, self.key_backbone, self.key_head]
+
     def _query_params(self):
         return [*self.model.backbone.parameters(), *self.head.parameters()]
 
@@ -245,6 +249,9 @@ class SimCLR(nn.Module):
     def trainable(self) -> list[nn.Parameter]:
         return [*self.model.backbone.parameters(), *self.head.parameters()]
 
+    def encoders(self) -> list[nn.Module]:
+        return [self.model.backbone, self.head]
+
     def draw(self, batch: int, generator: torch.Generator) -> list[torch.Tensor]:
         return []
 
@@ -267,6 +274,9 @@ class Supervised(nn.Module):
 
     def trainable(self) -> list[nn.Parameter]:
         return list(self.model.parameters())
+
+    def encoders(self) -> list[nn.Module]:
+        return [self.model]
 
     def draw(self, batch: int, generator: torch.Generator) -> list[torch.Tensor]:
         return []

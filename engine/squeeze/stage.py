@@ -39,7 +39,8 @@ from engine.models import ClassifierNet, build_model
 from engine.squeeze.augment import probe_image_spec, spec_for
 from engine.squeeze.bn_stats import bn_variance_summary, plot_bn_variance
 from engine.distributed import average_buffers, barrier
-from engine.squeeze.pretrain import Interrupted, Schedule, check_cuda_graphs, rank_state_path, train
+from engine.squeeze.pretrain import (Interrupted, Schedule, check_compile, check_cuda_graphs, rank_state_path,
+                                     train)
 from engine.squeeze.probe import evaluate_top1, linear_probe
 from engine.squeeze.ssl import SupervisedSettings, TrainSettings, check_queue, fit_to_data, method_spec
 from engine.training.tb_logger import open_logger, parse_logger
@@ -127,6 +128,11 @@ class SqueezeConfig:
     steps every pretraining step (views, forwards, MoCo's key update and queue, loss, backward, SGD) replays
     one captured CUDA graph, the eager step's arithmetic without its launch cost. Refused elsewhere, in one
     line. Not part of the teachers' fingerprints."""
+    compile: bool = False
+    """torch.compile each pretraining's encoders (MoCo: query and key backbones and heads): fused BN+ReLU and
+    elementwise kernels, fewer launches; the first steps of each teacher pay the compilation. trainer single
+    or ddp (refused with deepspeed); with cuda_graphs the compiled kernels are captured with the rest of the
+    step. Not part of the teachers' fingerprints: a run may resume with it on or off."""
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     supervised: SupervisedSettings = field(default_factory=SupervisedSettings)
     """The supervised teacher's hyper-parameters (defaults: ``ssl=supervised``'s)."""
@@ -179,6 +185,8 @@ def validate(ctx: RunContext) -> None:
     bundle, world = ctx.data, ctx.dist.world_size
     if cfg.cuda_graphs and not cfg.probe_only:
         check_cuda_graphs(ctx.dist.device, trainer, f"loader={loader.name}" if loader.external else None)
+    if cfg.compile and not cfg.probe_only:
+        check_compile(trainer)
     if cfg.probe_only:
         if world > 1:
             raise ConfigError("squeeze.probe_only=true runs in one process; launch it without torchrun/srun")
@@ -391,7 +399,7 @@ def _train_teacher(ctx: RunContext, cfg: SqueezeConfig, kind: str, settings: Tra
                     workers=cfg.workers, progress=ctx.run.progress, desc=f"{kind}:{settings.name}",
                     on_epoch=write_progress, trainer=trainer, dist=ctx.dist, deepspeed=ds_settings,
                     loader=view_loader, precision=settings.precision, logger=pretrain_logger,
-                    cuda_graphs=cfg.cuda_graphs)
+                    cuda_graphs=cfg.cuda_graphs, compile_encoders=cfg.compile)
     pretrain_logger.close()
     state_file = rank_state_path(RunLayout(ctx.run_dir).squeeze_state(kind), ctx.dist.rank, ctx.dist.world_size)
     # BN running statistics followed each rank's shard; the teacher gets their mean.

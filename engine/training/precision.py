@@ -144,3 +144,22 @@ def unpack_bytes(buffer: torch.Tensor, starts: Sequence[int], like: Sequence[tor
 def layout(module: nn.Module, channels_last: bool) -> nn.Module:
     """``module`` in NHWC (4-d weights only; the others are unaffected) or the default layout."""
     return module.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@contextlib.contextmanager
+def compiled(modules: Sequence[nn.Module], enabled: bool = True):
+    """Inside: each of ``modules`` runs its forward (and so its backward) through torch.compile: fused
+    BatchNorm+ReLU and elementwise kernels, fewer launches. ``nn.Module.compile`` works in place, so
+    state_dict keys, checkpoints and resume stay those of the plain modules; ``dynamic=False``: a new batch
+    shape compiles once more instead of tracing symbolic shapes. On leaving, the modules run eagerly again,
+    so later users (the probe, relabeling, a saved teacher) never pay a recompilation for their shapes."""
+    if not enabled:
+        yield
+        return
+    for module in modules:
+        module.compile(dynamic=False)
+    try:
+        yield
+    finally:
+        for module in modules:
+            module._compiled_call_impl = None  # what Module.compile set; None is the eager path
