@@ -1,4 +1,4 @@
-"""How a training step runs on its device: bf16 autocast, memory layout, optimizer kernels, copies.
+"""How a training step runs on its device: bf16 autocast, memory layout, optimizer kernels, copies, compilation.
 
 One set of rules for students, pretraining, the probe and the supervised teacher. bf16 is autocast
 around the forward only: weights, optimizer state and BatchNorm running statistics stay fp32 (the
