@@ -143,6 +143,10 @@ def run_scdd(compose, tmp_path):
     from engine.cli import execute
 
     def _run(*overrides: str, run_dir: Path | None = None):
+        # Evaluate rows train in this process unless a test asks for row processes: forked rows would print
+        # past capsys and record past monkeypatches (tests/cluster/test_row_processes.py covers them).
+        if not any(o.startswith("evaluate.row_processes=") for o in overrides):
+            overrides = (*overrides, "evaluate.row_processes=1")
         cfg = compose(*overrides)
         return execute(cfg, run_dir or tmp_path / "run")
 

@@ -8,8 +8,12 @@ their training images; evaluate.students trains one student per listed model on 
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
+import os
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -477,14 +481,36 @@ def balance(costs: Sequence[tuple[int, int]], processes: int) -> list[list[int]]
     return groups
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have Linux SIGKILL this forked row process when ``parent`` dies: a run that is SIGKILLed (kill -9, the
+    OOM killer) must not leave its rows training into the run directory that a resumed run trains into."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):  # no libc prctl: the check below still catches a parent already gone
+            pass
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
 def _train_in_processes(groups: list[list[int]], train) -> None:
     """``train(group)`` in one forked process per non-empty group, one intra-op thread each; a failure
-    or a preemption of any is raised here once all have stopped."""
+    or a preemption of any is raised here once all have stopped. A stop request to this process (a signal
+    sent to it alone, as a launcher forwards SLURM's) is passed on to the row processes, which stop after
+    their epoch in flight as this process would; they die with it if it is killed."""
     import multiprocessing
+    from multiprocessing.connection import wait
 
     from engine import preemption
 
+    parent = os.getpid()
+
     def child(group: list[int]) -> None:
+        _die_with_parent(parent)
+        preemption.install()  # a forwarded request sets this process's flag, whatever the parent installed
         torch.set_num_threads(1)
         try:
             train(group)
@@ -496,6 +522,14 @@ def _train_in_processes(groups: list[list[int]], train) -> None:
     workers = [context.Process(target=child, args=(group,)) for group in groups if group]
     for worker in workers:
         worker.start()
+    forwarded = False
+    while running := [worker.sentinel for worker in workers if worker.is_alive()]:
+        wait(running, timeout=0.2)
+        if preemption.requested() and not forwarded:
+            for worker in workers:
+                if worker.is_alive():
+                    os.kill(worker.pid, signal.SIGUSR1)
+            forwarded = True
     for worker in workers:
         worker.join()
     codes = [worker.exitcode for worker in workers]

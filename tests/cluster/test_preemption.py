@@ -95,6 +95,30 @@ def test_sigusr1_to_a_student_checkpoints_exits_75_and_resumes_to_the_same_resul
     assert len(a["history"]) == 30
 
 
+def test_sigusr1_to_a_run_with_row_processes_reaches_them_and_resumes_to_the_same_results(run_scdd, digits_teacher,
+                                                                                          tmp_path):
+    """The signal goes to the run's own process only (as a launcher forwards it); its forked row processes stop
+    after their epoch in flight, and the run exits 75 and resumes to what one process trains."""
+    args = (*BASE, "stage=evaluate", f"teacher={digits_teacher}", "ipc=[2]", "evaluate.epochs=30",
+            "evaluate.eval_every=5", "evaluate.batch_size=2", "evaluate.full_data=false")
+    runs = {name: tmp_path / name for name in ("full", "stopped")}
+    run_scdd(*BASE, "stage=recover", f"teacher={digits_teacher}", "ipc=[2]", "recover.iterations=2",
+             run_dir=runs["full"])
+    shutil.copytree(runs["full"], runs["stopped"])
+    run_scdd(*args, "evaluate.row_processes=1", run_dir=runs["full"])
+    rows = ("sre2l", "random_real")
+    states = [runs["stopped"] / "evaluate" / "ipc2" / row / "student_state.pt" for row in rows]
+    outcome, _ = _signal_when(runs["stopped"], (*args, "evaluate.row_processes=2"),
+                              lambda: all(state.is_file() for state in states))  # both rows in flight
+    assert outcome.returncode == REQUEUE_EXIT, outcome.stderr[-2000:]
+    assert outcome.stdout.count("scdd: SIGUSR1 received; stopped after epoch") == 2, outcome.stdout[-2000:]
+    assert not any((state.parent / "result.json").exists() for state in states)
+    run_scdd(*args, "evaluate.row_processes=2", "resume=true", run_dir=runs["stopped"])
+    for row in rows:
+        a, b = (json.loads((run / "evaluate" / "ipc2" / row / "result.json").read_text()) for run in runs.values())
+        assert (a["top1"], a["top5"], a["history"]) == (b["top1"], b["top5"], b["history"]), row
+
+
 @pytest.fixture
 def stop_requested():
     from engine import preemption
