@@ -109,7 +109,7 @@ def train(method: nn.Module, dataset: Dataset, *, schedule: Schedule, spec: Augm
     history, start_epoch = _restore(run) if resume else ([], 0)
     if cuda_graphs:  # after the restore, whose optimizer state would replace the groups' lr tensor
         _capture_steps(run)
-    with compiled(method.encoders() if compile_encoders else [], compile_encoders):
+    with compiled(method.encoders() if compile_encoders else []):
         history = _train_epochs(run, history, start_epoch, stop_after_epochs, on_epoch)
     run.wrapped.close()
     method.to(memory_format=torch.contiguous_format)

@@ -147,15 +147,12 @@ def layout(module: nn.Module, channels_last: bool) -> nn.Module:
 
 
 @contextlib.contextmanager
-def compiled(modules: Sequence[nn.Module], enabled: bool = True):
-    """Inside: each of ``modules`` runs its forward (and so its backward) through torch.compile: fused
-    BatchNorm+ReLU and elementwise kernels, fewer launches. ``nn.Module.compile`` works in place, so
-    state_dict keys, checkpoints and resume stay those of the plain modules; ``dynamic=False``: a new batch
-    shape compiles once more instead of tracing symbolic shapes. On leaving, the modules run eagerly again,
-    so later users (the probe, relabeling, a saved teacher) never pay a recompilation for their shapes."""
-    if not enabled:
-        yield
-        return
+def compiled(modules: Sequence[nn.Module]):
+    """Inside: each of ``modules`` (none: nothing changes) runs its forward (and so its backward) through
+    torch.compile: fused BatchNorm+ReLU and elementwise kernels, fewer launches. ``nn.Module.compile`` works in
+    place, so state_dict keys, checkpoints and resume stay those of the plain modules; ``dynamic=False``: a new
+    batch shape compiles once more instead of tracing symbolic shapes. On leaving, the modules run eagerly
+    again, so later users (the probe, relabeling, a saved teacher) never pay a recompilation for their shapes."""
     for module in modules:
         module.compile(dynamic=False)
     try:
